@@ -1,0 +1,1 @@
+"""sd: Stable Diffusion v1.x from scratch in plain PyTorch."""
