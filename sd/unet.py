@@ -1,0 +1,228 @@
+"""The denoising UNet of Stable Diffusion v1 (Rombach et al., 2022, sec. 3.3 and appendix).
+
+A convolutional UNet (Ronneberger et al., 2015) over latents, predicting the noise epsilon added at
+timestep t, conditioned on the text through cross-attention "spatial transformers" at the three
+highest resolutions and in the middle. latents (B, C, h, w), timesteps (B,) or scalar, context
+(B, 77, 768) -> noise prediction (B, 4, h, w); C = 4, or 9 for the inpainting model (noisy
+latents, mask, masked-image latents). Parameter names follow `model.diffusion_model.` of the
+CompVis checkpoint, whose input_blocks / middle_block / output_blocks layout is kept as is.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sd.attention import group_norm, multi_head_attention
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with cross-attention (and the middle block)
+    num_heads: int = 8
+    context_dim: int = 768
+    transformer_depth: int = 1
+    max_period: float = 10000.0
+    res_eps: float = 1e-5
+    transformer_norm_eps: float = 1e-6
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps (B,) -> (B, dim), cosines first (as in the CompVis code)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, add the projected time embedding, GroupNorm -> SiLU -> conv, skip."""
+
+    def __init__(self, cin: int, cout: int, cfg: UNetConfig):
+        super().__init__()
+        self.in_layers = nn.Sequential(group_norm(cin, cfg.res_eps), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(cfg.time_embed_dim, cout))
+        self.out_layers = nn.Sequential(group_norm(cout, cfg.res_eps), nn.SiLU(), nn.Dropout(0.0),
+                                        nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)  # (B, cout, h, w)
+        h = h + self.emb_layers(emb)[:, :, None, None]  # + (B, cout, 1, 1)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens to `context` (self-attention when context is None)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context  # (B, M, context_dim)
+        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out(out)  # (B, N, dim)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU (Shazeer, 2020): one projection to twice the width, half of it gating the other."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)  # 2 x (B, N, inner)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention to the text, feed-forward; each pre-LayerNorm and residual."""
+
+    def __init__(self, dim: int, cfg: UNetConfig):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, cfg.num_heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, cfg.context_dim, cfg.num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))  # (B, hw, C)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm and a 1x1 conv in, transformer blocks over the h*w positions, a 1x1 conv out, residual."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        self.norm = group_norm(channels, cfg.transformer_norm_eps)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, cfg)
+                                                for _ in range(cfg.transformer_depth))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, hw, C)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        y = y.transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
+        return x + self.proj_out(y)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)  # (B, C, h/2, w/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2h, 2w)
+
+
+class TimestepSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: ResBlocks the time embedding, transformers the text."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = cfg
+        ch, temb = cfg.model_channels, cfg.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
+
+        # Down path: after the input conv, each level has res blocks (with attention on attention_levels)
+        # and, except the last, a downsampler. Every entry's output is kept as a skip for the up path.
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        cur = ch
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(cur, mult * ch, cfg)]
+                cur = mult * ch
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(cur, cfg))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_channels.append(cur)
+            if level != last:
+                self.input_blocks.append(TimestepSequential(Downsample(cur)))
+                skip_channels.append(cur)
+
+        self.middle_block = TimestepSequential(ResBlock(cur, cur, cfg), SpatialTransformer(cur, cfg),
+                                               ResBlock(cur, cur, cfg))
+
+        # Up path: mirror image, one more res block per level, each consuming one skip connection.
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(cur + skip_channels.pop(), mult * ch, cfg)]
+                cur = mult * ch
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(cur, cfg))
+                if level != 0 and i == cfg.num_res_blocks:
+                    layers.append(Upsample(cur))
+                self.output_blocks.append(TimestepSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch, cfg.res_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])  # (B,)
+        t_emb = timestep_embedding(t, self.config.model_channels, self.config.max_period).to(latents.dtype)
+        emb = self.time_embed(t_emb)  # (B, 1280)
+
+        h, skips = latents, []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)  # (B, 1280, h/8, w/8)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h)  # (B, 4, h, w)

@@ -1,0 +1,87 @@
+"""Session-wide fixtures: the full-size reference models and their CompVis checkpoint files, built once."""
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests import reference
+from weights_converter.checkpoint import ema_key
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |ours - ref| / max(1, max |ref|): random weights give outputs of very different scales."""
+    return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1.0))
+
+
+@pytest.fixture(scope="session")
+def refs():
+    """diffusers / transformers models at the SD v1.5 sizes with seeded random weights."""
+    return SimpleNamespace(unet=reference.randomize_(reference.sd15_unet(), seed=1),
+                           vae=reference.randomize_(reference.sd15_vae(), seed=2),
+                           clip=reference.randomize_(reference.sd15_clip(), seed=3))
+
+
+@pytest.fixture(scope="session")
+def ref_inpaint_unet():
+    return reference.randomize_(reference.sd15_unet(in_channels=9), seed=4)
+
+
+@pytest.fixture(scope="session")
+def compvis_state(refs):
+    """The reference weights in the CompVis layout, with the training buffers real files carry."""
+    state = reference.training_buffers()
+    for net in ("unet", "vae", "clip"):
+        state.update(reference.to_compvis(net, getattr(refs, net)))
+    return state
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, compvis_state, ref_inpaint_unet):
+    """checkpoint(variant) -> path of a CompVis checkpoint file of the reference weights, written once.
+
+    safetensors / ckpt: fp32, the .ckpt nested under "state_dict" beside a non-tensor entry;
+    fp16: the same weights stored as fp16 (exact: the reference weights are fp16-representable);
+    ema: a full checkpoint whose UNet weights are decoys and whose EMA copies hold the reference;
+    inpainting: the 9-channel inpainting UNet in place of the ordinary one."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+
+    @functools.cache
+    def write(variant: str):
+        state = dict(compvis_state)
+        if variant == "fp16":
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        if variant == "ema":
+            unet_keys = [k for k in state if k.startswith(reference.UNET_PREFIX)]
+            state.update({ema_key(k): state[k] for k in unet_keys})
+            state.update({k: state[k] * 0.5 for k in unet_keys})
+            state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
+        if variant == "inpainting":
+            state = {k: v for k, v in state.items() if not k.startswith(reference.UNET_PREFIX)}
+            state.update(reference.to_compvis("unet", ref_inpaint_unet))
+        if variant in ("ckpt", "ema"):
+            path = folder / f"{variant}.ckpt"
+            torch.save({"state_dict": state, "global_step": 470000}, path)
+        else:
+            path = folder / f"{variant}.safetensors"
+            save_file(state, path)
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def prompts_ids():
+    from sd.tokenizer import CLIPTokenizer
+    return CLIPTokenizer()(["a photograph of an astronaut riding a horse, 4k", "watercolor fox in the snow"])
+
+
+@pytest.fixture(scope="session")
+def text_context(refs, prompts_ids):
+    """A real text context for the UNet: the reference CLIP's hidden states of two prompts, (2, 77, 768)."""
+    with torch.no_grad():
+        return refs.clip(prompts_ids).last_hidden_state

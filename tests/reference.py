@@ -1,0 +1,105 @@
+"""Reference models for the parity tests: diffusers' UNet and VAE and transformers' CLIP text model,
+built at the SD v1.5 sizes with seeded random weights, and written as CompVis checkpoints.
+
+The CompVis key of every reference weight is found by asking diffusers' own `convert_ldm_*`
+functions: a state dict in our (CompVis) naming whose tensors are tagged with their index goes
+through the converter, and the tags say which diffusers key each CompVis key became. The mapping
+must cover every weight of the reference model exactly once, or building the checkpoint fails.
+"""
+
+import torch
+from diffusers import AutoencoderKL as RefVAE
+from diffusers import UNet2DConditionModel as RefUNet
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint)
+from transformers import CLIPTextConfig
+from transformers import CLIPTextModel as RefCLIP
+
+from sd.clip import CLIPTextModel
+from sd.unet import UNet, UNetConfig
+from sd.vae import AutoencoderKL
+from weights_converter.checkpoint import PREFIXES
+
+UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = PREFIXES["unet"][0], PREFIXES["vae"][0], PREFIXES["clip"][0]
+
+
+def sd15_unet(in_channels: int = 4) -> RefUNet:
+    return RefUNet(
+        sample_size=64, in_channels=in_channels, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sd15_vae() -> RefVAE:
+    return RefVAE(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def sd15_clip() -> RefCLIP:
+    return RefCLIP(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Add seeded noise to every parameter (fresh models have zero biases, unit norms and zero output
+    convs, which would hide wrong wiring) and round to fp16-representable values, so that an fp16
+    checkpoint holds exactly the same weights."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        scale = max(float(p.std()) if p.numel() > 1 else 0.0, 0.05)
+        p.add_(torch.randn(p.shape, generator=gen) * scale)
+        p.copy_(p.half().float())
+    return model.eval().requires_grad_(False)
+
+
+def _ours(net: str, ref: torch.nn.Module) -> torch.nn.Module:
+    with torch.device("meta"):
+        if net == "unet":
+            return UNet(UNetConfig(in_channels=ref.config.in_channels))
+        return AutoencoderKL() if net == "vae" else CLIPTextModel()
+
+
+PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "clip": CLIP_PREFIX}
+
+
+def diffusers_convert(net: str, ref: torch.nn.Module, compvis: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What diffusers' converter makes of a CompVis state dict for one network: keys as in
+    `ref.state_dict()` (transformers 5 names CLIP weights without the `text_model.` level)."""
+    if net == "unet":
+        return convert_ldm_unet_checkpoint(compvis, dict(ref.config))
+    if net == "vae":
+        return convert_ldm_vae_checkpoint(compvis, dict(ref.config))
+    converted = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(compvis).items()}
+    converted.pop("embeddings.position_ids", None)  # a buffer of transformers 4, not a weight of transformers 5
+    return converted
+
+
+def to_compvis(net: str, ref: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The reference model's weights under their CompVis keys (with the network's prefix)."""
+    ours = _ours(net, ref).state_dict()
+    keys = list(ours)
+    tags = {PREFIX[net] + k: torch.tensor(float(i)).expand(ours[k].shape) for i, k in enumerate(keys)}
+    converted = diffusers_convert(net, ref, tags)
+    ref_state = ref.state_dict()
+    inverse = {dk: keys[int(t.reshape(-1)[0])] for dk, t in converted.items()}
+    assert inverse.keys() == ref_state.keys(), f"{net}: diffusers' converter does not cover the reference"
+    assert sorted(inverse.values()) == sorted(keys), f"{net}: CompVis keys not used exactly once"
+    return {PREFIX[net] + ck: ref_state[dk].reshape(ours[ck].shape).contiguous() for dk, ck in inverse.items()}
+
+
+# Non-weight entries that real CompVis files carry beside the weights.
+def training_buffers() -> dict[str, torch.Tensor]:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    return {
+        "betas": betas.float(), "alphas_cumprod": alphas_cumprod.float(),
+        "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas_cumprod[:-1].float()]),
+        "sqrt_alphas_cumprod": alphas_cumprod.sqrt().float(),
+        "posterior_variance": betas.float(), "logvar": torch.zeros(1000),
+        CLIP_PREFIX + "embeddings.position_ids": torch.arange(77)[None],
+    }

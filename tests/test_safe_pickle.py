@@ -1,0 +1,198 @@
+"""Pickle checkpoints load without running code: dangerous globals are refused, unknown ones are inert."""
+
+import builtins
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from sd.errors import CheckpointError, UnsafeCheckpointError
+from weights_converter.safe_pickle import load_pickle_checkpoint
+
+
+def weights():
+    torch.manual_seed(0)
+    return OrderedDict([("model.w", torch.randn(3, 4)), ("model.b", torch.arange(5)),
+                        ("model.h", torch.randn(2, 2).half())])
+
+
+def assert_same_weights(loaded, expected):
+    assert list(loaded) == list(expected)
+    for key, tensor in expected.items():
+        assert loaded[key].dtype == tensor.dtype and loaded[key].device.type == "cpu"
+        assert torch.equal(loaded[key], tensor)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_plain_checkpoint_round_trips(tmp_path, zip_format):
+    path = tmp_path / "model.ckpt"
+    state = {"state_dict": weights(), "global_step": 7, "param": torch.nn.Parameter(torch.ones(2))}
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    loaded = load_pickle_checkpoint(path)
+    assert_same_weights(loaded["state_dict"], state["state_dict"])
+    assert loaded["global_step"] == 7
+    assert isinstance(loaded["param"], torch.nn.Parameter) and torch.equal(loaded["param"], state["param"])
+
+
+class Evil:
+    """Pickles as a call to `function(*args)`, which would create the marker file."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def attacks(marker):
+    """Pickled calls that would create `marker`, keyed by the global each one names."""
+    code = f"open({str(marker)!r}, 'w').close()"
+    return {
+        f"{os.system.__module__}.system": Evil(os.system, f"touch {marker}"),
+        "builtins.exec": Evil(builtins.exec, code),
+        "builtins.eval": Evil(builtins.eval, code),
+        "subprocess.call": Evil(subprocess.call, ["touch", str(marker)]),
+        # Harmless here, but getattr is how pickles reach methods of the objects they build.
+        "builtins.getattr": Evil(getattr, 1, "real"),
+    }
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("global_name", list(attacks("x")))
+def test_code_in_the_pickle_is_refused_and_never_runs(tmp_path, global_name, zip_format):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": weights(), "callbacks": {"x": [attacks(marker)[global_name]]}}, path,
+               _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_pickle_checkpoint(path)
+    message = str(info.value)
+    assert f"calls {global_name}," in message and str(path) in message and "\n" not in message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("global_name", ["builtins.exec", "subprocess.call"])
+def test_the_attacks_are_real(tmp_path, global_name):
+    """Control: the same files run their code under a plain torch.load."""
+    marker = tmp_path / "pwned"
+    torch.save(attacks(marker)[global_name], tmp_path / "model.ckpt")
+    torch.load(tmp_path / "model.ckpt", weights_only=False)
+    assert marker.exists()
+
+
+def test_a_pickle_cannot_patch_torch(tmp_path):
+    # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD with slot state {"evil": 1}: setattr(it, "evil", 1).
+    data = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x04\x00\x00\x00evilK\x01s\x86b."
+    rebuild = torch._utils._rebuild_tensor_v2
+    try:  # control: a plain unpickler patches torch
+        assert pickle.loads(data) is rebuild and rebuild.evil == 1
+    finally:
+        del rebuild.evil
+    path = tmp_path / "model.ckpt"
+    torch.save({}, path)
+    with zipfile.ZipFile(path) as archive:  # swap in the crafted pickle, as an attacker would
+        records = {info: archive.read(info) for info in archive.infolist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, content in records.items():
+            archive.writestr(info, data if info.filename.endswith("/data.pkl") else content)
+    with pytest.raises(UnsafeCheckpointError, match="rewrites torch._utils._rebuild_tensor_v2"):
+        load_pickle_checkpoint(path)
+    assert not hasattr(rebuild, "evil")
+
+
+LIGHTNING_LIKE = '''
+class ModelCheckpoint:
+    def __init__(self):
+        self.monitor, self.best = "val/loss", {"score": 0.25}
+
+class AttributeDict(dict):
+    pass
+
+class History(list):
+    pass
+
+def make():
+    hparams = AttributeDict(lr=1e-4, steps=3)
+    hparams.note = "x"
+    return {"callbacks": {ModelCheckpoint: {"best_k_models": {}}}, "cb": ModelCheckpoint(),
+            "hparams": hparams, "history": History([1, 2]), "factory": make, "builtins": BUILTINS}
+
+BUILTINS = {"set": {1, 2}, "frozenset": frozenset({3}), "bytes": b"ab", "empty": b"", "complex": 1 + 2j,
+            "slice": slice(1, 2), "range": range(3), "bytearray": bytearray(b"x"), "type": float}
+'''
+
+
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_unknown_classes_become_placeholders_and_are_never_imported(tmp_path, monkeypatch, protocol):
+    module_name = f"fake_lightning_{protocol}"
+    (tmp_path / f"{module_name}.py").write_text(LIGHTNING_LIKE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    extra = importlib.import_module(module_name).make()
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": weights(), **extra}, path, pickle_protocol=protocol)
+    del sys.modules[module_name]  # now it cannot be imported
+    sys.path.remove(str(tmp_path))
+    (tmp_path / f"{module_name}.py").unlink()
+
+    loaded = load_pickle_checkpoint(path)
+
+    assert module_name not in sys.modules
+    assert_same_weights(loaded["state_dict"], weights())
+    (callback_class, callback_state), = loaded["callbacks"].items()
+    assert (callback_class.module, callback_class.name) == (module_name, "ModelCheckpoint")
+    assert callback_state == {"best_k_models": {}}
+    assert isinstance(loaded["cb"], callback_class)
+    assert loaded["cb"].state == {"monitor": "val/loss", "best": {"score": 0.25}}
+    hparams, history = loaded["hparams"], loaded["history"]
+    assert hparams.name == "AttributeDict" and hparams.state == {"note": "x"}
+    if protocol == 1:  # copyreg._reconstructor(cls, dict, {...}): the items are the argument
+        assert hparams.args == ({"lr": 1e-4, "steps": 3},) and history.args == ([1, 2],)
+    else:  # NEWOBJ, then SETITEMS / APPENDS
+        assert hparams.dictitems == {"lr": 1e-4, "steps": 3} and history.listitems == [1, 2]
+    assert loaded["factory"].name == "make"
+    assert loaded["builtins"] == extra["builtins"]
+
+
+def test_numpy_scalars_and_arrays_load_as_placeholders(tmp_path):
+    np = pytest.importorskip("numpy")
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": weights(), "score": np.float64(0.5), "array": np.arange(3)}, path)
+    loaded = load_pickle_checkpoint(path)
+    assert_same_weights(loaded["state_dict"], weights())
+    assert loaded["score"].name == "scalar" and loaded["array"].name == "_reconstruct"
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["half", "empty"])
+def test_truncated_file_is_a_checkpoint_error(tmp_path, zip_format, keep):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": weights()}, path, _use_new_zipfile_serialization=zip_format)
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(CheckpointError) as info:
+        load_pickle_checkpoint(path)
+    message = str(info.value)
+    assert "truncated or corrupt" in message and str(path) in message and "\n" not in message
+    assert not isinstance(info.value, UnsafeCheckpointError)
+
+
+def test_garbage_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(b"<html>404 Not Found</html>\n" * 20)
+    with pytest.raises(CheckpointError) as info:
+        load_pickle_checkpoint(path)
+    message = str(info.value)
+    assert "not a PyTorch checkpoint" in message and str(path) in message and "\n" not in message
+
+
+def test_missing_file_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "nowhere" / "model.ckpt"
+    with pytest.raises(CheckpointError, match="checkpoint not found") as info:
+        load_pickle_checkpoint(path)
+    assert str(path) in str(info.value) and "README" in str(info.value)

@@ -1,0 +1,196 @@
+"""Load an original CompVis Stable Diffusion v1 checkpoint into the models of `sd`.
+
+Our modules are named like the checkpoint's keys, so the mapping is a few rules:
+- one prefix per network (the table `PREFIXES`);
+- full checkpoints carry EMA copies of the UNet as `model_ema.<UNet key without dots>`, which
+  replace the UNet weights unless `use_ema=False`;
+- the training buffers in `IGNORED_KEYS` (and any `...position_ids`) are not weights and are dropped.
+Sizes are read off the tensors, so the same code loads the full model and tiny test models. The
+models are built on the meta device and take the file's tensors as they are (`assign=True`), so
+the weights are never held twice in memory.
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd.clip import CLIPConfig, CLIPTextModel
+from sd.errors import CheckpointError, UnsupportedModelError
+from sd.unet import UNet, UNetConfig
+from sd.vae import AutoencoderKL, VAEConfig
+from weights_converter.safe_pickle import load_pickle_checkpoint
+
+PREFIXES = {
+    "unet": ("model.diffusion_model.",),
+    "vae": ("first_stage_model.",),
+    "clip": ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
+}
+EMA_PREFIX = "model_ema."
+IGNORED_KEYS = re.compile(
+    r"^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
+    r"|log_one_minus_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar"
+    r"|lvlb_weights|model_ema\..*)$|position_ids$")
+
+
+@dataclass
+class StableDiffusionModels:
+    """The three networks of one checkpoint, and what kind of model the file holds."""
+
+    clip: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet
+    kind: str  # "text-to-image" (4-channel UNet) or "inpainting" (9-channel UNet)
+
+    @property
+    def is_inpainting(self) -> bool:
+        return self.kind == "inpainting"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The flat {key: tensor} dict of a .ckpt or .safetensors file, without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}. Check the path, or see the README for where "
+                              f"to get the official file.")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); it may be truncated "
+                                  f"or corrupt: download it again.") from None
+    else:
+        state = load_pickle_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no model weights: it is not a Stable Diffusion checkpoint.")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def ema_key(unet_key: str) -> str:
+    """'model.diffusion_model.input_blocks.0.0.weight' -> 'model_ema.diffusion_modelinput_blocks00weight'."""
+    return EMA_PREFIX + "".join(unet_key.split(".")[1:])
+
+
+def apply_ema(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace the UNet weights by their EMA copies when the file carries them."""
+    unet_keys = [k for k in state if k.startswith(PREFIXES["unet"][0])]
+    if not all(ema_key(k) in state for k in unet_keys):
+        return state
+    return {**state, **{k: state[ema_key(k)] for k in unet_keys}}
+
+
+def check_family(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse, with a clear reason, files of SD 2.x, SDXL or no Stable Diffusion at all."""
+    if any(k.startswith("conditioner.embedders.") for k in state):
+        raise UnsupportedModelError(f"{path} is an SDXL checkpoint; this project runs Stable Diffusion v1.x "
+                                    f"only. Use an SD v1.x checkpoint such as v1-5-pruned-emaonly.safetensors.")
+    if any(k.startswith("cond_stage_model.model.") for k in state):
+        raise UnsupportedModelError(f"{path} is an SD 2.x checkpoint (OpenCLIP text encoder); this project runs "
+                                    f"Stable Diffusion v1.x only. Use an SD v1.x checkpoint.")
+    missing = [net for net, prefixes in PREFIXES.items() if not any(k.startswith(prefixes) for k in state)]
+    if missing:
+        raise CheckpointError(f"{path} is not a Stable Diffusion v1 checkpoint: it has no weights for the "
+                              f"{', '.join(missing)} (keys starting with "
+                              f"{', '.join(PREFIXES[n][0] for n in missing)}).")
+
+
+def split_networks(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """{'unet': {...}, 'vae': {...}, 'clip': {...}} with the prefixes removed; unknown keys are an error."""
+    parts: dict[str, dict[str, torch.Tensor]] = {net: {} for net in PREFIXES}
+    unexpected = []
+    for key, tensor in state.items():
+        if IGNORED_KEYS.search(key):
+            continue
+        net, prefix = next(((n, p) for n, ps in PREFIXES.items() for p in ps if key.startswith(p)), (None, None))
+        if net is None:
+            unexpected.append(key)
+        else:
+            parts[net][key[len(prefix):]] = tensor
+    if unexpected:
+        raise CheckpointError(f"{path} has {len(unexpected)} keys that are not part of SD v1: "
+                              f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    return parts
+
+
+def unet_config(s: dict[str, torch.Tensor]) -> UNetConfig:
+    ch = s["input_blocks.0.0.weight"].shape[0]
+    n_res = UNetConfig.num_res_blocks
+    n_levels = len({k.split(".")[1] for k in s if k.startswith("input_blocks.")}) // (n_res + 1)
+    first_block = [1 + level * (n_res + 1) for level in range(n_levels)]  # input_blocks index per level
+    return UNetConfig(
+        in_channels=s["input_blocks.0.0.weight"].shape[1],
+        out_channels=s["out.2.weight"].shape[0],
+        model_channels=ch,
+        channel_mult=tuple(s[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // ch for i in first_block),
+        attention_levels=tuple(lv for lv, i in enumerate(first_block) if f"input_blocks.{i}.1.norm.weight" in s),
+        context_dim=s["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+    )
+
+
+def vae_config(s: dict[str, torch.Tensor]) -> VAEConfig:
+    ch = s["encoder.conv_in.weight"].shape[0]
+    n_levels = len({k.split(".")[2] for k in s if k.startswith("encoder.down.")})
+    return VAEConfig(
+        image_channels=s["encoder.conv_in.weight"].shape[1],
+        latent_channels=s["post_quant_conv.weight"].shape[0],
+        base_channels=ch,
+        channel_mult=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels)),
+    )
+
+
+def clip_config(s: dict[str, torch.Tensor]) -> CLIPConfig:
+    vocab, width = s["embeddings.token_embedding.weight"].shape
+    return CLIPConfig(
+        vocab_size=vocab, width=width, heads=width // 64,
+        max_positions=s["embeddings.position_embedding.weight"].shape[0],
+        layers=len({k.split(".")[2] for k in s if k.startswith("encoder.layers.")}),
+    )
+
+
+BUILDERS = {"unet": (UNet, unet_config), "vae": (AutoencoderKL, vae_config), "clip": (CLIPTextModel, clip_config)}
+
+
+def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype) -> nn.Module:
+    """Build one network on the meta device, sized from its weights, then give it those weights."""
+    cls, config_of = BUILDERS[net]
+    try:
+        cfg = config_of(weights)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: the {net} weights lack {PREFIXES[net][0]}{e.args[0]}; the file is "
+                              f"incomplete or not an SD v1 checkpoint.") from None
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
+    if missing or unexpected:
+        listing = "; ".join(f"{what}: {', '.join(PREFIXES[net][0] + k for k in keys[:5])}"
+                            f"{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
+                            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+        raise CheckpointError(f"{path}: the {net} weights do not fit SD v1: {listing}")
+    for key, param in model.state_dict().items():
+        if weights[key].shape != param.shape:
+            raise CheckpointError(f"{path}: {PREFIXES[net][0]}{key} has shape {tuple(weights[key].shape)}, "
+                                  f"expected {tuple(param.shape)}; the file is not an SD v1 checkpoint.")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()}, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                    use_ema: bool = True) -> StableDiffusionModels:
+    """Load the CLIP text encoder, VAE and UNet of a CompVis SD v1 checkpoint (.ckpt or .safetensors)."""
+    path = Path(path)
+    state = read_state_dict(path)
+    check_family(path, state)
+    if use_ema:
+        state = apply_ema(state)
+    parts = split_networks(path, state)
+    del state
+    models = {net: build(path, net, parts.pop(net), device, dtype) for net in list(parts)}
+    kind = "inpainting" if models["unet"].config.in_channels == 9 else "text-to-image"
+    return StableDiffusionModels(**models, kind=kind)

@@ -1,0 +1,176 @@
+"""Load pickle checkpoints (`.ckpt`, `.pt`) without running any code from the file.
+
+A `.ckpt` is a zip of raw tensor data plus `data.pkl`, a Python pickle. A pickle is a small program:
+its GLOBAL opcode imports any `module.name` and REDUCE calls it with arguments from the file, so a
+plain `pickle.load` / `torch.load(weights_only=False)` runs `os.system(...)` if the file asks.
+
+`load_pickle_checkpoint` first uses `torch.load(weights_only=True)`, PyTorch's own allowlist of the
+globals that rebuild tensors. Official Stable Diffusion checkpoints also pickle PyTorch Lightning
+objects and numpy scalars beside the weights, which that allowlist refuses, so it then retries with
+an unpickler that resolves every global itself:
+- torch's weights_only allowlist and plain builtin types: the real objects;
+- anything from a module that can run code or touch the system (os, subprocess, builtins.exec, ...):
+  `UnsafeCheckpointError`, raised when the global is read, before anything is called;
+- anything else: an inert placeholder class that records its module, name, arguments and state and
+  never imports the module.
+It also refuses BUILD (set attributes) on a class or function, which would patch torch itself. So
+the only code that can run is what torch's weights_only mode trusts.
+"""
+
+import _compat_pickle
+import builtins
+import functools
+import os
+import pickle
+import types
+
+import torch
+from torch._weights_only_unpickler import _get_allowed_globals
+
+from sd.errors import CheckpointError, UnsafeCheckpointError
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how older files start
+
+# Top-level modules whose globals can run code or touch the system; a pickle naming one is refused.
+_DANGEROUS_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "posixpath", "ntpath", "sys", "subprocess", "_posixsubprocess",
+    "shutil", "tempfile", "glob", "io", "_io", "socket", "ssl", "select", "http", "urllib", "ftplib",
+    "smtplib", "telnetlib", "importlib", "pkgutil", "runpy", "zipimport", "pickle", "_pickle",
+    "marshal", "shelve", "ctypes", "_ctypes", "cffi", "code", "codeop", "pty", "tty", "webbrowser",
+    "types", "inspect", "gc", "operator", "multiprocessing", "threading", "_thread", "asyncio",
+    "concurrent", "signal", "resource", "mmap", "pdb", "bdb", "timeit", "trace", "profile",
+    "cProfile", "doctest", "pydoc", "platform", "sysconfig", "site", "ensurepip", "pip",
+    "setuptools", "distutils", "zipfile", "tarfile",
+})
+_SAFE_BUILTINS = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
+                 "object", "range", "set", "slice", "str", "tuple")
+
+
+class _Refused(Exception):
+    """The pickle does something it must not; the argument says what, e.g. 'calls posix.system, ...'."""
+
+
+class _Placeholder:
+    """Base of the stand-ins for classes and functions that are not loaded.
+
+    Calling one (REDUCE), NEWOBJ and copyreg._reconstructor give an instance that keeps the
+    arguments; BUILD, SETITEMS and APPENDS store the state, dict items and list items. Nothing else.
+    """
+
+    module = name = ""
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        self.args, self.kwargs, self.state, self.dictitems, self.listitems = args, kwargs, None, {}, []
+        return self
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __setitem__(self, key, value):
+        self.dictitems[key] = value
+
+    def append(self, item):
+        self.listitems.append(item)
+
+    def extend(self, items):
+        self.listitems.extend(items)
+
+    def __repr__(self):
+        return f"<placeholder for {self.module}.{self.name}>"
+
+
+@functools.cache
+def _placeholder(module: str, name: str) -> type:
+    """The placeholder class for `module.name`; the same class each time, so it works as a dict key."""
+    return type(name, (_Placeholder,), {"module": module, "name": name})
+
+
+def _reconstructor(cls, base, state):
+    """Protocol 0/1 pickles build objects with copyreg._reconstructor; only placeholders come this way."""
+    if not (isinstance(cls, type) and issubclass(cls, _Placeholder)):
+        raise pickle.UnpicklingError(f"copyreg._reconstructor of {cls!r} is not supported")
+    return cls() if state is None else cls(state)
+
+
+_ALLOWED_GLOBALS = {
+    **_get_allowed_globals(),
+    **{f"builtins.{name}": getattr(builtins, name) for name in _SAFE_BUILTINS},
+    "copyreg._reconstructor": _reconstructor,
+}
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so BUILD can be checked
+    def find_class(self, module, name):
+        # What pickle.Unpickler.find_class does for Python 2 names (torch.save writes protocol 2).
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
+        full_name = f"{module}.{name}"
+        if full_name in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[full_name]
+        if module.split(".")[0] in _DANGEROUS_MODULES:
+            raise _Refused(f"calls {full_name}, which would run code")
+        return _placeholder(module, name)
+
+    def load_build(self):
+        # BUILD sets attributes on the object below it; on a class or function (which a crafted pickle
+        # can put there) it would patch torch or collections for the whole process.
+        target = self.stack[-2]
+        if isinstance(target, (type, types.FunctionType, types.BuiltinFunctionType)):
+            raise _Refused(f"rewrites {target.__module__}.{target.__qualname__}, which would change "
+                           f"how this program runs")
+        super().load_build()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+
+
+# torch.load wants a pickle module: it subclasses `.Unpickler` (its find_class maps storage types
+# itself and calls ours for everything else) and reads the legacy format's headers with `.load`.
+_restricted_pickle = types.SimpleNamespace(
+    __name__="restricted_pickle",
+    Unpickler=_RestrictedUnpickler,
+    load=lambda file, **kwargs: _RestrictedUnpickler(file, **kwargs).load(),
+)
+
+
+def load_pickle_checkpoint(path) -> object:
+    """Unpickle a torch checkpoint without running its code: tensors on CPU, memory-mapped from zips.
+
+    Raises UnsafeCheckpointError if the pickle names a dangerous global or would patch a class or
+    function (nothing has run), and CheckpointError if the file is missing, truncated, corrupt or not
+    a torch checkpoint.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}. Check the path, or see the README for where "
+                              f"to get the official file.") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}.") from None
+    is_zip = head.startswith(_ZIP_MAGIC)  # the legacy format cannot be memory-mapped
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        except pickle.UnpicklingError:
+            # A global outside torch's allowlist (or a broken pickle, which fails again below).
+            # TorchScript archives raise RuntimeError above, so torch.load never hands this retry to
+            # torch.jit.load.
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=is_zip,
+                              pickle_module=_restricted_pickle)
+    except _Refused as e:
+        raise UnsafeCheckpointError(f"refusing to load {path}: its pickle {e}. Get the checkpoint from a "
+                                    f"trusted source or convert a trusted copy to .safetensors.") from None
+    except Exception as e:
+        if not (is_zip or _LEGACY_MAGIC.startswith(head)):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint (.ckpt): it is neither a zip archive "
+                                  f"nor a legacy torch.save file.") from e
+        reason = str(e).strip().split("\n")[0].split(". ")[0][:150] or type(e).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({reason}); download it again.") from e
