@@ -1,0 +1,32 @@
+"""DDIM (Song et al., 2020, "Denoising Diffusion Implicit Models"), the sampler of the original SD release.
+
+A non-Markovian process with the same marginals as DDPM lets a step jump straight from t to t_prev
+(eq. 12): with a = a_bar_t and a_prev = a_bar_{t_prev},
+
+    x0     = (x_t - sqrt(1 - a) eps) / sqrt(a)
+    x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - s^2) eps + s z,   z ~ N(0, I)
+    s      = eta sqrt((1 - a_prev) / (1 - a)) sqrt(1 - a / a_prev)                    (eq. 16)
+
+eta = 0 gives the deterministic DDIM sampler (an ODE solver, good in 20-50 steps); eta = 1 is DDPM.
+"""
+
+from sd.samplers.base import AlphaSampler, draw_noise
+from sd.samplers.schedule import NoiseSchedule
+
+
+class DDIMSampler(AlphaSampler):
+    def __init__(self, schedule: NoiseSchedule | None = None, *, eta: float = 0.0):
+        super().__init__(schedule)
+        self.eta = eta
+
+    def _step(self, eps, t, x, i, generator):
+        t = int(t)
+        t_prev = t - self.schedule.num_train_timesteps // self.num_inference_steps
+        a, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5  # (B, 4, h, w)
+        variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        s = self.eta * variance**0.5
+        x_prev = a_prev**0.5 * x0 + (1 - a_prev - s**2) ** 0.5 * eps
+        if self.eta > 0:
+            x_prev = x_prev + s * draw_noise(eps, generator)
+        return x_prev

@@ -1,0 +1,57 @@
+"""The noise schedule Stable Diffusion v1 was trained with, and how samplers pick timesteps from it.
+
+Training noises a latent x0 to timestep t in [0, 1000) as x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) eps
+with eps ~ N(0, I) (Ho et al., 2020, eq. 4), where a_bar_t = prod_{s <= t} (1 - beta_s) and the betas
+follow SD's "scaled_linear" schedule: evenly spaced in sqrt(beta). Samplers that work with sigmas
+(Karras et al., 2022) use the equivalent noise level sigma_t = sqrt((1 - a_bar_t) / a_bar_t): then
+x_t / sqrt(a_bar_t) = x0 + sigma_t eps.
+"""
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+
+def linspace(start: float, stop: float, n: int) -> torch.Tensor:
+    """n evenly spaced values (float64) computed as numpy.linspace does, start + i * step, so that the
+    timesteps diffusers rounds come out the same (at 26 steps, 13 * (999 / 26) is a hair under 499.5)."""
+    if n == 1:
+        return torch.tensor([float(start)], dtype=torch.float64)
+    values = start + torch.arange(n, dtype=torch.float64) * ((stop - start) / (n - 1))  # (n,)
+    values[-1] = stop
+    return values
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    steps_offset: int = 1  # "leading" spacing starts at t = 1 (CompVis DDIM: range(0, 1000, c) + 1)
+
+    @cached_property
+    def betas(self) -> torch.Tensor:
+        """"scaled_linear" betas, (T,) float32."""
+        sqrt_betas = torch.linspace(self.beta_start**0.5, self.beta_end**0.5, self.num_train_timesteps,
+                                    dtype=torch.float32)  # (T,)
+        return sqrt_betas**2
+
+    @cached_property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """a_bar_t, the fraction of the signal's variance left at timestep t, (T,) float32, decreasing."""
+        return torch.cumprod(1.0 - self.betas, dim=0)
+
+    @cached_property
+    def sigmas(self) -> torch.Tensor:
+        """sigma_t = sqrt((1 - a_bar_t) / a_bar_t), (T,) float32, increasing from about 0.03 to 14.6."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+
+    def leading_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """Every (T // n)-th timestep from steps_offset up, descending (int64), as CompVis' DDIM and PLMS."""
+        step_ratio = self.num_train_timesteps // num_inference_steps
+        return torch.arange(num_inference_steps - 1, -1, -1) * step_ratio + self.steps_offset  # (n,)
+
+    def linspace_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        """n evenly spaced, possibly fractional timesteps from T - 1 down to 0 (float64), as k-diffusion."""
+        return linspace(0, self.num_train_timesteps - 1, num_inference_steps).flip(0)  # (n,)

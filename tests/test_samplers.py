@@ -1,0 +1,232 @@
+"""The samplers against diffusers' schedulers configured as SD v1's, driven by a toy noise model.
+
+Each run compares the whole trajectory (every intermediate x) as the pipelines drive them, with the
+same timesteps, starting noise and generator seed, for full runs and for img2img runs that begin
+part-way (set_begin_index + add_noise, and add_noise later on as inpainting does).
+"""
+
+import inspect
+
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+
+from sd.errors import InputError
+from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
+from tests.conftest import rel_err
+
+TOL = 1e-5
+SHAPE = (2, 4, 8, 8)
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+LEADING = dict(timestep_spacing="leading", steps_offset=1)
+LINSPACE = dict(timestep_spacing="linspace", steps_offset=0)
+
+# (registry name, options): every sampler, the sigma-space ones with and without Karras sigmas.
+CASES = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.7}), ("plms", {}),
+         ("euler", {}), ("euler", {"karras": True}), ("euler_a", {}), ("euler_a", {"karras": True}),
+         ("heun", {}), ("heun", {"karras": True}), ("lms", {}), ("lms", {"karras": True}),
+         ("dpmpp_2m", {}), ("dpmpp_2m_karras", {})]
+CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in options.items()) for name, options in CASES]
+
+_weights = torch.Generator().manual_seed(1234)
+W = torch.randn(SHAPE[1:], generator=_weights)  # (4, 8, 8)
+B = torch.randn(SHAPE[1:], generator=_weights)  # (4, 8, 8)
+
+
+def toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A deterministic stand-in for the UNet: nonlinear in x, smooth in (possibly fractional) t."""
+    s = float(t) / 1000
+    return torch.tanh(W.to(x.device) * x + B.to(x.device) * s) * (1 + s)
+
+
+def reference(name: str, options: dict):
+    """The diffusers scheduler configured as SD's, and the extra keywords its step takes."""
+    karras = options.get("karras", False) or name == "dpmpp_2m_karras"
+    if name == "ddpm":
+        return DDPMScheduler(**SD_BETAS, **LEADING, variance_type="fixed_small", clip_sample=False), {}
+    if name == "ddim":
+        return (DDIMScheduler(**SD_BETAS, **LEADING, clip_sample=False, set_alpha_to_one=False),
+                {"eta": options.get("eta", 0.0)})
+    if name == "plms":
+        return PNDMScheduler(**SD_BETAS, **LEADING, skip_prk_steps=True, set_alpha_to_one=False), {}
+    if name == "euler_a":  # diffusers' ancestral Euler has no Karras option: given its sigmas below
+        return EulerAncestralDiscreteScheduler(**SD_BETAS, **LINSPACE), {}
+    if name.startswith("dpmpp_2m"):
+        return DPMSolverMultistepScheduler(**SD_BETAS, **LINSPACE, algorithm_type="dpmsolver++", solver_order=2,
+                                           use_karras_sigmas=karras), {}
+    cls = {"euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler, "lms": LMSDiscreteScheduler}[name]
+    return cls(**SD_BETAS, **LINSPACE, use_karras_sigmas=karras), {}
+
+
+def set_reference_timesteps(ref, name: str, options: dict, steps: int) -> None:
+    ref.set_timesteps(steps)
+    if name == "euler_a" and options.get("karras"):
+        euler = EulerDiscreteScheduler(**SD_BETAS, **LINSPACE, use_karras_sigmas=True)
+        euler.set_timesteps(steps)
+        ref.sigmas, ref.timesteps = euler.sigmas.clone(), euler.timesteps.clone()
+
+
+def run(step, scale, timesteps, x, seed=7):
+    """The pipeline's loop; returns every intermediate x."""
+    generator = torch.Generator().manual_seed(seed)
+    trajectory = []
+    for t in timesteps:
+        x = step(toy_eps(scale(x, t), t), t, x, generator)
+        trajectory.append(x)
+    return trajectory
+
+
+def reference_step(ref, step_kwargs):
+    accepts_generator = "generator" in inspect.signature(ref.step).parameters
+
+    def step(eps, t, x, generator):
+        extra = {"generator": generator} if accepts_generator else {}
+        return ref.step(eps, t, x, **step_kwargs, **extra, return_dict=False)[0]
+
+    return step
+
+
+def noise(seed: int) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))  # (2, 4, 8, 8)
+
+
+def assert_same_trajectory(ours, expected, order):
+    assert len(ours) == len(expected)
+    errors = [rel_err(a, b) for a, b in zip(ours, expected)]
+    assert max(errors) < TOL, f"worst step {errors.index(max(errors))} of {len(errors)}: {max(errors):.2e}"
+    # the comparison means something only if the reference moves at every step (of `order` calls)
+    moves = [rel_err(b, a) for a, b in zip(expected, expected[order:])]
+    assert min(moves) > 10 * TOL
+
+
+@pytest.mark.parametrize("steps", [10, 25, 13])
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_full_run_matches_diffusers(name, options, steps):
+    ours = make_sampler(name, **options)
+    ref, step_kwargs = reference(name, options)
+    ours.set_timesteps(steps)
+    set_reference_timesteps(ref, name, options, steps)
+    assert ours.order == ref.order
+    assert ours.timesteps.dtype == ref.timesteps.dtype
+    torch.testing.assert_close(ours.timesteps.double(), ref.timesteps.double(), rtol=0, atol=1e-4)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+
+    x = noise(0) * ours.init_noise_sigma
+    expected = run(reference_step(ref, step_kwargs), ref.scale_model_input, ref.timesteps,
+                   noise(0) * ref.init_noise_sigma)
+    assert_same_trajectory(run(ours.step, ours.scale_model_input, ours.timesteps, x), expected, ours.order)
+
+
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_img2img_run_matches_diffusers(name, options):
+    """diffusers' img2img: skip the first steps, noise the image latents to the first timestep left,
+    and (inpainting) noise them to the next timestep after every step."""
+    steps, strength = 12, 0.6
+    ours = make_sampler(name, **options)
+    ref, step_kwargs = reference(name, options)
+    ours.set_timesteps(steps)
+    set_reference_timesteps(ref, name, options, steps)
+    begin = (steps - int(steps * strength)) * ours.order
+    ours.set_begin_index(begin)
+    if name == "lms":
+        # diffusers' LMS takes its order from the absolute step index, so it would combine one slope with
+        # 4th-order weights; ours, like k-diffusion, restarts the history: diffusers on the remaining sigmas
+        ref.sigmas, ref.timesteps = ref.sigmas[begin:], ref.timesteps[begin:]
+    elif hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(begin)
+    timesteps = ours.timesteps[begin:]
+    ref_timesteps = ref.timesteps[len(ref.timesteps) - len(timesteps):]
+    torch.testing.assert_close(timesteps.double(), ref_timesteps.double(), rtol=0, atol=1e-4)
+    image, fresh_noise = noise(1), noise(2)
+    x = ours.add_noise(image, fresh_noise, timesteps[:1].repeat(SHAPE[0]))
+    x_ref = ref.add_noise(image, fresh_noise, ref_timesteps[:1].repeat(SHAPE[0]))
+    assert rel_err(x, x_ref) < TOL and rel_err(x, image) > 0.1
+
+    def with_inpainting_noise(step, add_noise, timesteps):
+        """After every step but the last, also noise the image to the next timestep (checked below)."""
+        noised = []
+
+        def step_and_noise(eps, t, x, generator):
+            x = step(eps, t, x, generator)
+            i = len(noised)
+            if i + 1 < len(timesteps):
+                noised.append(add_noise(image, fresh_noise, timesteps[i + 1:i + 2]))
+            return x
+
+        return step_and_noise, noised
+
+    ours_step, ours_noised = with_inpainting_noise(ours.step, ours.add_noise, timesteps)
+    ref_step, ref_noised = with_inpainting_noise(reference_step(ref, step_kwargs), ref.add_noise, ref_timesteps)
+    expected = run(ref_step, ref.scale_model_input, ref_timesteps, x_ref)
+    assert_same_trajectory(run(ours_step, ours.scale_model_input, timesteps, x), expected, ours.order)
+    assert max(rel_err(a, b) for a, b in zip(ours_noised, ref_noised)) < TOL
+
+
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_timesteps_and_sigmas_match_diffusers_for_every_step_count(name, options):
+    """Rounding ties included (diffusers' DPM-Solver rounds 499.5 or a hair less at 26 and 30 steps)."""
+    ours = make_sampler(name, **options)
+    ref, _ = reference(name, options)
+    for steps in range(2, 61):
+        ours.set_timesteps(steps)
+        set_reference_timesteps(ref, name, options, steps)
+        if ours.timesteps.is_floating_point() and ours.karras:  # fractional timesteps of Karras sigmas
+            torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=1e-4)
+        else:
+            assert torch.equal(ours.timesteps, ref.timesteps), steps
+        if hasattr(ours, "sigmas"):
+            assert torch.equal(ours.sigmas, ref.sigmas), steps
+
+
+def test_samplers_differ_from_each_other():
+    """Sanity check of the tolerance: any two samplers end more than 100 TOL apart after 10 steps."""
+    finals = {}
+    for name in SAMPLERS:
+        sampler = make_sampler(name)
+        sampler.set_timesteps(10)
+        x = noise(0) * sampler.init_noise_sigma
+        finals[name] = run(sampler.step, sampler.scale_model_input, sampler.timesteps, x)[-1]
+    for a in finals:
+        for b in finals:
+            if a < b:
+                assert rel_err(finals[a], finals[b]) > 100 * TOL, (a, b)
+
+
+def test_stochastic_samplers_follow_the_generator():
+    for name, options in [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler_a", {})]:
+        finals = []
+        for seed in (7, 7, 8):
+            sampler = make_sampler(name, **options)
+            sampler.set_timesteps(10)
+            x = noise(0) * sampler.init_noise_sigma
+            finals.append(run(sampler.step, sampler.scale_model_input, sampler.timesteps, x, seed)[-1])
+        assert torch.equal(finals[0], finals[1]) and rel_err(finals[0], finals[2]) > 100 * TOL, name
+
+
+def test_make_sampler_rejects_unknown_names_and_options():
+    with pytest.raises(InputError) as error:
+        make_sampler("dpm++")
+    message = str(error.value)
+    assert "dpm++" in message and "\n" not in message
+    assert all(name in message for name in SAMPLERS)
+    with pytest.raises(InputError, match="karras"):
+        make_sampler("ddim", karras=True)
+    with pytest.raises(InputError, match="steps"):
+        make_sampler("euler").set_timesteps(0)
+    assert DEFAULT_SAMPLER in SAMPLERS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_cuda_run_matches_cpu_run_with_a_cpu_generator(name, options):
+    trajectories = []
+    for device in ("cpu", "cuda"):
+        sampler = make_sampler(name, **options)
+        sampler.set_timesteps(10, device)
+        begin = 4 * sampler.order
+        sampler.set_begin_index(begin)
+        x = sampler.add_noise(noise(1).to(device), noise(0).to(device), sampler.timesteps[begin:begin + 1])
+        trajectories.append(run(sampler.step, sampler.scale_model_input, sampler.timesteps[begin:], x))
+    assert trajectories[1][-1].device.type == "cuda"
+    assert max(rel_err(a.cpu(), b) for a, b in zip(trajectories[1], trajectories[0])) < 1e-4
