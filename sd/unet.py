@@ -153,19 +153,25 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2h, 2w)
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        """Nearest-neighbour upsampling to `size`, the skip's (2h, 2w), or one less where a downsampler
+        rounded an odd size up; then a 3x3 conv."""
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B, C, ~2h, ~2w)
 
 
 class TimestepSequential(nn.Sequential):
-    """A sequence of layers, each given what it needs: ResBlocks the time embedding, transformers the text."""
+    """A sequence of layers, each given what it needs: ResBlocks the time embedding, transformers the
+    text, upsamplers the size of the skip connection they lead to."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                skip_size: torch.Size | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, skip_size)
             else:
                 x = layer(x)
         return x
@@ -224,5 +230,6 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)  # (B, 1280, h/8, w/8)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h', w')
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)  # (B, 4, h, w)

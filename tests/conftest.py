@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests import reference
+from weights_converter import load_checkpoint
 from weights_converter.checkpoint import ema_key
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -72,6 +73,22 @@ def checkpoint(tmp_path_factory, compvis_state, ref_inpaint_unet):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def loaded(checkpoint):
+    """loaded(variant, **load_options) -> our models from that file. One variant is kept at a time:
+    each full-size model takes 4 GB."""
+    cache = {}
+
+    def load(variant: str, **options):
+        key = (variant, tuple(sorted(options.items())))
+        if key not in cache:
+            cache.clear()
+            cache[key] = load_checkpoint(checkpoint(variant), **options)
+        return cache[key]
+
+    return load
 
 
 @pytest.fixture(scope="session")

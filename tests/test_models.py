@@ -5,19 +5,9 @@ import torch
 
 from tests import reference
 from tests.conftest import rel_err
-from weights_converter import load_checkpoint, read_state_dict
+from weights_converter import read_state_dict
 
 TOL = 1e-4
-_cache = {}
-
-
-def loaded(checkpoint, variant, **kw):
-    """Load one variant at a time (each full-size model takes 4 GB)."""
-    key = (variant, tuple(kw.items()))
-    if key not in _cache:
-        _cache.clear()
-        _cache[key] = load_checkpoint(checkpoint(variant), **kw)
-    return _cache[key]
 
 
 @pytest.mark.parametrize("net", ["unet", "vae", "clip"])
@@ -47,38 +37,38 @@ def check_all_networks(models, refs, prompts_ids, text_context):
 
 
 @pytest.mark.parametrize("variant", ["safetensors", "ckpt", "fp16", "ema"])
-def test_every_file_form_loads_the_reference_model(refs, checkpoint, prompts_ids, text_context, variant):
-    models = loaded(checkpoint, variant)
+def test_every_file_form_loads_the_reference_model(refs, loaded, prompts_ids, text_context, variant):
+    models = loaded(variant)
     assert models.kind == "text-to-image"
     check_all_networks(models, refs, prompts_ids, text_context)
 
 
-def test_ema_can_be_turned_off(refs, checkpoint):
-    models = loaded(checkpoint, "ema", use_ema=False)
+def test_ema_can_be_turned_off(refs, loaded):
+    models = loaded("ema", use_ema=False)
     expected = refs.unet.state_dict()["conv_in.weight"] * 0.5  # the decoy non-EMA weights
     assert torch.equal(models.unet.input_blocks[0][0].weight, expected)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("t", [1, 250, 999])
-def test_unet_timesteps(refs, checkpoint, text_context, t):
-    unet = loaded(checkpoint, "safetensors").unet
+def test_unet_timesteps(refs, loaded, text_context, t):
+    unet = loaded("safetensors").unet
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(t))
     expected = refs.unet(latents, t, encoder_hidden_states=text_context).sample
     assert rel_err(unet(latents, t, text_context), expected) < TOL
 
 
 @torch.no_grad()
-def test_unet_at_full_64x64_latent(refs, checkpoint, text_context):
-    unet = loaded(checkpoint, "safetensors").unet
+def test_unet_at_full_64x64_latent(refs, loaded, text_context):
+    unet = loaded("safetensors").unet
     latents = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(7))
     expected = refs.unet(latents, 500, encoder_hidden_states=text_context[:1]).sample
     assert rel_err(unet(latents, 500, text_context[:1]), expected) < TOL
 
 
 @torch.no_grad()
-def test_inpainting_unet(ref_inpaint_unet, checkpoint, text_context):
-    models = loaded(checkpoint, "inpainting")
+def test_inpainting_unet(ref_inpaint_unet, loaded, text_context):
+    models = loaded("inpainting")
     assert models.kind == "inpainting" and models.unet.config.in_channels == 9
     latents = torch.randn(2, 9, 16, 16, generator=torch.Generator().manual_seed(3))
     expected = ref_inpaint_unet(latents, 400, encoder_hidden_states=text_context).sample

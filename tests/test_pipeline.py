@@ -1,0 +1,95 @@
+"""The pipeline end to end against diffusers' StableDiffusion{,Img2Img,Inpaint}Pipeline, built from the
+same random full-size checkpoint, with the same seed, settings, negative prompt and a non-square size."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from PIL import Image
+
+from sd.pipeline import StableDiffusion
+from sd.tokenizer import DATA_DIR
+from tests.conftest import rel_err
+from tests.test_samplers import reference as reference_scheduler
+
+WIDTH, HEIGHT = 96, 64  # latents (12, 8): not a multiple of 64, so the UNet's odd-size path runs too
+PROMPT, NEGATIVE = "a red bicycle leaning on a stone wall, golden hour", "blurry, low quality"
+SETTINGS = dict(num_inference_steps=10, guidance_scale=7.5, height=HEIGHT, width=WIDTH)
+
+
+def init_image() -> Image.Image:
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    rgb = np.stack([x / WIDTH, y / HEIGHT, 0.5 + 0.5 * np.sin(x / 7.0) * np.cos(y / 5.0)], axis=-1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def mask_image() -> Image.Image:
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    mask[16:48, 24:72] = 255  # white = repaint
+    return Image.fromarray(mask)
+
+
+def run_reference(cls, refs, unet, sampler: str, seed: int, **inputs):
+    """diffusers' pipeline; returns (final latents, images in [0, 1])."""
+    tokenizer = transformers.CLIPTokenizer(vocab=str(DATA_DIR / "vocab.json"), merges=str(DATA_DIR / "merges.txt"),
+                                           model_max_length=77)
+    scheduler, _ = reference_scheduler(sampler, {})
+    pipe = cls(vae=refs.vae, text_encoder=refs.clip, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    final = {}
+
+    def keep_latents(pipe, i, t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    images = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(seed),
+                  output_type="np", callback_on_step_end=keep_latents, **SETTINGS, **inputs).images
+    return final["latents"], images
+
+
+def run_ours(sd: StableDiffusion, method: str, sampler: str, seed: int, **inputs):
+    latents = getattr(sd, method)(PROMPT, negative_prompt=NEGATIVE, steps=SETTINGS["num_inference_steps"],
+                                  guidance_scale=SETTINGS["guidance_scale"], width=WIDTH, height=HEIGHT,
+                                  sampler=sampler, seed=seed, output_type="latent", progress=False, **inputs)
+    return latents, sd.decode(latents, "np")
+
+
+def assert_same(ours, theirs):
+    (latents, images), (ref_latents, ref_images) = ours, theirs
+    assert latents.shape == ref_latents.shape and images.shape == ref_images.shape
+    assert rel_err(latents, ref_latents) < 1e-3
+    assert np.abs(images - ref_images).mean() < 1 / 255
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddim"])
+def test_text_to_image(refs, loaded, sampler):
+    ours = run_ours(StableDiffusion(loaded("safetensors")), "text_to_image", sampler, seed=11)
+    assert_same(ours, run_reference(StableDiffusionPipeline, refs, refs.unet, sampler, seed=11))
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "plms"])
+def test_image_to_image(refs, loaded, sampler):
+    inputs = dict(image=init_image(), strength=0.6)
+    ours = run_ours(StableDiffusion(loaded("safetensors")), "image_to_image", sampler, seed=5, **inputs)
+    assert_same(ours, run_reference(StableDiffusionImg2ImgPipeline, refs, refs.unet, sampler, seed=5, **inputs))
+
+
+@pytest.mark.parametrize("sampler", ["euler_a"])
+def test_inpaint_with_ordinary_checkpoint(refs, loaded, sampler):
+    inputs = dict(image=init_image(), strength=1.0)
+    ours = run_ours(StableDiffusion(loaded("safetensors")), "inpaint", sampler, seed=3, mask=mask_image(), **inputs)
+    theirs = run_reference(StableDiffusionInpaintPipeline, refs, refs.unet, sampler, seed=3,
+                           mask_image=mask_image(), **inputs)
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpaint_with_inpainting_checkpoint(refs, ref_inpaint_unet, loaded, strength):
+    inputs = dict(image=init_image(), strength=strength)
+    sd = StableDiffusion(loaded("inpainting"))
+    ours = run_ours(sd, "inpaint", "dpmpp_2m_karras", seed=9, mask=mask_image(), **inputs)
+    theirs = run_reference(StableDiffusionInpaintPipeline, refs, ref_inpaint_unet, "dpmpp_2m_karras", seed=9,
+                           mask_image=mask_image(), **inputs)
+    assert_same(ours, theirs)

@@ -1,0 +1,138 @@
+"""Convert a CompVis Stable Diffusion v1 checkpoint (.ckpt or .safetensors) to .safetensors.
+
+    python -m weights_converter IN.ckpt OUT.safetensors [--ema-only] [--half] [--overwrite]
+
+The input is read without executing any pickled code, and must be a complete SD v1 checkpoint
+(the output is checked to load with `load_checkpoint`). By default every tensor is written as it
+is; `--ema-only` stores the EMA weights as the UNet and drops `model_ema.*` (what the official
+"emaonly" files are), `--half` stores floating-point tensors as fp16. The output appears only when
+complete (written to a temporary file in the same folder, then renamed). Exit status: 0 on
+success, 2 for a bad argument or input file (one line `error: ...` on stderr), 1 if writing fails.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from sd.errors import CheckpointError, InputError, SDError
+from weights_converter.checkpoint import (EMA_PREFIX, PREFIXES, apply_ema, build, check_family, ema_key,
+                                          read_state_dict, split_networks)
+
+PROG = "python -m weights_converter"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, reported like every other error
+        raise InputError(f"{message} (see {PROG} --help)")
+
+
+def parse_args(argv):
+    parser = _Parser(prog=PROG, description="Convert a Stable Diffusion v1 checkpoint to .safetensors without "
+                                            "running any code from it.")
+    parser.add_argument("input", type=Path, metavar="IN", help="the checkpoint: .ckpt or .safetensors")
+    parser.add_argument("output", type=Path, metavar="OUT", help="the file to write, ending in .safetensors")
+    parser.add_argument("--ema-only", action="store_true",
+                        help="store the EMA weights as the UNet and drop the model_ema.* copies (like the official "
+                             "*-emaonly files: about half the size of a full checkpoint)")
+    parser.add_argument("--half", action="store_true", help="store floating-point tensors as fp16 (half the size)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    return parser.parse_args(argv)
+
+
+def check_output(args) -> None:
+    out = args.output
+    if out.suffix != ".safetensors":
+        raise InputError(f"output {out} must end in .safetensors")
+    if not out.parent.is_dir():
+        raise InputError(f"output folder {out.parent} does not exist; create it first")
+    if out.is_dir():
+        raise InputError(f"output {out} is a folder; give a file name ending in .safetensors")
+    if out.exists():
+        if args.input.exists() and os.path.samefile(args.input, out):
+            raise InputError(f"input and output are the same file ({out}); write to a new file")
+        if not args.overwrite:
+            raise InputError(f"output {out} already exists; pass --overwrite to replace it")
+
+
+def convert(path: Path, state: dict[str, torch.Tensor], ema_only: bool, half: bool) -> dict[str, torch.Tensor]:
+    """The tensors to write: EMA baked in / fp16 as asked, contiguous, and no two sharing memory."""
+    if ema_only:
+        unet_keys = {k for k in state if k.startswith(PREFIXES["unet"][0])}
+        if not all(ema_key(k) in state for k in unet_keys):
+            raise CheckpointError(f"{path} has no EMA weights (model_ema.*) for its UNet: it is already an "
+                                  f"EMA-only file; convert it without --ema-only.")
+        state = {k: state[ema_key(k)] if k in unet_keys else v for k, v in state.items()
+                 if not k.startswith(EMA_PREFIX)}
+    out, seen = {}, set()
+    for key, tensor in state.items():
+        if half and tensor.is_floating_point():
+            tensor = tensor.half()
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[key] = tensor
+    return out
+
+
+def check_loadable(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """What `load_checkpoint` does with these tensors after `check_family`, on the meta device (no memory,
+    no compute): they must load."""
+    for net, weights in split_networks(path, apply_ema(state)).items():
+        build(path, net, weights, "meta", None)
+
+
+def write_atomically(state: dict[str, torch.Tensor], out: Path) -> None:
+    """Write to a temporary file beside `out`, then rename it: `out` is never left half-written."""
+    from safetensors.torch import save_file
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it readable by its owner only
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def human_size(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.2f} {unit}"
+        n /= 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        check_output(args)
+        state = read_state_dict(args.input)
+        check_family(args.input, state)
+        has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
+        state = convert(args.input, state, args.ema_only, args.half)
+        check_loadable(args.input, state)
+        write_atomically(state, args.output)
+    except SDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: could not write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
+    print(f"wrote {args.output} ({human_size(args.output.stat().st_size)}, {len(state)} tensors, "
+          f"{'/'.join(dtypes)}{', EMA weights as the UNet' if args.ema_only else ''})")
+    if has_ema and not args.ema_only:
+        print("note: the file keeps the EMA copies of the UNet (model_ema.*), which are the weights used for "
+              "images; --ema-only writes only those, in about half the size")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
