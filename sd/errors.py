@@ -22,3 +22,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 class InputError(SDError, ValueError):
     """A bad argument: size, steps, strength, sampler name, image, device, output path."""
+
+
+class GenerationError(SDError):
+    """The model produced NaN or inf values, usually from running it in half precision."""

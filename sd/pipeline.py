@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sd.errors import InputError
+from sd.errors import GenerationError, InputError
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.tokenizer import CLIPTokenizer
 from weights_converter import StableDiffusionModels, load_checkpoint
@@ -68,6 +68,12 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         image = image.resize(size, Image.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0  # (H, W) or (H, W, C)
     return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]  # (1, C, H, W)
+
+
+def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    if not torch.isfinite(x).all():
+        raise GenerationError(f"the {what} contain NaN or inf values, most likely an overflow in {dtype}: "
+                              f"run again with --dtype fp32 (or bf16)")
 
 
 def check_positive(name: str, value: int) -> None:
@@ -130,10 +136,9 @@ class StableDiffusion:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
         source = open_image(image, "init image", "RGB") if image is not None else None
-        if source is not None:  # default to the image's own size, rounded down to a multiple of 8
-            width = width or source.width - source.width % VAE_FACTOR
-            height = height or source.height - source.height % VAE_FACTOR
-        width, height = width or DEFAULT_SIZE, height or DEFAULT_SIZE
+        default_w, default_h = (DEFAULT_SIZE, DEFAULT_SIZE) if source is None else (  # the image's own size,
+            source.width - source.width % VAE_FACTOR, source.height - source.height % VAE_FACTOR)  # rounded down
+        width, height = default_w if width is None else width, default_h if height is None else height
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or value < VAE_FACTOR or value % VAE_FACTOR:
                 raise InputError(f"{name} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
@@ -180,9 +185,16 @@ class StableDiffusion:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, output_type: str = "pil"):
         """Scaled latents (B, 4, h, w) -> PIL images, or an array (B, 8h, 8w, 3) in [0, 1] ("np")."""
+        check_finite(latents, "latents", latents.dtype)
         if output_type == "latent":
             return latents
-        images = (self.models.vae.decode(latents / LATENT_SCALE) / 2 + 0.5).clamp(0, 1)  # (B, 3, H, W)
+        vae = self.models.vae
+        images = vae.decode(latents.to(vae.dtype) / LATENT_SCALE)  # (B, 3, H, W)
+        if vae.dtype == torch.float16 and not torch.isfinite(images).all():
+            vae.float()  # the fp16 VAE decoder overflows on some latents: decode in fp32 from now on
+            images = vae.decode(latents.float() / LATENT_SCALE)
+        check_finite(images, "decoded images", vae.dtype)
+        images = (images / 2 + 0.5).clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
         if output_type == "np":
             return images

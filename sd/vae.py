@@ -162,6 +162,10 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_quant_conv.weight.dtype
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image in [-1, 1] (B, 3, H, W) -> (mean, logvar), each (B, 4, H/8, W/8), unscaled."""
         mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # 2 x (B, 4, H/8, W/8)

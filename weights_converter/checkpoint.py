@@ -49,13 +49,23 @@ class StableDiffusionModels:
         return self.kind == "inpainting"
 
 
+def is_safetensors(path: Path) -> bool:
+    """Tell the format by the first bytes (a zip or pickle .ckpt, or safetensors' 8-byte length and
+    JSON header), not by the name, so a renamed file still gets a true error message."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith((b"PK", b"\x80")):
+        return False
+    return head[8:9] == b"{" or path.suffix.lower() == ".safetensors"
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The flat {key: tensor} dict of a .ckpt or .safetensors file, without executing pickled code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}. Check the path, or see the README for where "
                               f"to get the official file.")
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
@@ -192,5 +202,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     parts = split_networks(path, state)
     del state
     models = {net: build(path, net, parts.pop(net), device, dtype) for net in list(parts)}
-    kind = "inpainting" if models["unet"].config.in_channels == 9 else "text-to-image"
+    in_channels = models["unet"].config.in_channels
+    if in_channels not in (4, 9):
+        raise UnsupportedModelError(f"{path}: its UNet takes {in_channels} input channels (8 is InstructPix2Pix); "
+                                    f"only 4 (text-to-image) and 9 (inpainting) are supported.")
+    if models["unet"].config.context_dim != models["clip"].config.width:
+        raise CheckpointError(f"{path}: the UNet expects {models['unet'].config.context_dim}-wide text features "
+                              f"but the text encoder gives {models['clip'].config.width}; the file mixes models.")
+    kind = "inpainting" if in_channels == 9 else "text-to-image"
     return StableDiffusionModels(**models, kind=kind)

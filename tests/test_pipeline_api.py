@@ -1,0 +1,94 @@
+"""The pipeline's API on a tiny checkpoint: guidance batching, outputs, inputs and argument checks."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd.errors import InputError
+from sd.pipeline import StableDiffusion
+from tests.tiny import write_tiny_checkpoint
+
+SMALL = dict(steps=2, width=64, height=48, progress=False)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "t.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sd_inpainting(tmp_path_factory):
+    path = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "i.safetensors", in_channels=9)
+    return StableDiffusion.from_checkpoint(path)
+
+
+def unet_batches(sd, monkeypatch) -> list[int]:
+    """Record the batch size of every UNet call."""
+    calls, forward = [], sd.models.unet.forward
+    monkeypatch.setattr(sd.models.unet, "forward", lambda x, t, c: calls.append(x.shape[0]) or forward(x, t, c))
+    return calls
+
+
+@pytest.mark.parametrize("guidance, expected", [(1.0, 1), (7.5, 2)])
+def test_guidance_is_one_batched_call_and_skipped_at_scale_one(sd, monkeypatch, guidance, expected):
+    calls = unet_batches(sd, monkeypatch)
+    sd.text_to_image("a cat", guidance_scale=guidance, sampler="euler", seed=0, **SMALL)
+    assert calls == [expected, expected]
+
+
+def test_output_types_and_batch(sd):
+    images = sd.text_to_image("a cat", seed=1, num_images=2, **SMALL)
+    assert len(images) == 2 and all(im.size == (64, 48) and im.mode == "RGB" for im in images)
+    array = sd.text_to_image("a cat", seed=1, num_images=2, output_type="np", **SMALL)
+    assert array.shape == (2, 48, 64, 3) and array.dtype == np.float32
+    np.testing.assert_array_equal((array * 255).round().astype(np.uint8), np.stack([np.asarray(i) for i in images]))
+    latents = sd.text_to_image("a cat", seed=1, output_type="latent", **SMALL)
+    assert latents.shape == (1, 4, 6, 8)
+
+
+def test_seed_decides_the_image(sd):
+    a, b, c = (sd.text_to_image("a cat", seed=s, output_type="latent", **SMALL) for s in (3, 3, 4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_image_inputs_from_path_and_any_mode(sd, tmp_path):
+    rgba = Image.new("RGBA", (64, 48), (200, 30, 30, 128))
+    rgba.save(tmp_path / "init.png")
+    from_path = sd.image_to_image("a cat", tmp_path / "init.png", seed=2, output_type="np", **SMALL)
+    from_image = sd.image_to_image("a cat", rgba, seed=2, output_type="np", **SMALL)
+    np.testing.assert_array_equal(from_path, from_image)
+    palette = Image.new("P", (64, 48))
+    mask = Image.new("L", (64, 48), 255)
+    assert sd.inpaint("a cat", palette, mask, seed=2, output_type="np", **SMALL).shape == (1, 48, 64, 3)
+
+
+def test_strength_zero_keeps_the_image_latents(sd):
+    image = Image.new("RGB", (64, 48), (10, 120, 200))
+    out = sd.image_to_image("a cat", image, strength=0.0, seed=2, output_type="latent", **SMALL)
+    pixels = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]  # (1, 3, 48, 64)
+    assert torch.equal(out, sd.encode_image(pixels, torch.Generator().manual_seed(2)))
+
+
+def test_inpainting_checkpoint_needs_a_mask(sd_inpainting):
+    image = Image.new("RGB", (64, 48))
+    with pytest.raises(InputError, match="mask"):
+        sd_inpainting.image_to_image("a cat", image, **SMALL)
+    out = sd_inpainting.inpaint("a cat", image, Image.new("L", (64, 48), 255), output_type="latent", **SMALL)
+    assert out.shape == (1, 4, 6, 8)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(width=60), "width must be a positive multiple of 8"),
+    (dict(height=0), "height must be a positive multiple of 8"),
+    (dict(steps=0), "steps must be a positive"),
+    (dict(num_images=0), "num_images"),
+    (dict(sampler="nope"), "unknown sampler 'nope'; choose one of: ddpm"),
+    (dict(output_type="jpeg"), "output_type"),
+    (dict(image=Image.new("RGB", (64, 48)), strength=1.5), "strength must be between 0 and 1"),
+    (dict(mask=Image.new("L", (64, 48))), "a mask needs an init image"),
+    (dict(image="/nonexistent/init.png"), "init image not found"),
+])
+def test_bad_arguments_raise_input_error(sd, options, message):
+    with pytest.raises(InputError, match=message):
+        sd.generate("a cat", **{**SMALL, **options})
