@@ -5,11 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
-from tests import reference
+from tests import compvis, reference
 from weights_converter import load_checkpoint
-from weights_converter.checkpoint import ema_key
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -35,7 +33,7 @@ def ref_inpaint_unet():
 @pytest.fixture(scope="session")
 def compvis_state(refs):
     """The reference weights in the CompVis layout, with the training buffers real files carry."""
-    state = reference.training_buffers()
+    state = compvis.training_buffers()
     for net in ("unet", "vae", "clip"):
         state.update(reference.to_compvis(net, getattr(refs, net)))
     return state
@@ -57,20 +55,12 @@ def checkpoint(tmp_path_factory, compvis_state, ref_inpaint_unet):
         if variant == "fp16":
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
         if variant == "ema":
-            unet_keys = [k for k in state if k.startswith(reference.UNET_PREFIX)]
-            state.update({ema_key(k): state[k] for k in unet_keys})
-            state.update({k: state[k] * 0.5 for k in unet_keys})
-            state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
+            state = compvis.with_ema_decoys(state)
         if variant == "inpainting":
-            state = {k: v for k, v in state.items() if not k.startswith(reference.UNET_PREFIX)}
+            state = {k: v for k, v in state.items() if not k.startswith(compvis.UNET_PREFIX)}
             state.update(reference.to_compvis("unet", ref_inpaint_unet))
-        if variant in ("ckpt", "ema"):
-            path = folder / f"{variant}.ckpt"
-            torch.save({"state_dict": state, "global_step": 470000}, path)
-        else:
-            path = folder / f"{variant}.safetensors"
-            save_file(state, path)
-        return path
+        suffix = ".ckpt" if variant in ("ckpt", "ema") else ".safetensors"
+        return compvis.save_checkpoint(state, folder / (variant + suffix))
 
     return write
 

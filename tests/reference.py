@@ -18,9 +18,8 @@ from transformers import CLIPTextModel as RefCLIP
 from sd.clip import CLIPTextModel
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL
-from weights_converter.checkpoint import PREFIXES
+from tests.compvis import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
-UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = PREFIXES["unet"][0], PREFIXES["vae"][0], PREFIXES["clip"][0]
 
 
 def sd15_unet(in_channels: int = 4) -> RefUNet:
@@ -90,16 +89,3 @@ def to_compvis(net: str, ref: torch.nn.Module) -> dict[str, torch.Tensor]:
     assert inverse.keys() == ref_state.keys(), f"{net}: diffusers' converter does not cover the reference"
     assert sorted(inverse.values()) == sorted(keys), f"{net}: CompVis keys not used exactly once"
     return {PREFIX[net] + ck: ref_state[dk].reshape(ours[ck].shape).contiguous() for dk, ck in inverse.items()}
-
-
-# Non-weight entries that real CompVis files carry beside the weights.
-def training_buffers() -> dict[str, torch.Tensor]:
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    return {
-        "betas": betas.float(), "alphas_cumprod": alphas_cumprod.float(),
-        "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas_cumprod[:-1].float()]),
-        "sqrt_alphas_cumprod": alphas_cumprod.sqrt().float(),
-        "posterior_variance": betas.float(), "logvar": torch.zeros(1000),
-        CLIP_PREFIX + "embeddings.position_ids": torch.arange(77)[None],
-    }

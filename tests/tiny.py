@@ -22,15 +22,13 @@ from torch import nn
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
-from weights_converter.checkpoint import PREFIXES, ema_key
+from tests.compvis import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, save_checkpoint, training_buffers, with_ema_decoys
 
 TINY_CLIP = CLIPConfig(width=64, layers=2, heads=1)
 # Like SD: cross-attention on every level but the last, channels growing with depth.
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(0, 1),
                        context_dim=TINY_CLIP.width)
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 2, 2))
-
-UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = PREFIXES["unet"][0], PREFIXES["vae"][0], PREFIXES["clip"][0]
 
 
 def random_weights(model: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -54,15 +52,6 @@ def random_weights(model: nn.Module, gen: torch.Generator) -> dict[str, torch.Te
     return state
 
 
-def training_buffers() -> dict[str, torch.Tensor]:
-    """Non-weight entries of real CompVis files, which the loader must ignore."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    return {"betas": betas.float(), "alphas_cumprod": alphas_cumprod.float(),
-            "alphas_cumprod_prev": torch.cat([torch.ones(1), alphas_cumprod[:-1]]).float(),
-            "logvar": torch.zeros(1000)}
-
-
 def tiny_compvis_state(in_channels: int = 4, seed: int = 0, ema: bool = False,
                        buffers: bool = True) -> dict[str, torch.Tensor]:
     """A tiny SD v1 checkpoint's state dict in the CompVis layout; the same for the same arguments.
@@ -79,27 +68,11 @@ def tiny_compvis_state(in_channels: int = 4, seed: int = 0, ema: bool = False,
                                     UNetConfig(**{**TINY_UNET.__dict__, "in_channels": in_channels})),
                   VAE_PREFIX: AutoencoderKL(TINY_VAE), CLIP_PREFIX: CLIPTextModel(TINY_CLIP)}
     state = {prefix + k: v for prefix, model in models.items() for k, v in random_weights(model, gen).items()}
-    state[CLIP_PREFIX + "embeddings.position_ids"] = torch.arange(TINY_CLIP.max_positions)[None]  # (1, 77)
     if buffers:
         state.update(training_buffers())
-    if ema:
-        unet_keys = [k for k in state if k.startswith(UNET_PREFIX)]
-        state.update({ema_key(k): state[k] for k in unet_keys})
-        state.update({k: state[k] * 0.5 for k in unet_keys})
-        state.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)})
-    return state
+    return with_ema_decoys(state) if ema else state
 
 
 def write_tiny_checkpoint(path: str | Path, **kwargs) -> Path:
-    """Write `tiny_compvis_state(**kwargs)` to `path`: .safetensors, or .ckpt / .pt as torch.save writes
-    official files ({"state_dict": ..., "global_step": ...}). Returns the path."""
-    path = Path(path)
-    state = tiny_compvis_state(**kwargs)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-        save_file(state, path)
-    elif path.suffix in (".ckpt", ".pt"):
-        torch.save({"state_dict": state, "global_step": 470000}, path)
-    else:
-        raise ValueError(f"write_tiny_checkpoint: {path} must end in .safetensors, .ckpt or .pt")
-    return path
+    """Write `tiny_compvis_state(**kwargs)` to `path` (.safetensors, .ckpt or .pt). Returns the path."""
+    return save_checkpoint(tiny_compvis_state(**kwargs), path)
