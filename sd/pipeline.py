@@ -27,6 +27,7 @@ from weights_converter import StableDiffusionModels, load_checkpoint
 
 LATENT_SCALE = 0.18215  # makes the VAE latents of SD v1 roughly unit variance (Rombach et al., sec. 4.3.2)
 VAE_FACTOR = 8  # image pixels per latent pixel, each way
+LATENT_DTYPE = torch.float32  # latents and sampler arithmetic stay fp32 whatever the networks run in
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
 DEFAULT_SIZE = 512
@@ -121,9 +122,10 @@ class StableDiffusion:
                  steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                  sampler: str | Sampler = DEFAULT_SAMPLER, seed: int | None = None,
                  width: int | None = None, height: int | None = None, num_images: int = 1,
-                 output_type: str = "pil", progress: bool = True):
+                 output_type: str = "pil", progress: bool = True, tiled_decode: bool = False):
         """One denoising loop for all three tasks; returns a list of PIL images, an array (N, H, W, 3)
-        in [0, 1] ("np"), or the final scaled latents (N, 4, H/8, W/8) ("latent")."""
+        in [0, 1] ("np"), or the final scaled latents (N, 4, H/8, W/8) ("latent"). `tiled_decode` decodes
+        in tiles to bound the VAE's memory for large images."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         check_positive("steps", steps)
@@ -174,25 +176,26 @@ class StableDiffusion:
         if mask is not None:
             repaint = (image_to_tensor(open_image(mask, "mask", "L"), (width, height)) >= 0.5).to(pixels.dtype)
             masked_image_latents = self.encode_image(pixels * (1 - repaint), generator).expand(batch, -1, -1, -1)
-            inpainting = Inpainting(mask=F.interpolate(repaint, size=shape[2:]).to(self.device, self.dtype)
+            inpainting = Inpainting(mask=F.interpolate(repaint, size=shape[2:]).to(self.device)
                                     .expand(batch, -1, -1, -1),
                                     masked_image_latents=masked_image_latents,
                                     image_latents=None if self.models.is_inpainting else image_latents, noise=noise)
 
         latents = self.denoise(latents, context, sampler, timesteps, guidance_scale, generator, inpainting, progress)
-        return self.decode(latents, output_type)
+        return self.decode(latents, output_type, tiled_decode)
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor, output_type: str = "pil"):
+    def decode(self, latents: torch.Tensor, output_type: str = "pil", tiled: bool = False):
         """Scaled latents (B, 4, h, w) -> PIL images, or an array (B, 8h, 8w, 3) in [0, 1] ("np")."""
         check_finite(latents, "latents", latents.dtype)
         if output_type == "latent":
             return latents
         vae = self.models.vae
-        images = vae.decode(latents.to(vae.dtype) / LATENT_SCALE)  # (B, 3, H, W)
+        decode = vae.decode_tiled if tiled else vae.decode
+        images = decode(latents.to(vae.dtype) / LATENT_SCALE)  # (B, 3, H, W)
         if vae.dtype == torch.float16 and not torch.isfinite(images).all():
             vae.float()  # the fp16 VAE decoder overflows on some latents: decode in fp32 from now on
-            images = vae.decode(latents.float() / LATENT_SCALE)
+            images = decode(latents.float() / LATENT_SCALE)
         check_finite(images, "decoded images", vae.dtype)
         images = (images / 2 + 0.5).clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
@@ -210,7 +213,7 @@ class StableDiffusion:
             if inpainting is not None and self.models.is_inpainting:
                 x = torch.cat([x, inpainting.mask, inpainting.masked_image_latents], dim=1)  # (B, 9, h, w)
             x = torch.cat([x, x]) if guided else x  # unconditional half first
-            eps = self.models.unet(x, t, context)  # (2B or B, 4, h, w)
+            eps = self.models.unet(x.to(self.dtype), t, context).float()  # (2B or B, 4, h, w)
             if guided:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -231,9 +234,9 @@ class StableDiffusion:
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Image in [-1, 1] (1, 3, H, W) -> a sample of its latent distribution, scaled: (1, 4, H/8, W/8)."""
-        mean, logvar = self.models.vae.encode(pixels.to(self.device, self.dtype))
+        mean, logvar = (m.float() for m in self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype)))
         return (mean + torch.exp(0.5 * logvar) * self.randn(mean.shape, generator)) * LATENT_SCALE
 
     def randn(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Standard normal noise from the CPU generator, moved to the model's device."""
-        return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
+        return torch.randn(shape, generator=generator, dtype=LATENT_DTYPE).to(self.device)

@@ -8,6 +8,7 @@ latents, mask, masked-image latents). Parameter names follow `model.diffusion_mo
 CompVis checkpoint, whose input_blocks / middle_block / output_blocks layout is kept as is.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,11 +39,16 @@ class UNetConfig:
         return 4 * self.model_channels
 
 
+@functools.cache
+def frequencies(dim: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """The dim/2 frequencies of the sinusoidal timestep embedding, from 1 down to ~1/max_period."""
+    half = dim // 2
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device) / half)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float) -> torch.Tensor:
     """Sinusoidal embedding of timesteps (B,) -> (B, dim), cosines first (as in the CompVis code)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    args = t.float()[:, None] * frequencies(dim, max_period, t.device)[None]  # (B, dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
 
 

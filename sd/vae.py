@@ -174,3 +174,33 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, 4, h, w) -> image (B, 3, 8h, 8w), roughly in [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
+
+    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+        """`decode` in overlapping tiles of tile x tile latents, cross-faded where they overlap, so memory
+        stays that of one tile whatever the image size. Not identical to `decode`: the mid-block
+        attention sees one tile at a time, and the cross-fade hides the seams."""
+        b, _, h, w = z.shape
+        if h <= tile and w <= tile:
+            return self.decode(z)
+        f = 2 ** (len(self.config.channel_mult) - 1)  # image pixels per latent pixel
+        out = torch.zeros(b, self.config.image_channels, h * f, w * f, dtype=z.dtype, device=z.device)
+        weight = torch.zeros(1, 1, h * f, w * f, dtype=z.dtype, device=z.device)
+        for y in tile_starts(h, tile, overlap):
+            for x in tile_starts(w, tile, overlap):
+                piece = self.decode(z[:, :, y:y + tile, x:x + tile])  # (B, 3, f*th, f*tw)
+                ramp = crossfade(piece.shape[2], overlap * f, z)[:, None] * crossfade(piece.shape[3], overlap * f, z)
+                out[:, :, y * f:y * f + piece.shape[2], x * f:x * f + piece.shape[3]] += piece * ramp
+                weight[:, :, y * f:y * f + piece.shape[2], x * f:x * f + piece.shape[3]] += ramp
+        return out / weight  # (B, 3, 8h, 8w)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of tiles of length `tile` that cover [0, size), neighbours overlapping by >= `overlap`."""
+    starts = list(range(0, max(size - tile, 0) + 1, tile - overlap))
+    return starts if starts[-1] + tile >= size else starts + [size - tile]
+
+
+def crossfade(length: int, ramp: int, like: torch.Tensor) -> torch.Tensor:
+    """Weights (length,) rising linearly over `ramp` samples at both ends, 1 in between, never 0."""
+    i = torch.arange(length, dtype=like.dtype, device=like.device)
+    return torch.minimum((i + 1) / (ramp + 1), (length - i) / (ramp + 1)).clamp(max=1.0)

@@ -187,7 +187,8 @@ def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype)
         if weights[key].shape != param.shape:
             raise CheckpointError(f"{path}: {PREFIXES[net][0]}{key} has shape {tuple(weights[key].shape)}, "
                                   f"expected {tuple(param.shape)}; the file is not an SD v1 checkpoint.")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()}, assign=True)
+    # Convert tensor by tensor, dropping each source as we go, so at most one extra tensor is held.
+    model.load_state_dict({k: weights.pop(k).to(device=device, dtype=dtype) for k in list(weights)}, assign=True)
     return model.eval().requires_grad_(False)
 
 
