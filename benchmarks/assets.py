@@ -29,6 +29,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the netwo
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def quiet() -> None:
+    """No progress bars, config dumps or deprecation notes from diffusers and transformers."""
+    import warnings
+
+    import diffusers
+    import transformers
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def checkpoint_paths() -> dict[str, Path]:
     return {variant: CHECKPOINT_DIR / f"sd15-random.{variant}" for variant in VARIANTS}
 

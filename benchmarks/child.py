@@ -1,8 +1,8 @@
 """One measurement in a fresh process, so that its peak RSS is its own: load a checkpoint, or load it and
 make one 512x512 image. Run by bench.py; prints one JSON line.
 
-    python -m benchmarks.child load ours|diffusers CHECKPOINT [--threads T]
-    python -m benchmarks.child txt2img ours|diffusers CHECKPOINT --steps N [--threads T]
+    python -m benchmarks.child load ours|diffusers CHECKPOINT [--dtype fp32|bf16] [--threads T]
+    python -m benchmarks.child txt2img ours|diffusers CHECKPOINT --steps N [--dtype fp32|bf16] [--threads T]
 
 Peak RSS is VmHWM from /proc/self/status. After the imports the peak is reset (writing 5 to
 /proc/self/clear_refs), so it covers the load (and run) only; the RSS after the imports is reported
@@ -17,6 +17,7 @@ import torch
 
 from benchmarks import assets  # noqa: F401  (sets the offline environment first)
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT = "a photograph of an astronaut riding a horse on the moon, 4k"
 
 
@@ -32,6 +33,21 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def touch(modules) -> None:
+    """Read every page of every weight. Weights memory-mapped from a file are read lazily, on first use;
+    touching them makes a load comparable with one that copies, and its RSS count the weights."""
+    with torch.inference_mode():
+        for module in modules:
+            for tensor in (*module.parameters(), *module.buffers()):
+                tensor.reshape(-1)[::512].float().sum()
+
+
+def networks(impl: str, model) -> list[torch.nn.Module]:
+    if impl == "ours":
+        return [model.models.clip, model.models.vae, model.models.unet]
+    return [model.text_encoder, model.vae, model.unet]
 
 
 def load_ours(path: str, dtype: torch.dtype):
@@ -75,16 +91,21 @@ def main() -> None:
     parser.add_argument("impl", choices=list(LOADERS))
     parser.add_argument("checkpoint")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    assets.quiet()
     import_modules(args.impl)
 
     base = status_kib("VmRSS")
     reset = reset_peak_rss()
     start = time.perf_counter()
-    model = LOADERS[args.impl](args.checkpoint, torch.float32)
-    result = {"load_s": time.perf_counter() - start, "loaded_rss_kib": status_kib("VmRSS")}
+    model = LOADERS[args.impl](args.checkpoint, DTYPES[args.dtype])
+    result = {"load_s": time.perf_counter() - start}
+    touch(networks(args.impl, model))
+    result.update(ready_s=time.perf_counter() - start, loaded_rss_kib=status_kib("VmRSS"),
+                  loaded_anon_kib=status_kib("RssAnon"))
     if args.task == "txt2img":
         start = time.perf_counter()
         with torch.inference_mode():

@@ -187,7 +187,7 @@ class StableDiffusion:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, output_type: str = "pil", tiled: bool = False):
         """Scaled latents (B, 4, h, w) -> PIL images, or an array (B, 8h, 8w, 3) in [0, 1] ("np")."""
-        check_finite(latents, "latents", latents.dtype)
+        check_finite(latents, "latents", self.dtype)
         if output_type == "latent":
             return latents
         vae = self.models.vae

@@ -1,0 +1,384 @@
+"""Make images with Stable Diffusion v1.x: text-to-image, image-to-image and inpainting.
+
+    python run_demo.py --prompt "a watercolor fox in the snow"                   # text-to-image
+    python run_demo.py --prompt "an oil painting" --image photo.png              # image-to-image
+    python run_demo.py --prompt "a red sofa" --image room.png --mask mask.png    # inpainting: white is repainted
+    python run_demo.py --from-png outputs/20250101-120000.png --steps 50         # the same image, with changes
+
+Each image is a PNG whose "parameters" text chunk holds its prompt and settings in the form of
+AUTOMATIC1111's web UI; --from-png reads them back and makes the image again (bit for bit on the CPU),
+the flags given beside it taking precedence. Files appear only when complete, and an existing file is
+never replaced without --overwrite. Exit status: 0 on success, 2 for a bad argument or input file
+(one line `error: ...` on stderr), 130 when interrupted, 1 if writing fails.
+"""
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from sd.errors import CheckpointError, InputError, SDError
+from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, VAE_FACTOR, StableDiffusion, open_image
+from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
+
+PROG = "python run_demo.py"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_MODEL = "v1-5-pruned-emaonly"
+MAX_STEPS = 1000  # the training timesteps: no sampler takes more steps
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Peak memory of SD's VAE decoder, the largest user of memory: about 1100 numbers per output pixel
+# (measured: 4.2 kB per pixel in fp32, at 256x256 and 512x512). Attention needs much less: the fused
+# kernels of scaled_dot_product_attention never store the (tokens x tokens) matrices (measured on the
+# CPU: 8 heads x 16384 tokens x batch 2, whose 17 GB of matrices left the peak under 0.4 GB).
+DECODER_NUMBERS_PER_PIXEL = 1100
+# One "Key: value" of the settings line; values with commas are JSON-quoted (as AUTOMATIC1111 writes them).
+SETTING = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+PNG_FIELDS = {  # settings-line key: (our name, type)
+    "Steps": ("steps", int), "Sampler": ("sampler", lambda s: s.lower().replace("dpm++", "dpmpp").replace(" ", "_")),
+    "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Denoising strength": ("strength", float),
+    "Init image": ("image", Path), "Mask": ("mask", Path), "Model": ("model", str), "Model hash": ("model_hash", str),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, reported like every other error
+        raise InputError(f"{message} (see {PROG} --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags. Settings that --from-png can supply default to None here and are settled in `settle`."""
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", help="what to draw; --prompt '' makes an unconditional image (default: none, "
+                                    "required unless --from-png gives one)")
+    p.add_argument("--negative-prompt", help="what to steer away from (default: none)")
+    p.add_argument("--checkpoint", type=Path, help=f"SD v1.x checkpoint, .safetensors or .ckpt (default: "
+                                                   f"data/{DEFAULT_MODEL}.safetensors, else data/{DEFAULT_MODEL}.ckpt)")
+    p.add_argument("--image", type=Path, help="init image: image-to-image, or inpainting with --mask "
+                                              "(default: none, text-to-image)")
+    p.add_argument("--mask", type=Path, help="inpainting mask for --image: white is repainted, black kept "
+                                             "(default: none)")
+    p.add_argument("--strength", type=float, help="how much of --image is redrawn, from 0 (none) to 1 (all) "
+                                                  "(default: 0.75 for image-to-image, 1.0 for inpainting)")
+    p.add_argument("--steps", type=int, help=f"denoising steps, 1 to {MAX_STEPS} (default: {DEFAULT_STEPS})")
+    p.add_argument("--guidance-scale", type=float, help=f"how closely to follow the prompt; 1 or less turns "
+                                                        f"classifier-free guidance off (default: {DEFAULT_GUIDANCE})")
+    p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER})")
+    p.add_argument("--seed", type=int, help=f"random seed, 0 to 2**64-1; image i of --num-images uses seed+i-1 "
+                                            f"(default: a random one, printed and stored in the PNG)")
+    for side in ("width", "height"):
+        p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: "
+                                                   f"{DEFAULT_SIZE}, or that of --image rounded down)")
+    p.add_argument("--num-images", type=int, default=1, help="how many images to make, one after another "
+                                                             "(default: 1)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="fp32, bf16 or fp16 (default: fp32 on the CPU, fp16 on "
+                                                   "cuda and mps)")
+    p.add_argument("--output", type=Path, help="the PNG to write; with --num-images N: NAME-1.png ... NAME-N.png "
+                                               "(default: outputs/<date>-<time>.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files (default: keep them and "
+                                                            "write NAME-1.png, NAME-2.png, ... instead)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on stderr)")
+    p.add_argument("--from-png", type=Path, metavar="PNG", help="take the prompt and settings stored in PNG (by "
+                                                                "this program or AUTOMATIC1111's web UI); the "
+                                                                "flags given beside it override them (default: none)")
+    return p.parse_args(argv)
+
+
+# ---- settings ------------------------------------------------------------------------------------
+
+def read_parameters(png: Path) -> dict:
+    """The settings in the "parameters" text chunk of `png`, under the names of our flags (plus model,
+    model_hash, which the checkpoint is checked against)."""
+    if not png.is_file():
+        raise InputError(f"--from-png {png} not found; check the path")
+    try:
+        with Image.open(png) as image:
+            text = getattr(image, "text", {}).get("parameters")  # only PNGs have text chunks
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read --from-png {png}: {e}") from None
+    lines = (text or "").split("\n")
+    prompt, _, negative = "\n".join(lines[:-1]).partition("\nNegative prompt: ")
+    try:
+        settings = {key: json.loads(value) if value.startswith('"') else value
+                    for key, value in SETTING.findall(lines[-1])}
+        found = {PNG_FIELDS[key][0]: PNG_FIELDS[key][1](value) for key, value in settings.items() if key in PNG_FIELDS}
+        found["width"], found["height"] = map(int, settings["Size"].split("x"))
+    except (KeyError, ValueError):
+        raise InputError(f"{png} holds no generation parameters that {PROG} can read (a 'parameters' text chunk "
+                         f"ending in a line 'Steps: ..., Size: WxH, ...'); give a PNG made by {PROG}") from None
+    found.update(prompt=prompt, negative_prompt=negative)
+    if "image" not in found:  # AUTOMATIC1111 stores a strength for its txt2img "hires fix" too
+        found.pop("strength", None)
+    return found
+
+
+def settle(args: argparse.Namespace, stored: dict) -> None:
+    """Fill the settings not given from the PNG's, then from the defaults, and refuse bad values: all
+    before any slow work."""
+    for key, value in stored.items():
+        if key in vars(args) and getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.prompt is None:
+        raise InputError("give --prompt TEXT (--prompt '' for an unconditional image) or --from-png PNG")
+    if args.mask is not None and args.image is None:
+        raise InputError(f"--mask {args.mask} needs --image: the image to inpaint")
+    if args.strength is not None and args.image is None:
+        raise InputError(f"--strength {args.strength} needs --image: it says how much of that image is redrawn")
+    defaults = {"negative_prompt": "", "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE,
+                "sampler": DEFAULT_SAMPLER, "seed": random.randrange(2**32),
+                "strength": 0.75 if args.image is not None and args.mask is None else 1.0}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise InputError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
+    if not 0.0 <= args.strength <= 1.0:
+        raise InputError(f"--strength must be between 0 and 1, got {args.strength}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise InputError(f"--seed must be between 0 and 2**64-1, got {args.seed}")
+    if args.num_images < 1:
+        raise InputError(f"--num-images must be at least 1, got {args.num_images}")
+    make_sampler(args.sampler)  # refuses an unknown name, listing the known ones
+
+
+def settle_size(args: argparse.Namespace, image: Image.Image | None) -> None:
+    """Width and height: given, or the init image's rounded down to a multiple of 8, or 512."""
+    for side in ("width", "height"):
+        if getattr(args, side) is None:
+            setattr(args, side, getattr(image, side) // VAE_FACTOR * VAE_FACTOR if image else DEFAULT_SIZE)
+        value = getattr(args, side)
+        if value < VAE_FACTOR or value % VAE_FACTOR:
+            raise InputError(f"--{side} must be a positive multiple of {VAE_FACTOR}, got {value}")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device asked for, if this machine has it; by default cuda, else mps, else cpu."""
+    available = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    available += ["mps"] if torch.backends.mps.is_available() else []
+    if name is None:
+        return torch.device("cuda" if "cuda:0" in available else "mps" if "mps" in available else "cpu")
+    try:
+        device = torch.device(name)
+        key = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
+    except RuntimeError:
+        key = None
+    if key not in available:
+        raise InputError(f"device {name!r} is unknown or not available on this machine; use one of: "
+                         f"{', '.join(available)}")
+    return device
+
+
+def pick_dtype(name: str | None, device: torch.device) -> str:
+    """The --dtype asked for; by default fp32 on the CPU, fp16 elsewhere."""
+    if name == "fp16" and device.type == "cpu":
+        raise InputError("fp16 is slow and inaccurate on the CPU; use --dtype bf16 or fp32")
+    return name or ("fp32" if device.type == "cpu" else "fp16")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device`: CUDA's free memory, else the system's MemAvailable (Linux); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return int(re.search(r"^MemAvailable:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)[1]) * 1024
+    except (OSError, TypeError):
+        return None
+
+
+def check_memory(width: int, height: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse a size whose decoding cannot fit in the free memory (estimate: DECODER_NUMBERS_PER_PIXEL)."""
+    need, free = DECODER_NUMBERS_PER_PIXEL * width * height * dtype.itemsize, free_memory(device)
+    if free is not None and need > free:
+        raise InputError(f"{width}x{height} needs about {need / 2**30:.1f} GiB to decode but {device.type} has "
+                         f"{free / 2**30:.1f} GiB free; lower --width and --height")
+
+
+# ---- files ---------------------------------------------------------------------------------------
+
+def shown(path: Path) -> str:
+    """`path` relative to the current folder when inside it, as a user would type it."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def default_checkpoint(model: str | None) -> Path:
+    """data/<model>.safetensors or .ckpt for the model a --from-png names, else the v1.5 file."""
+    for name in filter(None, (model, DEFAULT_MODEL)):
+        for path in (DATA_DIR / f"{name}.safetensors", DATA_DIR / f"{name}.ckpt"):
+            if path.is_file():
+                return path
+    raise CheckpointError(f"checkpoint not found: {shown(DATA_DIR / DEFAULT_MODEL)}.safetensors. Download "
+                          f"{DEFAULT_MODEL}.safetensors (the official Stable Diffusion v1.5 weights, from the "
+                          f"stable-diffusion-v1-5 repository on Hugging Face) and put it in {shown(DATA_DIR)}/, "
+                          f"or pass --checkpoint PATH.")
+
+
+def model_hash(path: Path) -> str:
+    """The first 10 hex digits of the file's SHA-256 (AUTOMATIC1111's "Model hash"). Hashing 4 GB takes
+    seconds, so the digest is kept beside the file in NAME.sha256 (sha256sum's format, so `sha256sum -c`
+    checks it) and reused while that is newer than the file's last change (its ctime)."""
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        if sidecar.stat().st_mtime_ns >= path.stat().st_ctime_ns:
+            digest = sidecar.read_text().split()[0]
+            if re.fullmatch(r"[0-9a-f]{64}", digest):
+                return digest[:10]
+    except (OSError, IndexError):
+        pass
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    try:
+        write_atomically(sidecar, lambda tmp: tmp.write_text(f"{digest}  {path.name}\n"))
+    except OSError:
+        pass  # a read-only folder: hash again next time
+    return digest[:10]
+
+
+def check_output(path: Path, is_default: bool) -> None:
+    """Refuse an output that cannot be written, before any work is done."""
+    if path.suffix.lower() != ".png":
+        raise InputError(f"--output {path} must end in .png: the image keeps its parameters in a PNG text chunk")
+    folder = path.parent
+    try:
+        if is_default:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise InputError(f"output folder {folder} does not exist; create it first or choose another --output")
+        probe = folder / f".{path.name}.{os.getpid()}.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"cannot write to output folder {folder} ({e.strerror}); choose another --output") from None
+
+
+def output_paths(output: Path, n: int, overwrite: bool) -> list[Path]:
+    """`output`, or NAME-1.png ... NAME-n.png for several images. Without `overwrite`, names already taken
+    are skipped for the next free numbered ones, with a note."""
+    def numbered(k: int) -> Path:
+        return output.with_name(f"{output.stem}-{k}{output.suffix}")
+
+    wanted = [output] if n == 1 else [numbered(k) for k in range(1, n + 1)]
+    taken = [p for p in wanted if p.exists()]
+    if overwrite or not taken:
+        return wanted
+    paths = list(itertools.islice((p for p in map(numbered, itertools.count(1)) if not p.exists()), n))
+    note(f"{', '.join(map(str, taken))} exist{'s' * (len(taken) == 1)}; writing {', '.join(map(str, paths))} "
+         f"instead (--overwrite replaces)")
+    return paths
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it to `path`: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short_hash: str) -> str:
+    """The settings in AUTOMATIC1111's form: the prompt, "Negative prompt: ...", then one line of settings."""
+    settings = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": args.guidance_scale, "Seed": seed,
+                "Size": f"{args.width}x{args.height}", "Model hash": short_hash, "Model": checkpoint.stem}
+    if args.image is not None:
+        settings.update({"Denoising strength": args.strength, "Init image": args.image})
+    if args.mask is not None:
+        settings["Mask"] = args.mask
+    line = ", ".join(f"{key}: {quote(str(value))}" for key, value in settings.items())
+    return "\n".join([args.prompt, *([f"Negative prompt: {args.negative_prompt}"] * bool(args.negative_prompt)),
+                      line])
+
+
+def quote(value: str) -> str:
+    """A settings value, JSON-quoted if it holds a comma, colon, quote or newline (as AUTOMATIC1111 does)."""
+    return json.dumps(value, ensure_ascii=False) if re.search(r'[,:"\n]', value) else value
+
+
+def write_png(image: Image.Image, path: Path, parameters: str) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)  # as iTXt (UTF-8) when the text is not Latin-1
+    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def run(argv: list[str] | None) -> None:
+    """Every check first, so that a mistake costs no loading or generating; then load and generate."""
+    args = parse_args(argv)
+    stored = read_parameters(args.from_png) if args.from_png else {}
+    settle(args, stored)
+    device = pick_device(args.device)
+    args.dtype = pick_dtype(args.dtype, device)
+    image = open_image(args.image, "init image", "RGB") if args.image is not None else None
+    mask = open_image(args.mask, "mask", "L") if args.mask is not None else None
+    settle_size(args, image)
+    check_memory(args.width, args.height, device, DTYPES[args.dtype])
+    output = args.output or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}.png"
+    check_output(output, is_default=args.output is None)
+    checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
+    paths = output_paths(output, args.num_images, args.overwrite)
+    for what, path, picture in (("init image", args.image, image), ("mask", args.mask, mask)):
+        if picture is not None and picture.size != (args.width, args.height):
+            note(f"{what} {path} is {picture.width}x{picture.height}; resized to {args.width}x{args.height}")
+
+    pipe = StableDiffusion.from_checkpoint(checkpoint, device, DTYPES[args.dtype])
+    short_hash = model_hash(checkpoint)
+    if stored.get("model_hash", short_hash) != short_hash:
+        note(f"{args.from_png} was made with model {stored.get('model')} (hash {stored['model_hash']}), this is "
+             f"{checkpoint.stem} (hash {short_hash}): the image will differ")
+    generate(pipe, args, image, mask, paths, checkpoint, short_hash)
+
+
+def generate(pipe: StableDiffusion, args: argparse.Namespace, image: Image.Image | None, mask: Image.Image | None,
+             paths: list[Path], checkpoint: Path, short_hash: str) -> None:
+    """Make the images one after another, image i with seed + i, each written as soon as it is done."""
+    mode = "text-to-image" if image is None else "image-to-image" if mask is None else "inpainting"
+    steps = f"{args.steps} step{'s' * (args.steps > 1)}"
+    print(f"{mode}, {args.width}x{args.height}, {steps} of {args.sampler}, seed {args.seed}"
+          f"{f', {len(paths)} images' if len(paths) > 1 else ''}, on {pipe.device} in {args.dtype}", flush=True)
+    for i, path in enumerate(paths):
+        seed = args.seed + i
+        [picture] = pipe.generate(args.prompt, args.negative_prompt, image=image, mask=mask, strength=args.strength,
+                                  steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
+                                  seed=seed, width=args.width, height=args.height, progress=not args.no_progress)
+        write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash))
+        print(f"wrote {path} (seed {seed})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except SDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; lower --width and --height", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial file was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    # Warnings (e.g. the words a prompt over 77 tokens loses) as one line, without Python's file and line.
+    warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+    sys.exit(main())
