@@ -42,12 +42,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # kernels of scaled_dot_product_attention never store the (tokens x tokens) matrices (measured on the
 # CPU: 8 heads x 16384 tokens x batch 2, whose 17 GB of matrices left the peak under 0.4 GB).
 DECODER_NUMBERS_PER_PIXEL = 1100
+TILED_DECODE_PIXELS = (64 * VAE_FACTOR) ** 2  # one tile of AutoencoderKL.decode_tiled's default 64 latents
 # One "Key: value" of the settings line; values with commas are JSON-quoted (as AUTOMATIC1111 writes them).
 SETTING = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 PNG_FIELDS = {  # settings-line key: (our name, type)
     "Steps": ("steps", int), "Sampler": ("sampler", lambda s: s.lower().replace("dpm++", "dpmpp").replace(" ", "_")),
     "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Denoising strength": ("strength", float),
-    "Init image": ("image", Path), "Mask": ("mask", Path), "Model": ("model", str), "Model hash": ("model_hash", str),
+    "Init image": ("image", Path), "Mask": ("mask", Path), "Tiled decode": ("tiled_decode", lambda s: s == "True"),
+    "Model": ("model", str), "Model hash": ("model_hash", str),
 }
 
 
@@ -89,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace existing files (default: keep them and "
                                                             "write NAME-1.png, NAME-2.png, ... instead)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on stderr)")
+    p.add_argument("--tiled-decode", action="store_true", default=None, help="decode the image in overlapping tiles: bounded "
+                                                               "memory for large images, slightly different "
+                                                               "pixels (default: off)")
     p.add_argument("--from-png", type=Path, metavar="PNG", help="take the prompt and settings stored in PNG (by "
                                                                 "this program or AUTOMATIC1111's web UI); the "
                                                                 "flags given beside it override them (default: none)")
@@ -136,7 +141,7 @@ def settle(args: argparse.Namespace, stored: dict) -> None:
     if args.strength is not None and args.image is None:
         raise InputError(f"--strength {args.strength} needs --image: it says how much of that image is redrawn")
     defaults = {"negative_prompt": "", "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE,
-                "sampler": DEFAULT_SAMPLER, "seed": random.randrange(2**32),
+                "sampler": DEFAULT_SAMPLER, "seed": random.randrange(2**32), "tiled_decode": False,
                 "strength": 0.75 if args.image is not None and args.mask is None else 1.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -196,12 +201,15 @@ def free_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(width: int, height: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse a size whose decoding cannot fit in the free memory (estimate: DECODER_NUMBERS_PER_PIXEL)."""
-    need, free = DECODER_NUMBERS_PER_PIXEL * width * height * dtype.itemsize, free_memory(device)
+def check_memory(width: int, height: int, device: torch.device, dtype: torch.dtype, tiled: bool) -> None:
+    """Refuse a size whose decoding cannot fit in the free memory (estimate: DECODER_NUMBERS_PER_PIXEL;
+    a tiled decode needs that of one tile, TILED_DECODE_PIXELS)."""
+    pixels = min(width * height, TILED_DECODE_PIXELS) if tiled else width * height
+    need, free = DECODER_NUMBERS_PER_PIXEL * pixels * dtype.itemsize, free_memory(device)
     if free is not None and need > free:
         raise InputError(f"{width}x{height} needs about {need / 2**30:.1f} GiB to decode but {device.type} has "
-                         f"{free / 2**30:.1f} GiB free; lower --width and --height")
+                         f"{free / 2**30:.1f} GiB free; lower --width and --height"
+                         f"{'' if tiled else ', or add --tiled-decode'}")
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -295,6 +303,8 @@ def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short
         settings.update({"Denoising strength": args.strength, "Init image": args.image})
     if args.mask is not None:
         settings["Mask"] = args.mask
+    if args.tiled_decode:
+        settings["Tiled decode"] = True
     line = ", ".join(f"{key}: {quote(str(value))}" for key, value in settings.items())
     return "\n".join([args.prompt, *([f"Negative prompt: {args.negative_prompt}"] * bool(args.negative_prompt)),
                       line])
@@ -327,7 +337,7 @@ def run(argv: list[str] | None) -> None:
     image = open_image(args.image, "init image", "RGB") if args.image is not None else None
     mask = open_image(args.mask, "mask", "L") if args.mask is not None else None
     settle_size(args, image)
-    check_memory(args.width, args.height, device, DTYPES[args.dtype])
+    check_memory(args.width, args.height, device, DTYPES[args.dtype], args.tiled_decode)
     output = args.output or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}.png"
     check_output(output, is_default=args.output is None)
     checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
@@ -355,7 +365,8 @@ def generate(pipe: StableDiffusion, args: argparse.Namespace, image: Image.Image
         seed = args.seed + i
         [picture] = pipe.generate(args.prompt, args.negative_prompt, image=image, mask=mask, strength=args.strength,
                                   steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                                  seed=seed, width=args.width, height=args.height, progress=not args.no_progress)
+                                  seed=seed, width=args.width, height=args.height, progress=not args.no_progress,
+                                  tiled_decode=args.tiled_decode)
         write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash))
         print(f"wrote {path} (seed {seed})", flush=True)
 

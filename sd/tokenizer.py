@@ -68,7 +68,7 @@ class CLIPTokenizer:
             ids[i, 1 : 1 + len(kept)] = torch.tensor(kept, dtype=torch.long)  # (len(kept),)
             if dropped:
                 warnings.warn(
-                    f"prompt {i} is longer than CLIP's {MAX_PROMPT_TOKENS} tokens; "
+                    f"the prompt {prompts[i][:30] + '...'!r} is longer than CLIP's {MAX_PROMPT_TOKENS} tokens; "
                     f"dropped the last {len(dropped)}: {self.decode(dropped)!r}",
                     stacklevel=2,
                 )

@@ -188,7 +188,7 @@ def test_help_documents_every_flag_with_its_default():
     assert [entry.split()[0].rstrip(",") for entry in entries] == [
         "-h", "--prompt", "--negative-prompt", "--checkpoint", "--image", "--mask", "--strength", "--steps",
         "--guidance-scale", "--sampler", "--seed", "--width", "--height", "--num-images", "--device", "--dtype",
-        "--output", "--overwrite", "--no-progress", "--from-png"]
+        "--output", "--overwrite", "--no-progress", "--tiled-decode", "--from-png"]
     for entry in entries[1:]:
         assert "(default: " in entry, entry
     assert all(name in options for name in SAMPLERS)
