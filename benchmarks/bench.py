@@ -9,27 +9,27 @@ Parts (names for --only):
   decode   VAE decode, latents (1, 4, 64, 64) -> image (1, 3, 512, 512)
   encode   VAE encode, image (1, 3, 512, 512) -> latent mean and log-variance (1, 4, 64, 64)
   txt2img  a whole 512x512 image: prompt, N steps of dpmpp_2m_karras with guidance 7.5, decode
-  load     checkpoint load time and peak RSS, fp32/fp16 x .safetensors/.ckpt, each in a fresh process
+  load     checkpoint load time and peak RSS, fp32/fp16 x .safetensors/.ckpt to fp32 (and fp32.safetensors
+           to bf16 when bf16 is benchmarked), each in a fresh process
   run      peak RSS of a whole N-step 512x512 image (load included), each in a fresh process
   gpu      (only when CUDA is available) fp16 UNet it/s with guidance, batch 1, and a 50-step image
 The first four and txt2img run in this process, for each --dtype, ours and diffusers alternating
 (the order flips every repeat), after warm-up, under torch.inference_mode, with the same thread count;
 the table gives medians and the relative difference of the outputs (a check that both did the same work).
 
-Modes       steps  repeats (components / txt2img / load)  warm-up   about
-  --quick     1      1 / 1 / 1                              0         10 min on 2 cores
-  default     8      5 / 2 / 2                              1         35 min on 2 cores
+Modes       steps  repeats (components / txt2img / load)  warm-up   time on 2 cores
+  --quick     1      1 / 1 / 1                              0         about 9 min
+  default     8      5 / 2 / 2                              1         about 30-35 min
 --steps and --repeats override them (--repeats sets the component repeats; txt2img and load take
 half of it, at least 1). Load times are with the file in the page cache (it is read once before).
 
 Without --checkpoint, a full-size SD v1.5 checkpoint with seeded random weights is written once to
-benchmarks/out/checkpoints/ (see assets.py) and used; diffusers loads it with
+benchmarks/out/checkpoints/ (see assets.py; 13 GB of disk, 2 more minutes on the first run) and used; diffusers loads it with
 `StableDiffusionPipeline.from_single_file(path, config=<local diffusers config folder>, local_files_only=True)`.
 """
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -199,16 +199,12 @@ def gib(kib: float) -> str:
     return f"{kib * 1024 / GIB:.2f}"
 
 
-def load_cases(paths: dict[str, Path], args) -> list[tuple[str, str]]:
-    """(file variant, target dtype): every file to fp32, and the fp32 file to bf16 when bf16 is benchmarked."""
-    extra = [(v, "bf16") for v in paths if v.startswith("fp32") and v.endswith(".safetensors")]
-    return [(v, "fp32") for v in paths] + (extra if "bf16" in args.dtypes else [])
-
-
-def load_rows(paths: dict[str, Path], args) -> list[list[str]]:
-    """Rows (file, tensors GiB, to, loader, load s, ready s, peak rise GiB, ratio, after load GiB, anon GiB)."""
+def load_rows(paths: dict[str, Path], main_variant: str, args) -> list[list[str]]:
+    """Rows (file, tensors GiB, to, loader, load s, ready s, peak rise GiB, ratio, after load GiB, anon GiB):
+    every file loaded to fp32, and the main file to bf16 when bf16 is benchmarked."""
     rows = []
-    for variant, dtype in load_cases(paths, args):
+    cases = [(v, "fp32") for v in paths] + ([(main_variant, "bf16")] if "bf16" in args.dtypes else [])
+    for variant, dtype in cases:
         path = paths[variant]
         tensors = assets.tensor_bytes(path)
         for impl in ("ours", "diffusers"):
@@ -348,21 +344,23 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     assets.write_diffusers_config()
     if args.checkpoint:
-        paths = {args.checkpoint.name: args.checkpoint}
-        main_path = args.checkpoint
+        paths, main_variant = {args.checkpoint.name: args.checkpoint}, args.checkpoint.name
     else:
-        paths = assets.ensure_checkpoints(log)
-        main_path = paths["fp32.safetensors"]
+        paths, main_variant = assets.ensure_checkpoints(log), "fp32.safetensors"
+    main_path = paths[main_variant]
 
     # Fresh-process measurements first, while this process holds no model.
     sections = [
-        ("Load", LOAD_NOTE, LOAD_HEADERS, load_rows(paths, args) if "load" in args.only else []),
+        ("Load", LOAD_NOTE, LOAD_HEADERS, load_rows(paths, main_variant, args) if "load" in args.only else []),
         ("Whole image, peak memory", RUN_NOTE, RUN_HEADERS, run_rows(main_path, args) if "run" in args.only else []),
     ]
     component_rows = [row for name in args.dtypes for row in time_components(main_path, name, args)]
     sections.insert(0, ("Speed", COMPONENT_NOTE, COMPONENT_HEADERS, component_rows))
     if "gpu" in args.only and torch.cuda.is_available():
+        log("GPU: fp16, ours and diffusers")
         sections.append(("GPU", GPU_NOTE, GPU_HEADERS, gpu_rows(main_path)))
+    elif "gpu" in args.only:
+        log("no CUDA device: the GPU part is skipped")
 
     text = report(args, str(args.checkpoint or "random SD v1.5 weights (benchmarks/assets.py)"), sections)
     text += f"\nTotal benchmark time: {(time.perf_counter() - start) / 60:.1f} min.\n"
