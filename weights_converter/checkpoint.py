@@ -59,17 +59,33 @@ def is_safetensors(path: Path) -> bool:
     return head[8:9] == b"{" or path.suffix.lower() == ".safetensors"
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The flat {key: tensor} dict of a .ckpt or .safetensors file, without executing pickled code."""
+SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def load_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The file's tensors, memory-mapped (no copy) when their dtype is already `dtype`; otherwise read
+    and converted one by one, so the file's copy is never held whole beside the converted one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(path, framework="pt", backend="pread") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+        if dtype is None or all(SAFETENSORS_FLOATS.get(d, dtype) == dtype for d in dtypes.values()):
+            return load_file(path)
+        return {k: f.get_tensor(k).to(dtype if d in SAFETENSORS_FLOATS else None) for k, d in dtypes.items()}
+
+
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The flat {key: tensor} dict of a .ckpt or .safetensors file, without executing pickled code;
+    `dtype`: the floating-point type the caller will convert to, which lets .safetensors files of
+    another type be converted while reading."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}. Check the path, or see the README for where "
                               f"to get the official file.")
     if is_safetensors(path):
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
-            state = load_file(path)
+            state = load_safetensors(path, dtype)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); it may be truncated "
                                   f"or corrupt: download it again.") from None
@@ -196,7 +212,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
                     use_ema: bool = True) -> StableDiffusionModels:
     """Load the CLIP text encoder, VAE and UNet of a CompVis SD v1 checkpoint (.ckpt or .safetensors)."""
     path = Path(path)
-    state = read_state_dict(path)
+    state = read_state_dict(path, dtype)
     check_family(path, state)
     if use_ema:
         state = apply_ema(state)
