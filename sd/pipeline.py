@@ -73,8 +73,9 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> None:
     if not torch.isfinite(x).all():
-        raise GenerationError(f"the {what} contain NaN or inf values, most likely an overflow in {dtype}: "
-                              f"run again with --dtype fp32 (or bf16)")
+        cause = (f"most likely an overflow in {dtype}: run again with --dtype fp32 (or bf16)"
+                 if dtype != torch.float32 else "in fp32 that means damaged weights: download the checkpoint again")
+        raise GenerationError(f"the {what} contain NaN or inf values, {cause}")
 
 
 def check_positive(name: str, value: int) -> None:
