@@ -28,6 +28,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from sd.errors import CheckpointError, InputError, SDError
+from sd.files import write_atomically
 from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, VAE_FACTOR, StableDiffusion, open_image
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
 
@@ -283,16 +284,6 @@ def output_paths(output: Path, n: int, overwrite: bool) -> list[Path]:
     note(f"{', '.join(map(str, taken))} exist{'s' * (len(taken) == 1)}; writing {', '.join(map(str, paths))} "
          f"instead (--overwrite replaces)")
     return paths
-
-
-def write_atomically(path: Path, write) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then rename it to `path`: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short_hash: str) -> str:

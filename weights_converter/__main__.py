@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sd.errors import CheckpointError, InputError, SDError
+from sd.files import write_atomically
 from weights_converter.checkpoint import (EMA_PREFIX, PREFIXES, apply_ema, build, check_family, ema_key,
                                           read_state_dict, split_networks)
 
@@ -85,20 +86,6 @@ def check_loadable(path: Path, state: dict[str, torch.Tensor]) -> None:
         build(path, net, weights, "meta", None)
 
 
-def write_atomically(state: dict[str, torch.Tensor], out: Path) -> None:
-    """Write to a temporary file beside `out`, then rename it: `out` is never left half-written."""
-    from safetensors.torch import save_file
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it readable by its owner only
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def human_size(n: int) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -115,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
         state = convert(args.input, state, args.ema_only, args.half)
         check_loadable(args.input, state)
-        write_atomically(state, args.output)
+        from safetensors.torch import save_file
+        write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     except SDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
