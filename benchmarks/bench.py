@@ -12,6 +12,7 @@ Parts (names for --only):
   load     checkpoint load time and peak RSS, fp32/fp16 x .safetensors/.ckpt to fp32 (and fp32.safetensors
            to bf16 when bf16 is benchmarked), each in a fresh process
   run      peak RSS of a whole N-step 512x512 image (load included), each in a fresh process
+  bigdecode  our VAE decoding a 1024x1024 image, whole and tiled (--tiled-decode): time and peak RSS
   gpu      (only when CUDA is available) fp16 UNet it/s with guidance, batch 1, and a 50-step image
 The first four and txt2img run in this process, for each --dtype, ours and diffusers alternating
 (the order flips every repeat), after warm-up, under torch.inference_mode, with the same thread count;
@@ -48,7 +49,7 @@ from benchmarks.child import DTYPES as ALL_DTYPES
 from benchmarks.child import load_diffusers, load_ours, networks, text_to_image, touch
 
 COMPONENTS = {"clip", "unet", "decode", "encode", "txt2img"}  # timed in this process
-PARTS = ("clip", "unet", "decode", "encode", "txt2img", "load", "run", "gpu")
+PARTS = ("clip", "unet", "decode", "encode", "txt2img", "load", "run", "bigdecode", "gpu")
 DTYPES = {name: ALL_DTYPES[name] for name in ("fp32", "bf16")}  # on the CPU
 PROMPTS = ["a photograph of an astronaut riding a horse on the moon, 4k", "watercolor fox in the snow"]
 MODES = {"quick": dict(steps=1, repeats=1, warmup=0), "full": dict(steps=8, repeats=5, warmup=1)}
@@ -172,11 +173,11 @@ def warm_page_cache(path: Path) -> None:
             pass
 
 
-def run_child(task: str, impl: str, path: Path, args, dtype: str = "fp32") -> dict:
+def run_child(task: str, impl: str, path: Path, args, dtype: str = "fp32", extra: tuple[str, ...] = ()) -> dict:
     """Run benchmarks.child in a fresh interpreter; its JSON result, or {"error": ...}."""
     warm_page_cache(path)
     command = [sys.executable, "-m", "benchmarks.child", task, impl, str(path), "--steps", str(args.steps),
-               "--dtype", dtype, "--threads", str(args.threads)]
+               "--dtype", dtype, "--threads", str(args.threads), *extra]
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -231,6 +232,19 @@ def run_rows(path: Path, args) -> list[list[str]]:
             continue
         rows.append([impl, str(args.steps), f"{r['load_s']:.1f}", f"{r['run_s']:.1f}",
                      gib(r["peak_kib"]), gib(r["base_kib"])])
+    return rows
+
+
+def bigdecode_rows(path: Path, args, size: int = 1024) -> list[list[str]]:
+    """Rows (size, mode, decode s, peak RSS GiB, weights GiB) of our VAE decoding one large image."""
+    rows = []
+    for mode, extra in (("whole", ()), ("tiled", ("--tiled",))):
+        log(f"decode {size}x{size} {mode} with ours in a fresh process")
+        r = run_child("decode", "ours", path, args, extra=("--size", str(size), *extra))
+        if "error" in r:
+            rows.append([f"{size}x{size}", mode, r["error"], "", ""])
+            continue
+        rows.append([f"{size}x{size}", mode, f"{r['run_s']:.1f}", gib(r["peak_kib"]), gib(r["loaded_rss_kib"])])
     return rows
 
 
@@ -310,6 +324,9 @@ LOAD_NOTE = ("Each load in a fresh process, file in the page cache. load s: the 
              "what the load costs the machine: file pages can be dropped by the kernel.")
 RUN_HEADERS = ["implementation", "steps", "load s", "run s", "peak RSS GiB", "RSS after imports GiB"]
 RUN_NOTE = "fp32 load and one 512x512 image with guidance, each in a fresh process."
+BIGDECODE_HEADERS = ["image", "decode", "decode s", "peak RSS GiB", "RSS of the loaded model GiB"]
+BIGDECODE_NOTE = ("Our fp32 VAE decoding one image from random latents in a fresh process, after loading the whole "
+                  "checkpoint; peak RSS includes the loaded weights (all three networks).")
 GPU_HEADERS = ["implementation", "UNet it/s (batch 2)", "steps", "image s", "image it/s", "peak allocated GiB"]
 GPU_NOTE = ("fp16 on CUDA, scaled_dot_product_attention on both sides, 512x512, batch 1 with guidance (UNet batch 2). "
             "UNet it/s: median of 50 calls; image: median of 3, decode included; peak allocated during the images.")
@@ -353,6 +370,8 @@ def main(argv=None) -> None:
     sections = [
         ("Load", LOAD_NOTE, LOAD_HEADERS, load_rows(paths, main_variant, args) if "load" in args.only else []),
         ("Whole image, peak memory", RUN_NOTE, RUN_HEADERS, run_rows(main_path, args) if "run" in args.only else []),
+        ("Large image decode", BIGDECODE_NOTE, BIGDECODE_HEADERS,
+         bigdecode_rows(main_path, args) if "bigdecode" in args.only else []),
     ]
     component_rows = [row for name in args.dtypes for row in time_components(main_path, name, args)]
     sections.insert(0, ("Speed", COMPONENT_NOTE, COMPONENT_HEADERS, component_rows))

@@ -3,6 +3,7 @@ make one 512x512 image. Run by bench.py; prints one JSON line.
 
     python -m benchmarks.child load ours|diffusers CHECKPOINT [--dtype fp32|bf16] [--threads T]
     python -m benchmarks.child txt2img ours|diffusers CHECKPOINT --steps N [--dtype fp32|bf16] [--threads T]
+    python -m benchmarks.child decode ours CHECKPOINT --size 1024 [--tiled]
 
 Peak RSS is VmHWM from /proc/self/status. After the imports the peak is reset (writing 5 to
 /proc/self/clear_refs), so it covers the load (and run) only; the RSS after the imports is reported
@@ -72,6 +73,12 @@ def text_to_image(impl: str, model, steps: int, seed: int = 0):
                  generator=torch.Generator("cpu").manual_seed(seed)).images
 
 
+def decode_large(model, size: int, tiled: bool):
+    """Our VAE decoding one size x size image, whole or in tiles."""
+    z = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))  # (1, 4, size/8, size/8)
+    return model.decode(z, "np", tiled=tiled)
+
+
 LOADERS = {"ours": load_ours, "diffusers": load_diffusers}
 
 
@@ -87,12 +94,14 @@ def import_modules(impl: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("task", choices=["load", "txt2img"])
+    parser.add_argument("task", choices=["load", "txt2img", "decode"])
     parser.add_argument("impl", choices=list(LOADERS))
     parser.add_argument("checkpoint")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--tiled", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     assets.quiet()
@@ -110,6 +119,10 @@ def main() -> None:
         start = time.perf_counter()
         with torch.inference_mode():
             text_to_image(args.impl, model, args.steps)
+        result["run_s"] = time.perf_counter() - start
+    if args.task == "decode":
+        start = time.perf_counter()
+        decode_large(model, args.size, args.tiled)
         result["run_s"] = time.perf_counter() - start
     result.update(base_kib=base, peak_kib=status_kib("VmHWM"), reset=reset)
     print(json.dumps(result))
