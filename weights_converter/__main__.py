@@ -19,8 +19,8 @@ import torch
 
 from sd.errors import CheckpointError, InputError, SDError
 from sd.files import write_atomically
-from weights_converter.checkpoint import (EMA_PREFIX, PREFIXES, apply_ema, build, check_family, ema_key,
-                                          read_state_dict, split_networks)
+from weights_converter.checkpoint import (EMA_PREFIX, apply_ema, build, check_family, read_state_dict,
+                                          split_networks)
 
 PROG = "python -m weights_converter"
 
@@ -61,12 +61,11 @@ def check_output(args) -> None:
 def convert(path: Path, state: dict[str, torch.Tensor], ema_only: bool, half: bool) -> dict[str, torch.Tensor]:
     """The tensors to write: EMA baked in / fp16 as asked, contiguous, and no two sharing memory."""
     if ema_only:
-        unet_keys = {k for k in state if k.startswith(PREFIXES["unet"][0])}
-        if not all(ema_key(k) in state for k in unet_keys):
+        with_ema = apply_ema(state)
+        if with_ema is state:  # apply_ema found no EMA copies of the UNet
             raise CheckpointError(f"{path} has no EMA weights (model_ema.*) for its UNet: it is already an "
                                   f"EMA-only file; convert it without --ema-only.")
-        state = {k: state[ema_key(k)] if k in unet_keys else v for k, v in state.items()
-                 if not k.startswith(EMA_PREFIX)}
+        state = {k: v for k, v in with_ema.items() if not k.startswith(EMA_PREFIX)}
     out, seen = {}, set()
     for key, tensor in state.items():
         if half and tensor.is_floating_point():

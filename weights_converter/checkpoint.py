@@ -104,7 +104,7 @@ def ema_key(unet_key: str) -> str:
 
 
 def apply_ema(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace the UNet weights by their EMA copies when the file carries them."""
+    """Replace the UNet weights by their EMA copies when the file carries them; without them, `state` itself."""
     unet_keys = [k for k in state if k.startswith(PREFIXES["unet"][0])]
     if not all(ema_key(k) in state for k in unet_keys):
         return state
