@@ -29,12 +29,14 @@ from PIL import Image, PngImagePlugin
 
 from sd.errors import CheckpointError, InputError, SDError
 from sd.files import write_atomically
-from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_STEPS, VAE_FACTOR, StableDiffusion, open_image
+from sd.checkpoint import SD_V1_SIZE, read_metadata
+from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, VAE_FACTOR, StableDiffusion, open_image
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
 
 PROG = "python run_demo.py"
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = "v1-5-pruned-emaonly"
+TINY_MODEL = "tiny-shapes"  # the project's own model (sd/train.py), used when no official file is in data/
 MAX_STEPS = 1000  # the training timesteps: no sampler takes more steps
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                     "required unless --from-png gives one)")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none)")
     p.add_argument("--checkpoint", type=Path, help=f"SD v1.x checkpoint, .safetensors or .ckpt (default: "
-                                                   f"data/{DEFAULT_MODEL}.safetensors, else data/{DEFAULT_MODEL}.ckpt)")
+                                                   f"data/{DEFAULT_MODEL}.safetensors, else data/{DEFAULT_MODEL}.ckpt, "
+                                                   f"else the project's tiny model data/{TINY_MODEL}.safetensors)")
     p.add_argument("--image", type=Path, help="init image: image-to-image, or inpainting with --mask "
                                               "(default: none, text-to-image)")
     p.add_argument("--mask", type=Path, help="inpainting mask for --image: white is repainted, black kept "
@@ -81,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             f"(default: a random one, printed and stored in the PNG)")
     for side in ("width", "height"):
         p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: "
-                                                   f"{DEFAULT_SIZE}, or that of --image rounded down)")
+                                                   f"the model's own: 512 for SD v1, 64 for {TINY_MODEL}; or that of --image rounded down)")
     p.add_argument("--num-images", type=int, default=1, help="how many images to make, one after another "
                                                              "(default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
@@ -158,11 +161,11 @@ def settle(args: argparse.Namespace, stored: dict) -> None:
     make_sampler(args.sampler)  # refuses an unknown name, listing the known ones
 
 
-def settle_size(args: argparse.Namespace, image: Image.Image | None) -> None:
-    """Width and height: given, or the init image's rounded down to a multiple of 8, or 512."""
+def settle_size(args: argparse.Namespace, image: Image.Image | None, model_size: int) -> None:
+    """Width and height: given, or the init image's rounded down to a multiple of 8, or the model's size."""
     for side in ("width", "height"):
         if getattr(args, side) is None:
-            setattr(args, side, getattr(image, side) // VAE_FACTOR * VAE_FACTOR if image else DEFAULT_SIZE)
+            setattr(args, side, getattr(image, side) // VAE_FACTOR * VAE_FACTOR if image else model_size)
         value = getattr(args, side)
         if value < VAE_FACTOR or value % VAE_FACTOR:
             raise InputError(f"--{side} must be a positive multiple of {VAE_FACTOR}, got {value}")
@@ -221,11 +224,18 @@ def shown(path: Path) -> str:
 
 
 def default_checkpoint(model: str | None) -> Path:
-    """data/<model>.safetensors or .ckpt for the model a --from-png names, else the v1.5 file."""
+    """data/<model>.safetensors or .ckpt for the model a --from-png names, else the v1.5 file, else the
+    project's tiny model (with a note that says so and how to get the official weights)."""
     for name in filter(None, (model, DEFAULT_MODEL)):
         for path in (DATA_DIR / f"{name}.safetensors", DATA_DIR / f"{name}.ckpt"):
             if path.is_file():
                 return path
+    tiny = DATA_DIR / f"{TINY_MODEL}.safetensors"
+    if tiny.is_file():
+        note(f"no official checkpoint in {shown(DATA_DIR)}/, so using the project's own tiny model {shown(tiny)}: "
+             f"64x64 shapes only, prompts like 'a large red circle in the top left'; for real images put "
+             f"{DEFAULT_MODEL}.safetensors in {shown(DATA_DIR)}/ (see README) or pass --checkpoint PATH")
+        return tiny
     raise CheckpointError(f"checkpoint not found: {shown(DATA_DIR / DEFAULT_MODEL)}.safetensors. Download "
                           f"{DEFAULT_MODEL}.safetensors (the official Stable Diffusion v1.5 weights, from the "
                           f"stable-diffusion-v1-5 repository on Hugging Face) and put it in {shown(DATA_DIR)}/, "
@@ -327,11 +337,12 @@ def run(argv: list[str] | None) -> None:
     args.dtype = pick_dtype(args.dtype, device)
     image = open_image(args.image, "init image", "RGB") if args.image is not None else None
     mask = open_image(args.mask, "mask", "L") if args.mask is not None else None
-    settle_size(args, image)
+    checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
+    settle_size(args, image, read_metadata(checkpoint).get("image_size", SD_V1_SIZE) if checkpoint.is_file()
+                else SD_V1_SIZE)
     check_memory(args.width, args.height, device, DTYPES[args.dtype], args.tiled_decode)
     output = args.output or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}.png"
     check_output(output, is_default=args.output is None)
-    checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
     paths = output_paths(output, args.num_images, args.overwrite)
     for what, path, picture in (("init image", args.image, image), ("mask", args.mask, mask)):
         if picture is not None and picture.size != (args.width, args.height):
@@ -339,6 +350,10 @@ def run(argv: list[str] | None) -> None:
 
     pipe = StableDiffusion.from_checkpoint(checkpoint, device, DTYPES[args.dtype])
     short_hash = model_hash(checkpoint)
+    unseen = pipe.unseen_words(args.prompt + " " + args.negative_prompt)
+    if unseen:
+        note(f"{checkpoint.stem} never saw the words {', '.join(unseen)} in training and will ignore their meaning; "
+             f"it knows: {' '.join(pipe.models.vocabulary)}")
     if stored.get("model_hash", short_hash) != short_hash:
         note(f"{args.from_png} was made with model {stored.get('model')} (hash {stored['model_hash']}), this is "
              f"{checkpoint.stem} (hash {short_hash}): the image will differ")

@@ -114,7 +114,7 @@ def tensor_bytes(path: Path) -> int:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         return sum(end - start for key, info in header.items() if key != "__metadata__"
                    for start, end in [info["data_offsets"]])
-    from weights_converter.safe_pickle import load_pickle_checkpoint
+    from sd.safe_pickle import load_pickle_checkpoint
     state = load_pickle_checkpoint(path)  # memory-mapped: nothing is read but the pickle
     state = state.get("state_dict", state) if isinstance(state, dict) else {}
     return sum(v.nbytes for v in state.values() if isinstance(v, torch.Tensor))

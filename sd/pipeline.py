@@ -20,17 +20,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sd.datasets import words
 from sd.errors import GenerationError, InputError
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.tokenizer import CLIPTokenizer
-from weights_converter import StableDiffusionModels, load_checkpoint
+from sd.checkpoint import StableDiffusionModels, load_checkpoint
 
-LATENT_SCALE = 0.18215  # makes the VAE latents of SD v1 roughly unit variance (Rombach et al., sec. 4.3.2)
 VAE_FACTOR = 8  # image pixels per latent pixel, each way
 LATENT_DTYPE = torch.float32  # latents and sampler arithmetic stay fp32 whatever the networks run in
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
-DEFAULT_SIZE = 512
 OUTPUT_TYPES = ("pil", "np", "latent")
 
 ImageInput = Image.Image | str | Path
@@ -97,11 +96,17 @@ class StableDiffusion:
                         dtype: torch.dtype = torch.float32, use_ema: bool = True) -> "StableDiffusion":
         return cls(load_checkpoint(path, device=device, dtype=dtype, use_ema=use_ema))
 
+    def unseen_words(self, text: str) -> list[str]:
+        """The words of `text` that the model's training captions never had (none when that is not known)."""
+        if self.models.vocabulary is None:
+            return []
+        return [w for w in words(text) if w not in self.models.vocabulary]
+
     # ---- the three tasks ---------------------------------------------------------------------------
 
     def text_to_image(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
-                      width: int = DEFAULT_SIZE, height: int = DEFAULT_SIZE, **options):
-        """Images from a prompt. Options: steps, guidance_scale, sampler, seed, num_images, output_type,
+                      width: int | None = None, height: int | None = None, **options):
+        """Images from a prompt, by default at the model's own size (512 for SD v1). Options: steps, guidance_scale, sampler, seed, num_images, output_type,
         progress (see `generate`)."""
         return self.generate(prompt, negative_prompt, width=width, height=height, **options)
 
@@ -139,7 +144,7 @@ class StableDiffusion:
             raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
         source = open_image(image, "init image", "RGB") if image is not None else None
-        default_w, default_h = (DEFAULT_SIZE, DEFAULT_SIZE) if source is None else (  # the image's own size,
+        default_w, default_h = (self.models.image_size,) * 2 if source is None else (  # the image's own size,
             source.width - source.width % VAE_FACTOR, source.height - source.height % VAE_FACTOR)  # rounded down
         width, height = default_w if width is None else width, default_h if height is None else height
         for name, value in (("width", width), ("height", height)):
@@ -193,10 +198,10 @@ class StableDiffusion:
             return latents
         vae = self.models.vae
         decode = vae.decode_tiled if tiled else vae.decode
-        images = decode(latents.to(vae.dtype) / LATENT_SCALE)  # (B, 3, H, W)
+        images = decode(latents.to(vae.dtype) / self.models.scale_factor)  # (B, 3, H, W)
         if vae.dtype == torch.float16 and not torch.isfinite(images).all():
             vae.float()  # the fp16 VAE decoder overflows on some latents: decode in fp32 from now on
-            images = decode(latents.float() / LATENT_SCALE)
+            images = decode(latents.float() / self.models.scale_factor)
         check_finite(images, "decoded images", vae.dtype)
         images = (images / 2 + 0.5).clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
@@ -236,7 +241,7 @@ class StableDiffusion:
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Image in [-1, 1] (1, 3, H, W) -> a sample of its latent distribution, scaled: (1, 4, H/8, W/8)."""
         mean, logvar = (m.float() for m in self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype)))
-        return (mean + torch.exp(0.5 * logvar) * self.randn(mean.shape, generator)) * LATENT_SCALE
+        return (mean + torch.exp(0.5 * logvar) * self.randn(mean.shape, generator)) * self.models.scale_factor
 
     def randn(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Standard normal noise from the CPU generator, moved to the model's device."""

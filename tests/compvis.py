@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from weights_converter.checkpoint import PREFIXES, ema_key
+from sd.checkpoint import PREFIXES, ema_key
 
 UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = PREFIXES["unet"][0], PREFIXES["vae"][0], PREFIXES["clip"][0]
 

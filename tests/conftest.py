@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests import compvis, reference
-from weights_converter import load_checkpoint
+from sd.checkpoint import load_checkpoint
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from sd.errors import CheckpointError, UnsafeCheckpointError, UnsupportedModelError
 from tests.test_safe_pickle import LIGHTNING_LIKE, attacks
 from tests.tiny import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, tiny_compvis_state, write_tiny_checkpoint
-from weights_converter import load_checkpoint
+from sd.checkpoint import load_checkpoint
 
 
 @functools.cache

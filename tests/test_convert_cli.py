@@ -12,8 +12,7 @@ from safetensors import safe_open
 from tests.test_bad_checkpoints import BAD_FILES, tiny_state
 from tests.tiny import UNET_PREFIX, write_tiny_checkpoint
 from weights_converter import __main__ as cli
-from weights_converter import load_checkpoint, read_state_dict
-from weights_converter.checkpoint import ema_key
+from sd.checkpoint import ema_key, load_checkpoint, read_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

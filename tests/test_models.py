@@ -5,7 +5,7 @@ import torch
 
 from tests import reference
 from tests.conftest import rel_err
-from weights_converter import read_state_dict
+from sd.checkpoint import read_state_dict
 
 TOL = 1e-4
 

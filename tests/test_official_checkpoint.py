@@ -26,7 +26,7 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,  #
 from sd.tokenizer import CLIPTokenizer  # noqa: E402
 from tests import reference  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
-from weights_converter import load_checkpoint, read_state_dict  # noqa: E402
+from sd.checkpoint import load_checkpoint, read_state_dict  # noqa: E402
 
 TOL = 1e-4
 PROMPTS = ["a photograph of an astronaut riding a horse", "a watercolor painting of a fox in the snow, 4k"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sd.errors import CheckpointError, UnsafeCheckpointError
-from weights_converter.safe_pickle import load_pickle_checkpoint
+from sd.safe_pickle import load_pickle_checkpoint
 
 
 def weights():

@@ -2,7 +2,7 @@
 
 `tiny_compvis_state()` gives the weights of our own UNet, VAE and CLIP text model, built at the
 tiny configurations below with seeded random weights, under their CompVis keys (the `PREFIXES` of
-`weights_converter.checkpoint`) together with the extra entries real files carry (training
+`sd.checkpoint`) together with the extra entries real files carry (training
 buffers, `position_ids`; with `ema=True` also `model_ema.*`). `load_checkpoint` infers the same
 configurations back from the tensor shapes. `write_tiny_checkpoint()` writes it as .safetensors or
 as .ckpt (nested under "state_dict", as the official files are).

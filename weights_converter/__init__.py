@@ -1,5 +1,4 @@
-"""Load original CompVis Stable Diffusion v1 checkpoints (.ckpt or .safetensors) into `sd`'s models."""
+"""The checkpoint conversion command: `python -m weights_converter IN OUT` (see `__main__.py`).
 
-from weights_converter.checkpoint import StableDiffusionModels, load_checkpoint, read_state_dict
-
-__all__ = ["StableDiffusionModels", "load_checkpoint", "read_state_dict"]
+The reading of CompVis checkpoints lives in `sd.checkpoint`; this package only adds the command line.
+"""

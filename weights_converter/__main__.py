@@ -19,8 +19,7 @@ import torch
 
 from sd.errors import CheckpointError, InputError, SDError
 from sd.files import write_atomically
-from weights_converter.checkpoint import (EMA_PREFIX, apply_ema, build, check_family, read_state_dict,
-                                          split_networks)
+from sd.checkpoint import EMA_PREFIX, apply_ema, build, check_family, read_state_dict, split_networks
 
 PROG = "python -m weights_converter"
 

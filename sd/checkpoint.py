@@ -4,12 +4,17 @@ Our modules are named like the checkpoint's keys, so the mapping is a few rules:
 - one prefix per network (the table `PREFIXES`);
 - full checkpoints carry EMA copies of the UNet as `model_ema.<UNet key without dots>`, which
   replace the UNet weights unless `use_ema=False`;
-- the training buffers in `IGNORED_KEYS` (and any `...position_ids`) are not weights and are dropped.
-Sizes are read off the tensors, so the same code loads the full model and tiny test models. The
+- the training buffers in `IGNORED_KEYS` (and any `...position_ids`) are not weights and are dropped;
+- `scale_factor`, the latent scale LDM's `scale_by_std` measured, is read when present (else SD v1's).
+Sizes are read off the tensors, so the same code loads the full model and tiny test models; files
+written by `save_checkpoint` (the models this project trains) also carry their exact configurations,
+image size and caption vocabulary as JSON in the safetensors metadata (`METADATA_KEY`). The
 models are built on the meta device and take the file's tensors as they are (`assign=True`), so
 the weights are never held twice in memory.
 """
 
+import dataclasses
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +24,10 @@ from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.errors import CheckpointError, UnsupportedModelError
+from sd.files import write_atomically
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
-from weights_converter.safe_pickle import load_pickle_checkpoint
+from sd.safe_pickle import load_pickle_checkpoint
 
 PREFIXES = {
     "unet": ("model.diffusion_model.",),
@@ -29,6 +35,10 @@ PREFIXES = {
     "clip": ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
 }
 EMA_PREFIX = "model_ema."
+SCALE_KEY = "scale_factor"  # LDM's buffer for the measured latent scale
+SD_V1_SCALE = 0.18215  # SD v1's latent scale, for files without SCALE_KEY
+SD_V1_SIZE = 512
+METADATA_KEY = "sd"  # safetensors metadata: {"configs": {net: config}, "image_size": int, "vocabulary": [...]}
 IGNORED_KEYS = re.compile(
     r"^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar"
@@ -42,7 +52,10 @@ class StableDiffusionModels:
     clip: CLIPTextModel
     vae: AutoencoderKL
     unet: UNet
-    kind: str  # "text-to-image" (4-channel UNet) or "inpainting" (9-channel UNet)
+    kind: str = "text-to-image"  # or "inpainting" (9-channel UNet)
+    scale_factor: float = SD_V1_SCALE  # latents = scale_factor * VAE latents: about unit variance
+    image_size: int = SD_V1_SIZE  # the size the model was trained at: the default width and height
+    vocabulary: tuple[str, ...] | None = None  # the words of its training captions, when known
 
     @property
     def is_inpainting(self) -> bool:
@@ -146,8 +159,8 @@ def split_networks(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict
 
 def unet_config(s: dict[str, torch.Tensor]) -> UNetConfig:
     ch = s["input_blocks.0.0.weight"].shape[0]
-    n_res = UNetConfig.num_res_blocks
-    n_levels = len({k.split(".")[1] for k in s if k.startswith("input_blocks.")}) // (n_res + 1)
+    n_levels = 1 + sum(1 for k in s if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))  # downsamplers + 1
+    n_res = len({k.split(".")[1] for k in s if k.startswith("input_blocks.")}) // n_levels - 1
     first_block = [1 + level * (n_res + 1) for level in range(n_levels)]  # input_blocks index per level
     return UNetConfig(
         in_channels=s["input_blocks.0.0.weight"].shape[1],
@@ -156,6 +169,7 @@ def unet_config(s: dict[str, torch.Tensor]) -> UNetConfig:
         channel_mult=tuple(s[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // ch for i in first_block),
         attention_levels=tuple(lv for lv, i in enumerate(first_block) if f"input_blocks.{i}.1.norm.weight" in s),
         context_dim=s["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        num_res_blocks=n_res,
     )
 
 
@@ -167,6 +181,7 @@ def vae_config(s: dict[str, torch.Tensor]) -> VAEConfig:
         latent_channels=s["post_quant_conv.weight"].shape[0],
         base_channels=ch,
         channel_mult=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels)),
+        num_res_blocks=len({k.split(".")[4] for k in s if k.startswith("encoder.down.0.block.")}),
     )
 
 
@@ -182,11 +197,23 @@ def clip_config(s: dict[str, torch.Tensor]) -> CLIPConfig:
 BUILDERS = {"unet": (UNet, unet_config), "vae": (AutoencoderKL, vae_config), "clip": (CLIPTextModel, clip_config)}
 
 
-def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype) -> nn.Module:
-    """Build one network on the meta device, sized from its weights, then give it those weights."""
+CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig}
+
+
+def config_from_json(net: str, values: dict) -> UNetConfig | VAEConfig | CLIPConfig:
+    """A config dataclass from its JSON form (tuples come back as lists)."""
+    return CONFIGS[net](**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype, stored: dict | None = None) -> nn.Module:
+    """Build one network on the meta device, configured as `stored` says or sized from its weights, then give
+    it those weights."""
     cls, config_of = BUILDERS[net]
     try:
-        cfg = config_of(weights)
+        cfg = config_from_json(net, stored) if stored else config_of(weights)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the {net} configuration in its metadata is not valid ({e}); the file "
+                              f"is damaged: write it again.") from None
     except KeyError as e:
         raise CheckpointError(f"{path}: the {net} weights lack {PREFIXES[net][0]}{e.args[0]}; the file is "
                               f"incomplete or not an SD v1 checkpoint.") from None
@@ -208,17 +235,48 @@ def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype)
     return model.eval().requires_grad_(False)
 
 
+def read_metadata(path: Path) -> dict:
+    """What `save_checkpoint` stored in a .safetensors file's metadata under METADATA_KEY; {} for other files."""
+    if not is_safetensors(path):
+        return {}
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(METADATA_KEY)
+        stored = json.loads(text) if text else {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: its metadata cannot be read ({e}); the file is damaged: write it again.") from None
+    if not isinstance(stored, dict) or not isinstance(stored.get("configs", {}), dict):
+        raise CheckpointError(f"{path}: its {METADATA_KEY!r} metadata is not a JSON object of the expected form; "
+                              f"the file is damaged: write it again.")
+    return stored
+
+
+def scale_of(path: Path, state: dict[str, torch.Tensor]) -> float:
+    """The latent scale stored under SCALE_KEY (removed from `state`), or SD v1's."""
+    value = state.pop(SCALE_KEY, None)
+    if value is None:
+        return SD_V1_SCALE
+    if value.numel() != 1 or not torch.isfinite(value).all() or float(value) <= 0:
+        raise CheckpointError(f"{path}: {SCALE_KEY} must be one positive number, got {value.flatten()[:4].tolist()}; "
+                              f"the file is damaged.")
+    return float(value)
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     use_ema: bool = True) -> StableDiffusionModels:
     """Load the CLIP text encoder, VAE and UNet of a CompVis SD v1 checkpoint (.ckpt or .safetensors)."""
     path = Path(path)
     state = read_state_dict(path, dtype)
+    stored = read_metadata(path)
     check_family(path, state)
+    scale_factor = scale_of(path, state)
     if use_ema:
         state = apply_ema(state)
     parts = split_networks(path, state)
     del state
-    models = {net: build(path, net, parts.pop(net), device, dtype) for net in list(parts)}
+    configs = stored.get("configs", {})
+    models = {net: build(path, net, parts.pop(net), device, dtype, configs.get(net)) for net in list(parts)}
     in_channels = models["unet"].config.in_channels
     if in_channels not in (4, 9):
         raise UnsupportedModelError(f"{path}: its UNet takes {in_channels} input channels (8 is InstructPix2Pix); "
@@ -227,4 +285,23 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise CheckpointError(f"{path}: the UNet expects {models['unet'].config.context_dim}-wide text features "
                               f"but the text encoder gives {models['clip'].config.width}; the file mixes models.")
     kind = "inpainting" if in_channels == 9 else "text-to-image"
-    return StableDiffusionModels(**models, kind=kind)
+    vocabulary = stored.get("vocabulary")
+    return StableDiffusionModels(**models, kind=kind, scale_factor=scale_factor,
+                                 image_size=int(stored.get("image_size", SD_V1_SIZE)),
+                                 vocabulary=tuple(vocabulary) if isinstance(vocabulary, list) else None)
+
+
+def save_checkpoint(models: StableDiffusionModels, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Write `models` as a CompVis-layout .safetensors file (atomically) that `load_checkpoint` reads back:
+    the weights under PREFIXES, the latent scale under SCALE_KEY, the configurations, image size and
+    vocabulary in the metadata. `dtype`: store floating-point weights in this type (default: as they are)."""
+    from safetensors.torch import save_file
+    state = {PREFIXES[net][0] + k: v.detach().to("cpu", dtype if v.is_floating_point() else None).contiguous()
+             for net in PREFIXES for k, v in getattr(models, net).state_dict().items()}
+    state[SCALE_KEY] = torch.tensor(models.scale_factor, dtype=torch.float32)
+    stored = {"configs": {net: dataclasses.asdict(getattr(models, net).config) for net in PREFIXES},
+              "image_size": models.image_size}
+    if models.vocabulary is not None:
+        stored["vocabulary"] = list(models.vocabulary)
+    write_atomically(Path(path), lambda tmp: save_file(state, tmp, metadata={"format": "pt",
+                                                                             METADATA_KEY: json.dumps(stored)}))
