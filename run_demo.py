@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from sd.errors import CheckpointError, InputError, SDError
+from sd.cli import CommandParser, run_command
+from sd.errors import CheckpointError, InputError
 from sd.files import write_atomically
 from sd.checkpoint import SD_V1_SIZE, read_metadata
 from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, VAE_FACTOR, StableDiffusion, open_image
@@ -56,14 +57,9 @@ PNG_FIELDS = {  # settings-line key: (our name, type)
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, reported like every other error
-        raise InputError(f"{message} (see {PROG} --help)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags. Settings that --from-png can supply default to None here and are settled in `settle`."""
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="what to draw; --prompt '' makes an unconditional image (default: none, "
                                     "required unless --from-png gives one)")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none)")
@@ -378,21 +374,8 @@ def generate(pipe: StableDiffusion, args: argparse.Namespace, image: Image.Image
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(argv)
-    except SDError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; lower --width and --height", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial file was left behind", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run(argv), interrupted="no partial file was left behind",
+                       out_of_memory="lower --width and --height")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,11 @@ def load_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.T
         return {k: f.get_tensor(k).to(dtype if d in SAFETENSORS_FLOATS else None) for k, d in dtypes.items()}
 
 
+def unreadable_safetensors(path: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable .safetensors file ({e}); it may be truncated or corrupt: "
+                           f"download it again.")
+
+
 def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The flat {key: tensor} dict of a .ckpt or .safetensors file, without executing pickled code;
     `dtype`: the floating-point type the caller will convert to, which lets .safetensors files of
@@ -100,8 +105,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[
         try:
             state = load_safetensors(path, dtype)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path} is not a readable .safetensors file ({e}); it may be truncated "
-                                  f"or corrupt: download it again.") from None
+            raise unreadable_safetensors(path, e) from None
     else:
         state = load_pickle_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -245,7 +249,7 @@ def read_metadata(path: Path) -> dict:
             text = (f.metadata() or {}).get(METADATA_KEY)
         stored = json.loads(text) if text else {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: its metadata cannot be read ({e}); the file is damaged: write it again.") from None
+        raise unreadable_safetensors(path, e) from None
     if not isinstance(stored, dict) or not isinstance(stored.get("configs", {}), dict):
         raise CheckpointError(f"{path}: its {METADATA_KEY!r} metadata is not a JSON object of the expected form; "
                               f"the file is damaged: write it again.")

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sd.checkpoint import StableDiffusionModels, load_checkpoint, save_checkpoint
+from sd.cli import CommandParser, run_command
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.datasets import CaptionedShapes, CaptionFolder, to_tensor, vocabulary, words
 from sd.errors import InputError, SDError
@@ -85,8 +86,8 @@ PRESETS = {
                         num_heads=4, context_dim=TINY_CLIP.width),
         vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1),
         clip=TINY_CLIP,
-        vae_stage=StageConfig(steps=1600, batch_size=32, lr=1e-3, warmup=50, ema_decay=0.99),
-        diffusion_stage=StageConfig(steps=2500, batch_size=64, lr=7e-4, warmup=200, ema_decay=0.999),
+        vae_stage=StageConfig(steps=1000, batch_size=32, lr=1e-3, warmup=50, ema_decay=0.99),
+        diffusion_stage=StageConfig(steps=1800, batch_size=64, lr=7e-4, warmup=200, ema_decay=0.999),
     ),
     # 32x32 images and the smallest networks of the same architecture: for tests and smoke runs (seconds).
     "micro": Preset(
@@ -95,7 +96,7 @@ PRESETS = {
                         context_dim=TINY_CLIP.width),
         vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1),
         clip=CLIPConfig(width=64, layers=1, heads=1),
-        vae_stage=StageConfig(steps=150, batch_size=8, lr=1e-3, warmup=10, ema_decay=0.9),
+        vae_stage=StageConfig(steps=150, batch_size=8, lr=3e-3, warmup=10, ema_decay=0.9),
         diffusion_stage=StageConfig(steps=150, batch_size=16, lr=1e-3, warmup=10, ema_decay=0.9, pool=256),
     ),
     # The networks of SD v1 at full size (a GPU job): the configs' defaults.
@@ -431,13 +432,8 @@ def train(args: argparse.Namespace) -> None:
         print(f"wrote {path}", file=sys.stderr)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, reported like every other error
-        raise InputError(f"{message} (see {PROG} --help)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stage", choices=("vae", "diffusion", "all"),
                    help="vae: the autoencoder and its latent scale; diffusion: the UNet (and text encoder) on the "
                         "frozen VAE of --init; all: vae, then diffusion")
@@ -482,15 +478,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        train(parse_args(argv))
-    except SDError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; the last saved training state is intact: continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: train(parse_args(argv)), out_of_memory="lower --batch-size",
+                       interrupted="the last saved training state is intact: continue with --resume")
 
 
 if __name__ == "__main__":

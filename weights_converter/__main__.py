@@ -17,20 +17,16 @@ from pathlib import Path
 
 import torch
 
-from sd.errors import CheckpointError, InputError, SDError
-from sd.files import write_atomically
 from sd.checkpoint import EMA_PREFIX, apply_ema, build, check_family, read_state_dict, split_networks
+from sd.cli import CommandParser, run_command
+from sd.errors import CheckpointError, InputError
+from sd.files import write_atomically
 
 PROG = "python -m weights_converter"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, reported like every other error
-        raise InputError(f"{message} (see {PROG} --help)")
-
-
 def parse_args(argv):
-    parser = _Parser(prog=PROG, description="Convert a Stable Diffusion v1 checkpoint to .safetensors without "
+    parser = CommandParser(prog=PROG, description="Convert a Stable Diffusion v1 checkpoint to .safetensors without "
                                             "running any code from it.")
     parser.add_argument("input", type=Path, metavar="IN", help="the checkpoint: .ckpt or .safetensors")
     parser.add_argument("output", type=Path, metavar="OUT", help="the file to write, ending in .safetensors")
@@ -91,33 +87,32 @@ def human_size(n: int) -> str:
         n /= 1000
 
 
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        check_output(args)
-        state = read_state_dict(args.input)
-        check_family(args.input, state)
-        has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
-        state = convert(args.input, state, args.ema_only, args.half)
-        check_loadable(args.input, state)
-        from safetensors.torch import save_file
-        write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    except SDError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: could not write {args.output}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+def convert_file(args: argparse.Namespace) -> None:
+    check_output(args)
+    state = read_state_dict(args.input)
+    check_family(args.input, state)
+    has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
+    state = convert(args.input, state, args.ema_only, args.half)
+    check_loadable(args.input, state)
+    from safetensors.torch import save_file
+    write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
     print(f"wrote {args.output} ({human_size(args.output.stat().st_size)}, {len(state)} tensors, "
           f"{'/'.join(dtypes)}{', EMA weights as the UNet' if args.ema_only else ''})")
     if has_ema and not args.ema_only:
         print("note: the file keeps the EMA copies of the UNet (model_ema.*), which are the weights used for "
               "images; --ema-only writes only those, in about half the size")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argparse.Namespace(output=None)
+
+    def body() -> None:
+        args.__dict__.update(vars(parse_args(argv)))
+        convert_file(args)
+
+    return run_command(body, interrupted="nothing was written", out_of_memory="convert on the CPU",
+                       write_error=lambda e: f"could not write {args.output}: {e.strerror or e}")
 
 
 if __name__ == "__main__":
