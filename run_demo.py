@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from sd.checkpoint import SD_V1_SIZE, read_metadata
 from sd.cli import CommandParser, run_command
 from sd.errors import CheckpointError, InputError
 from sd.files import write_atomically
-from sd.checkpoint import SD_V1_SIZE, read_metadata
 from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, VAE_FACTOR, StableDiffusion, open_image
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
 

@@ -148,7 +148,7 @@ def split_networks(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict
     parts: dict[str, dict[str, torch.Tensor]] = {net: {} for net in PREFIXES}
     unexpected = []
     for key, tensor in state.items():
-        if IGNORED_KEYS.search(key):
+        if IGNORED_KEYS.search(key) or key == SCALE_KEY:  # SCALE_KEY is read by `scale_of`
             continue
         net, prefix = next(((n, p) for n, ps in PREFIXES.items() for p in ps if key.startswith(p)), (None, None))
         if net is None:
@@ -257,8 +257,8 @@ def read_metadata(path: Path) -> dict:
 
 
 def scale_of(path: Path, state: dict[str, torch.Tensor]) -> float:
-    """The latent scale stored under SCALE_KEY (removed from `state`), or SD v1's."""
-    value = state.pop(SCALE_KEY, None)
+    """The latent scale stored under SCALE_KEY, or SD v1's."""
+    value = state.get(SCALE_KEY)
     if value is None:
         return SD_V1_SCALE
     if value.numel() != 1 or not torch.isfinite(value).all() or float(value) <= 0:

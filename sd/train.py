@@ -19,6 +19,7 @@ exactly. Each stage keeps, in the run folder, its training state (`<stage>-state
 """
 
 import argparse
+import copy
 import csv
 import dataclasses
 import json
@@ -132,13 +133,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
-        self.model = self.copy_of(model)
-
-    @staticmethod
-    def copy_of(model: nn.Module) -> nn.Module:
-        copy = type(model)(model.config).to(next(model.parameters()).device)
-        copy.load_state_dict(model.state_dict())
-        return copy.requires_grad_(False).eval()
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -391,7 +386,7 @@ def initial_models(args: argparse.Namespace, preset: Preset) -> StableDiffusionM
         return load_checkpoint(args.init, device="cpu")
     torch.manual_seed(args.seed)
     return StableDiffusionModels(clip=CLIPTextModel(preset.clip), vae=AutoencoderKL(preset.vae),
-                                 unet=UNet(preset.unet), image_size=args.image_size or preset.image_size)
+                                 unet=UNet(preset.unet), image_size=preset.image_size)
 
 
 def dataset(args: argparse.Namespace, image_size: int):

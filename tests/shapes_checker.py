@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from sd.datasets import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, Scene, shape_outline
+from sd.datasets import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, Scene, article, shape_outline
 
 TEMPLATE = 32  # silhouettes are compared at this size
 FOREGROUND_DISTANCE = 80.0  # RGB distance from the background above which a pixel is foreground
@@ -111,9 +111,8 @@ def read(image: Image.Image | np.ndarray) -> Reading:
 
 def prompt_of(scene: Scene) -> str:
     """The caption grammar with every optional part."""
-    article = "an" if scene.size[0] in "aeiou" else "a"
-    return (f"{article} {scene.size} {scene.colour} {scene.shape} in the {scene.position} on "
-            f"{'an' if scene.background[0] in 'aeiou' else 'a'} {scene.background} background")
+    return (f"{article(scene.size)} {scene.size} {scene.colour} {scene.shape} in the {scene.position} on "
+            f"{article(scene.background)} {scene.background} background")
 
 
 def scenes(n: int, held_out: bool, seed: int = 0) -> list[Scene]:

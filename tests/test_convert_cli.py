@@ -157,3 +157,15 @@ def test_failed_write_leaves_old_file_and_no_partial_one(tmp_path, capsys, monke
     assert cli.main([str(full_ckpt), str(out), "--overwrite"]) == status
     assert capsys.readouterr().err.startswith("error: ")
     assert [p.name for p in tmp_path.iterdir()] == [out.name] and out.read_bytes() == b"previous version"
+
+
+def test_a_trained_model_keeps_its_scale_and_configurations(tmp_path):
+    """The project's own model (metadata configs, a measured scale_factor) converts to a file that loads as
+    the same model: the UNet's heads are not inferable from shapes, so the metadata must travel."""
+    source = ROOT / "data" / "tiny-shapes.safetensors"
+    out = tmp_path / "copy.safetensors"
+    assert run_cli(source, out).returncode == 0
+    a, b = load_checkpoint(source), load_checkpoint(out)
+    assert (b.scale_factor, b.image_size, b.vocabulary) == (a.scale_factor, a.image_size, a.vocabulary)
+    assert b.unet.config == a.unet.config and b.unet.config.num_heads != 8
+    assert_same_tensors(read_state_dict(source), read_state_dict(out))

@@ -11,13 +11,15 @@ success, 2 for a bad argument or input file (one line `error: ...` on stderr), 1
 """
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from sd.checkpoint import EMA_PREFIX, apply_ema, build, check_family, read_state_dict, split_networks
+from sd.checkpoint import (EMA_PREFIX, METADATA_KEY, apply_ema, build, check_family, read_metadata, read_state_dict,
+                           split_networks)
 from sd.cli import CommandParser, run_command
 from sd.errors import CheckpointError, InputError
 from sd.files import write_atomically
@@ -73,11 +75,11 @@ def convert(path: Path, state: dict[str, torch.Tensor], ema_only: bool, half: bo
     return out
 
 
-def check_loadable(path: Path, state: dict[str, torch.Tensor]) -> None:
+def check_loadable(path: Path, state: dict[str, torch.Tensor], configs: dict) -> None:
     """What `load_checkpoint` does with these tensors after `check_family`, on the meta device (no memory,
-    no compute): they must load."""
+    no compute): they must load, with the configurations the file's metadata stores (if any)."""
     for net, weights in split_networks(path, apply_ema(state)).items():
-        build(path, net, weights, "meta", None)
+        build(path, net, weights, "meta", None, configs.get(net))
 
 
 def human_size(n: int) -> str:
@@ -93,9 +95,11 @@ def convert_file(args: argparse.Namespace) -> None:
     check_family(args.input, state)
     has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
     state = convert(args.input, state, args.ema_only, args.half)
-    check_loadable(args.input, state)
+    stored = read_metadata(args.input)
+    check_loadable(args.input, state, stored.get("configs", {}))
     from safetensors.torch import save_file
-    write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **({METADATA_KEY: json.dumps(stored)} if stored else {})}
+    write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata=metadata))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
     print(f"wrote {args.output} ({human_size(args.output.stat().st_size)}, {len(state)} tensors, "
           f"{'/'.join(dtypes)}{', EMA weights as the UNet' if args.ema_only else ''})")
