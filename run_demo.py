@@ -17,7 +17,6 @@ import hashlib
 import itertools
 import json
 import os
-import random
 import re
 import sys
 import time
@@ -29,17 +28,14 @@ from PIL import Image, PngImagePlugin
 
 from sd.checkpoint import SD_V1_SIZE, read_metadata
 from sd.cli import CommandParser, run_command
-from sd.errors import CheckpointError, InputError
-from sd.files import write_atomically
-from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, VAE_FACTOR, StableDiffusion, open_image
-from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
+from sd.errors import CheckpointError, InputError, SettingError
+from sd.files import DATA_DIR, write_atomically
+from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, VAE_FACTOR, Settings, StableDiffusion, settle
+from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule
 
 PROG = "python run_demo.py"
-DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = "v1-5-pruned-emaonly"
 TINY_MODEL = "tiny-shapes"  # the project's own model (sd/train.py), used when no official file is in data/
-MAX_STEPS = 1000  # the training timesteps: no sampler takes more steps
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Peak memory of SD's VAE decoder, the largest user of memory: about 1100 numbers per output pixel
 # (measured: 4.2 kB per pixel in fp32, at 256x256 and 512x512). Attention needs much less: the fused
@@ -58,7 +54,7 @@ PNG_FIELDS = {  # settings-line key: (our name, type)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The flags. Settings that --from-png can supply default to None here and are settled in `settle`."""
+    """The flags. Settings that --from-png can supply default to None here and are settled in `settle_flags`."""
     p = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompt", help="what to draw; --prompt '' makes an unconditional image (default: none, "
                                     "required unless --from-png gives one)")
@@ -72,12 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                              "(default: none)")
     p.add_argument("--strength", type=float, help="how much of --image is redrawn, from 0 (none) to 1 (all) "
                                                   "(default: 0.75 for image-to-image, 1.0 for inpainting)")
-    p.add_argument("--steps", type=int, help=f"denoising steps, 1 to {MAX_STEPS} (default: {DEFAULT_STEPS})")
+    p.add_argument("--steps", type=int, help=f"denoising steps, 1 to {NoiseSchedule().num_train_timesteps} "
+                                             f"(default: {DEFAULT_STEPS})")
     p.add_argument("--guidance-scale", type=float, help=f"how closely to follow the prompt; 1 or less turns "
                                                         f"classifier-free guidance off (default: {DEFAULT_GUIDANCE})")
     p.add_argument("--sampler", help=f"one of {', '.join(SAMPLERS)} (default: {DEFAULT_SAMPLER})")
-    p.add_argument("--seed", type=int, help=f"random seed, 0 to 2**64-1; image i of --num-images uses seed+i-1 "
-                                            f"(default: a random one, printed and stored in the PNG)")
+    p.add_argument("--seed", type=int, help="random seed, 0 to 2**64-1; image i of --num-images uses seed+i-1 "
+                                            "(default: a random one, printed and stored in the PNG)")
     for side in ("width", "height"):
         p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: "
                                                    f"the model's own: 512 for SD v1, 64 for {TINY_MODEL}; or that of --image rounded down)")
@@ -128,43 +125,26 @@ def read_parameters(png: Path) -> dict:
     return found
 
 
-def settle(args: argparse.Namespace, stored: dict) -> None:
-    """Fill the settings not given from the PNG's, then from the defaults, and refuse bad values: all
-    before any slow work."""
+GENERATION_FLAGS = ("image", "mask", "strength", "steps", "guidance_scale", "sampler", "seed", "width", "height",
+                    "num_images")
+
+
+def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Settings:
+    """Fill the settings not given from the PNG's, then check them and fill the rest with the library's
+    defaults (`sd.pipeline.settle`, which needs no weights): all before any slow work."""
     for key, value in stored.items():
         if key in vars(args) and getattr(args, key) is None:
             setattr(args, key, value)
     if args.prompt is None:
         raise InputError("give --prompt TEXT (--prompt '' for an unconditional image) or --from-png PNG")
-    if args.mask is not None and args.image is None:
-        raise InputError(f"--mask {args.mask} needs --image: the image to inpaint")
-    if args.strength is not None and args.image is None:
-        raise InputError(f"--strength {args.strength} needs --image: it says how much of that image is redrawn")
-    defaults = {"negative_prompt": "", "steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE,
-                "sampler": DEFAULT_SAMPLER, "seed": random.randrange(2**32), "tiled_decode": False,
-                "strength": 0.75 if args.image is not None and args.mask is None else 1.0}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if not 1 <= args.steps <= MAX_STEPS:
-        raise InputError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
-    if not 0.0 <= args.strength <= 1.0:
-        raise InputError(f"--strength must be between 0 and 1, got {args.strength}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise InputError(f"--seed must be between 0 and 2**64-1, got {args.seed}")
-    if args.num_images < 1:
-        raise InputError(f"--num-images must be at least 1, got {args.num_images}")
-    make_sampler(args.sampler)  # refuses an unknown name, listing the known ones
-
-
-def settle_size(args: argparse.Namespace, image: Image.Image | None, model_size: int) -> None:
-    """Width and height: given, or the init image's rounded down to a multiple of 8, or the model's size."""
-    for side in ("width", "height"):
-        if getattr(args, side) is None:
-            setattr(args, side, getattr(image, side) // VAE_FACTOR * VAE_FACTOR if image else model_size)
-        value = getattr(args, side)
-        if value < VAE_FACTOR or value % VAE_FACTOR:
-            raise InputError(f"--{side} must be a positive multiple of {VAE_FACTOR}, got {value}")
+    args.negative_prompt = args.negative_prompt or ""
+    args.sampler = args.sampler or DEFAULT_SAMPLER
+    args.tiled_decode = bool(args.tiled_decode)
+    given = {key: getattr(args, key) for key in GENERATION_FLAGS if getattr(args, key) is not None}
+    settings = settle(args.prompt, args.negative_prompt, image_size=image_size, **given)
+    for key in ("strength", "steps", "guidance_scale", "seed", "width", "height"):
+        setattr(args, key, getattr(settings, key))
+    return settings
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -325,22 +305,26 @@ def note(message: str) -> None:
 # ---- the command ---------------------------------------------------------------------------------
 
 def run(argv: list[str] | None) -> None:
-    """Every check first, so that a mistake costs no loading or generating; then load and generate."""
-    args = parse_args(argv)
+    """Every check first, so that a mistake costs no loading or generating; then load and generate. The
+    library's messages about settings name its parameters; here they name the flags."""
+    try:
+        load_and_generate(parse_args(argv))
+    except SettingError as e:
+        raise e.for_flags() from None
+
+
+def load_and_generate(args: argparse.Namespace) -> None:
     stored = read_parameters(args.from_png) if args.from_png else {}
-    settle(args, stored)
     device = pick_device(args.device)
     args.dtype = pick_dtype(args.dtype, device)
-    image = open_image(args.image, "init image", "RGB") if args.image is not None else None
-    mask = open_image(args.mask, "mask", "L") if args.mask is not None else None
     checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
-    settle_size(args, image, read_metadata(checkpoint).get("image_size", SD_V1_SIZE) if checkpoint.is_file()
-                else SD_V1_SIZE)
+    settings = settle_flags(args, stored, read_metadata(checkpoint).get("image_size", SD_V1_SIZE)
+                            if checkpoint.is_file() else SD_V1_SIZE)
     check_memory(args.width, args.height, device, DTYPES[args.dtype], args.tiled_decode)
     output = args.output or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}.png"
     check_output(output, is_default=args.output is None)
     paths = output_paths(output, args.num_images, args.overwrite)
-    for what, path, picture in (("init image", args.image, image), ("mask", args.mask, mask)):
+    for what, path, picture in (("init image", args.image, settings.image), ("mask", args.mask, settings.mask)):
         if picture is not None and picture.size != (args.width, args.height):
             note(f"{what} {path} is {picture.width}x{picture.height}; resized to {args.width}x{args.height}")
 
@@ -353,21 +337,22 @@ def run(argv: list[str] | None) -> None:
     if stored.get("model_hash", short_hash) != short_hash:
         note(f"{args.from_png} was made with model {stored.get('model')} (hash {stored['model_hash']}), this is "
              f"{checkpoint.stem} (hash {short_hash}): the image will differ")
-    generate(pipe, args, image, mask, paths, checkpoint, short_hash)
+    generate(pipe, args, settings, paths, checkpoint, short_hash)
 
 
-def generate(pipe: StableDiffusion, args: argparse.Namespace, image: Image.Image | None, mask: Image.Image | None,
-             paths: list[Path], checkpoint: Path, short_hash: str) -> None:
+def generate(pipe: StableDiffusion, args: argparse.Namespace, settings: Settings, paths: list[Path],
+             checkpoint: Path, short_hash: str) -> None:
     """Make the images one after another, image i with seed + i, each written as soon as it is done."""
-    mode = "text-to-image" if image is None else "image-to-image" if mask is None else "inpainting"
+    mode = "text-to-image" if args.image is None else "image-to-image" if args.mask is None else "inpainting"
     steps = f"{args.steps} step{'s' * (args.steps > 1)}"
     print(f"{mode}, {args.width}x{args.height}, {steps} of {args.sampler}, seed {args.seed}"
           f"{f', {len(paths)} images' if len(paths) > 1 else ''}, on {pipe.device} in {args.dtype}", flush=True)
     for i, path in enumerate(paths):
         seed = args.seed + i
-        [picture] = pipe.generate(args.prompt, args.negative_prompt, image=image, mask=mask, strength=args.strength,
-                                  steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler,
-                                  seed=seed, width=args.width, height=args.height, progress=not args.no_progress,
+        [picture] = pipe.generate(args.prompt, args.negative_prompt, image=settings.image, mask=settings.mask,
+                                  strength=args.strength if args.image is not None else None, steps=args.steps,
+                                  guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
+                                  width=args.width, height=args.height, progress=not args.no_progress,
                                   tiled_decode=args.tiled_decode)
         write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash))
         print(f"wrote {path} (seed {seed})", flush=True)

@@ -81,7 +81,7 @@ def write_diffusers_config(folder: Path = CONFIG_DIR) -> Path:
     import transformers
     from sd.tokenizer import DATA_DIR
     from tests import reference
-    from tests.test_samplers import reference as reference_scheduler
+    from tests.reference import reference_scheduler
 
     if (folder / "model_index.json").is_file():
         return folder

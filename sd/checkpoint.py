@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
-from sd.errors import CheckpointError, UnsupportedModelError
+from sd.errors import CheckpointError, UnsupportedModelError, checkpoint_not_found
 from sd.files import write_atomically
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
-from sd.safe_pickle import load_pickle_checkpoint
+from sd.safe_pickle import LEGACY_MAGIC, ZIP_MAGIC, load_pickle_checkpoint
 
 PREFIXES = {
     "unet": ("model.diffusion_model.",),
@@ -67,7 +67,7 @@ def is_safetensors(path: Path) -> bool:
     JSON header), not by the name, so a renamed file still gets a true error message."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if head.startswith((b"PK", b"\x80")):
+    if head.startswith((ZIP_MAGIC, LEGACY_MAGIC[:1])):
         return False
     return head[8:9] == b"{" or path.suffix.lower() == ".safetensors"
 
@@ -98,8 +98,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[
     another type be converted while reading."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}. Check the path, or see the README for where "
-                              f"to get the official file.")
+        raise checkpoint_not_found(path)
     if is_safetensors(path):
         from safetensors import SafetensorError
         try:
@@ -215,14 +214,14 @@ def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype,
     cls, config_of = BUILDERS[net]
     try:
         cfg = config_from_json(net, stored) if stored else config_of(weights)
+        with torch.device("meta"):
+            model = cls(cfg)  # a stored config that cannot build (e.g. channels not divisible by groups) fails here
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the {net} configuration in its metadata is not valid ({e}); the file "
                               f"is damaged: write it again.") from None
     except KeyError as e:
         raise CheckpointError(f"{path}: the {net} weights lack {PREFIXES[net][0]}{e.args[0]}; the file is "
                               f"incomplete or not an SD v1 checkpoint.") from None
-    with torch.device("meta"):
-        model = cls(cfg)
     expected = model.state_dict().keys()
     missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
     if missing or unexpected:

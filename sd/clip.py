@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sd.attention import multi_head_attention
+from sd.attention import Attention
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-class CLIPAttention(nn.Module):
+class CLIPAttention(Attention):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.heads = cfg.heads
@@ -39,7 +39,7 @@ class CLIPAttention(nn.Module):
         self.out_proj = nn.Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 77, C)
-        out = multi_head_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        out = self.attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
         return self.out_proj(out)  # (B, 77, C)
 
 

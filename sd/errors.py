@@ -3,6 +3,8 @@
 The command line prints `error: <message>` for any `SDError` and exits with status 2.
 """
 
+from collections.abc import Callable
+
 
 class SDError(Exception):
     """Base class of every error caused by user input rather than by a bug."""
@@ -10,6 +12,11 @@ class SDError(Exception):
 
 class CheckpointError(SDError):
     """A checkpoint file is missing, unreadable, corrupt, or not a Stable Diffusion v1 checkpoint."""
+
+
+def checkpoint_not_found(path) -> CheckpointError:
+    return CheckpointError(f"checkpoint not found: {path}. Check the path, or see the README for where to get "
+                           f"the official file.")
 
 
 class UnsupportedModelError(CheckpointError):
@@ -22,6 +29,19 @@ class UnsafeCheckpointError(CheckpointError):
 
 class InputError(SDError, ValueError):
     """A bad argument: size, steps, strength, sampler name, image, device, output path."""
+
+
+class SettingError(InputError):
+    """A bad setting of a generation. The message is written by `describe`, which spells each parameter
+    through the function it is given: as the Python name here, as a command-line flag by `for_flags`."""
+
+    def __init__(self, describe: Callable[[Callable[[str], str]], str]):
+        self.describe = describe
+        super().__init__(describe(str))
+
+    def for_flags(self) -> InputError:
+        """The same message naming `--flag-names` instead of `parameter_names`."""
+        return InputError(self.describe(lambda name: "--" + name.replace("_", "-")))
 
 
 class GenerationError(SDError):

@@ -1,8 +1,11 @@
-"""Writing files so that a crash, a full disk or Ctrl-C never leaves a half-written one behind."""
+"""Where the project's files are, and writing files so that a crash, a full disk or Ctrl-C never leaves a
+half-written one behind."""
 
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # tokenizer files, the tiny model, official checkpoints
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:

@@ -11,6 +11,7 @@ same image on every device and the same image as diffusers.
 """
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,19 +21,22 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sd.attention import configure_attention
+from sd.checkpoint import SD_V1_SIZE, StableDiffusionModels, load_checkpoint
 from sd.datasets import words
-from sd.errors import GenerationError, InputError
+from sd.errors import GenerationError, InputError, SettingError
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.tokenizer import CLIPTokenizer
-from sd.checkpoint import StableDiffusionModels, load_checkpoint
 
 VAE_FACTOR = 8  # image pixels per latent pixel, each way
 LATENT_DTYPE = torch.float32  # latents and sampler arithmetic stay fp32 whatever the networks run in
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
 OUTPUT_TYPES = ("pil", "np", "latent")
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 ImageInput = Image.Image | str | Path
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (i, t, latents, predicted x0)
 
 
 @dataclass
@@ -72,14 +76,84 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 
 def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> None:
     if not torch.isfinite(x).all():
-        cause = (f"most likely an overflow in {dtype}: run again with --dtype fp32 (or bf16)"
-                 if dtype != torch.float32 else "in fp32 that means damaged weights: download the checkpoint again")
+        cause = (f"most likely an overflow in {dtype}: run again in float32 (or bfloat16)"
+                 if dtype != torch.float32 else "in float32 that means damaged weights: download the checkpoint again")
         raise GenerationError(f"the {what} contain NaN or inf values, {cause}")
 
 
-def check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive whole number, got {value!r}")
+@dataclass
+class Settings:
+    """What one generation asks for, defaults filled in and checked (see `settle`)."""
+
+    prompts: list[str]
+    negatives: list[str]
+    image: Image.Image | None
+    mask: Image.Image | None
+    strength: float
+    steps: int
+    guidance_scale: float
+    sampler: Sampler
+    seed: int
+    width: int
+    height: int
+    num_images: int
+    output_type: str
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+
+def whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, image: ImageInput | None = None,
+           mask: ImageInput | None = None, strength: float | None = None, steps: int = DEFAULT_STEPS,
+           guidance_scale: float = DEFAULT_GUIDANCE, sampler: str | Sampler = DEFAULT_SAMPLER,
+           seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
+           output_type: str = "pil", image_size: int = SD_V1_SIZE, inpainting_model: bool = False) -> Settings:
+    """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
+    any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
+    own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
+    `SettingError`, whose message can name the parameters as command-line flags."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise SettingError(lambda n: f"got {len(negatives)} values of {n('negative_prompt')} for {len(prompts)} "
+                                     f"prompts; give one each")
+    if mask is not None and image is None:
+        raise SettingError(lambda n: f"{n('mask')} needs {n('image')}: the image to inpaint")
+    if strength is not None and image is None:
+        raise SettingError(lambda n: f"{n('strength')} {strength} needs {n('image')}: it says how much of that "
+                                     f"image is redrawn")
+    if inpainting_model and mask is None:
+        raise SettingError(lambda n: f"this is an inpainting checkpoint: give {n('image')} and {n('mask')}")
+    strength = (0.75 if mask is None else 1.0) if strength is None else strength
+    if not 0.0 <= strength <= 1.0:
+        raise SettingError(lambda n: f"{n('strength')} must be between 0 and 1, got {strength}")
+    sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
+    max_steps = sampler.schedule.num_train_timesteps  # no run has more steps than training had timesteps
+    if not whole(steps) or not 1 <= steps <= max_steps:
+        raise SettingError(lambda n: f"{n('steps')} must be a whole number between 1 and {max_steps}, got {steps!r}")
+    if not whole(num_images) or num_images < 1:
+        raise SettingError(lambda n: f"{n('num_images')} must be at least 1, got {num_images!r}")
+    seed = random.randrange(2**32) if seed is None else seed
+    if not whole(seed) or not 0 <= seed <= MAX_SEED:
+        raise SettingError(lambda n: f"{n('seed')} must be between 0 and 2**64-1, got {seed!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise SettingError(lambda n: f"{n('output_type')} must be one of {', '.join(OUTPUT_TYPES)}, "
+                                     f"got {output_type!r}")
+    image = open_image(image, "init image", "RGB") if image is not None else None
+    mask = open_image(mask, "mask", "L") if mask is not None else None
+    size = {}
+    for name, value in (("width", width), ("height", height)):  # default: the image's own, rounded down
+        value = (getattr(image, name) // VAE_FACTOR * VAE_FACTOR if image else image_size) if value is None else value
+        if not whole(value) or value < VAE_FACTOR or value % VAE_FACTOR:
+            raise SettingError(lambda n: f"{n(name)} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
+        size[name] = value
+    return Settings(prompts, negatives, image, mask, strength, steps, guidance_scale, sampler, seed,
+                    num_images=num_images, output_type=output_type, **size)
 
 
 class StableDiffusion:
@@ -96,6 +170,13 @@ class StableDiffusion:
                         dtype: torch.dtype = torch.float32, use_ema: bool = True) -> "StableDiffusion":
         return cls(load_checkpoint(path, device=device, dtype=dtype, use_ema=use_ema))
 
+    def configure_attention(self, *, query_slice: int | None = None, fused: bool = True) -> None:
+        """Attention of all three networks: sliced to `query_slice` query positions at a time (bounds the
+        memory of attention kernels that hold the score matrix), and torch's fused kernel or the formula
+        written out (`sd.attention.plain_attention`)."""
+        for net in (self.models.clip, self.models.unet, self.models.vae):
+            configure_attention(net, query_slice=query_slice, fused=fused)
+
     def unseen_words(self, text: str) -> list[str]:
         """The words of `text` that the model's training captions never had (none when that is not known)."""
         if self.models.vocabulary is None:
@@ -106,8 +187,7 @@ class StableDiffusion:
 
     def text_to_image(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                       width: int | None = None, height: int | None = None, **options):
-        """Images from a prompt, by default at the model's own size (512 for SD v1). Options: steps, guidance_scale, sampler, seed, num_images, output_type,
-        progress (see `generate`)."""
+        """Images from a prompt, by default at the model's own size (512 for SD v1). Options: see `generate`."""
         return self.generate(prompt, negative_prompt, width=width, height=height, **options)
 
     def image_to_image(self, prompt: str | list[str], image: ImageInput, negative_prompt: str | list[str] = "", *,
@@ -124,71 +204,64 @@ class StableDiffusion:
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
-                 image: ImageInput | None = None, mask: ImageInput | None = None, strength: float = 1.0,
-                 steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                 sampler: str | Sampler = DEFAULT_SAMPLER, seed: int | None = None,
-                 width: int | None = None, height: int | None = None, num_images: int = 1,
-                 output_type: str = "pil", progress: bool = True, tiled_decode: bool = False):
-        """One denoising loop for all three tasks; returns a list of PIL images, an array (N, H, W, 3)
-        in [0, 1] ("np"), or the final scaled latents (N, 4, H/8, W/8) ("latent"). `tiled_decode` decodes
-        in tiles to bound the VAE's memory for large images."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        check_positive("steps", steps)
-        check_positive("num_images", num_images)
-        if len(negatives) != len(prompts):
-            raise InputError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one each")
-        if not 0.0 <= strength <= 1.0:
-            raise InputError(f"strength must be between 0 and 1, got {strength}")
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
-        source = open_image(image, "init image", "RGB") if image is not None else None
-        default_w, default_h = (self.models.image_size,) * 2 if source is None else (  # the image's own size,
-            source.width - source.width % VAE_FACTOR, source.height - source.height % VAE_FACTOR)  # rounded down
-        width, height = default_w if width is None else width, default_h if height is None else height
-        for name, value in (("width", width), ("height", height)):
-            if not isinstance(value, int) or value < VAE_FACTOR or value % VAE_FACTOR:
-                raise InputError(f"{name} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
-        if self.models.is_inpainting and mask is None:
-            raise InputError("this is an inpainting checkpoint: give an image and a mask (--image, --mask)")
-        if mask is not None and source is None:
-            raise InputError("a mask needs an init image to inpaint (--image)")
+                 progress: bool = True, tiled_decode: bool = False, callback: StepCallback | None = None,
+                 **settings):
+        """One denoising loop for all three tasks.
 
-        batch = len(prompts) * num_images
-        generator = torch.Generator("cpu").manual_seed(random.randrange(2**32) if seed is None else seed)
-        guided = guidance_scale > 1.0
-        context = self.encode_prompts(prompts, negatives if guided else None, num_images)  # (2B or B, 77, 768)
+        prompt, negative_prompt: a text or a list of texts (one negative per prompt).
+        image, mask: an init image (path or PIL image) for image-to-image; with a mask (white: repaint)
+            for inpainting.
+        strength: how much of the image is redrawn, 0 to 1 (default 0.75, with a mask 1.0).
+        steps (25), guidance_scale (7.5; 1 or less: no classifier-free guidance), sampler (a name of
+            `sd.samplers.SAMPLERS` or a `Sampler`, default dpmpp_2m_karras), seed (default: random).
+        width, height: multiples of 8 (default: the image's size rounded down, else the model's size).
+        num_images: images per prompt.
+        output_type: "pil" (a list of images), "np" (an array (N, H, W, 3) in [0, 1]) or "latent" (the
+            final scaled latents (N, 4, H/8, W/8)).
+        progress: a progress bar; tiled_decode: decode in tiles, bounding the VAE's memory for large
+            images; callback: called after every step with (step index, timestep, latents, predicted x0).
+        Random numbers come from a CPU generator seeded with `seed`, drawn in diffusers' order.
+        """
+        s = settle(prompt, negative_prompt, image_size=self.models.image_size,
+                   inpainting_model=self.models.is_inpainting, **settings)
+        generator = torch.Generator("cpu").manual_seed(s.seed)
+        guided = s.guidance_scale > 1.0
+        context = self.encode_prompts(s.prompts, s.negatives if guided else None, s.num_images)  # (2B or B, 77, 768)
+        s.sampler.set_timesteps(s.steps, self.device)
+        if s.image is not None:
+            s.sampler.set_strength(s.strength)
+        pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1 if s.image is not None else None  # (1, 3, H, W)
+        latents, image_latents, noise = self.starting_latents(s, pixels, generator)
+        inpainting = self.prepare_inpainting(s, pixels, image_latents, noise, generator) if s.mask is not None else None
+        latents = self.denoise(latents, context, s.sampler, s.guidance_scale, generator, inpainting, progress, callback)
+        return self.decode(latents, s.output_type, tiled_decode)
 
-        sampler.set_timesteps(steps, self.device)
-        begin = (steps - min(int(steps * strength), steps)) * sampler.order if source is not None else 0
-        timesteps = sampler.timesteps[begin:]
-        sampler.set_begin_index(begin)
-        shape = (batch, 4, height // VAE_FACTOR, width // VAE_FACTOR)
+    def starting_latents(self, s: Settings, pixels: torch.Tensor | None,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(latents to start from, the image's latents or None, the initial noise), each (B, 4, h, w):
+        noise for text-to-image and full-strength inpainting, else the image's latents noised to the
+        sampler's first timestep (SDEdit)."""
+        sampler = s.sampler
+        needs_image_latents = pixels is not None and (s.mask is None or not self.models.is_inpainting
+                                                      or s.strength < 1.0)
+        image_latents = (self.encode_image(pixels, generator).expand(s.batch, -1, -1, -1)
+                         if needs_image_latents else None)  # (B, 4, h, w)
+        noise = self.randn((s.batch, 4, s.height // VAE_FACTOR, s.width // VAE_FACTOR), generator)  # (B, 4, h, w)
+        timesteps = sampler.timesteps[sampler.begin_index:]
+        if image_latents is None or (s.mask is not None and s.strength == 1.0):
+            return noise * sampler.init_noise_sigma, image_latents, noise
+        if len(timesteps) == 0:  # strength 0: nothing to denoise
+            return image_latents, image_latents, noise
+        return sampler.add_noise(image_latents, noise, timesteps[:1].repeat(s.batch)), image_latents, noise
 
-        pixels = image_to_tensor(source, (width, height)) * 2 - 1 if source is not None else None  # (1, 3, H, W)
-        needs_image_latents = pixels is not None and (mask is None or not self.models.is_inpainting
-                                                      or strength < 1.0)
-        image_latents = self.encode_image(pixels, generator).expand(batch, -1, -1, -1) if needs_image_latents else None
-        noise = self.randn(shape, generator)  # (B, 4, h, w)
-        if image_latents is None or (mask is not None and strength == 1.0):
-            latents = noise * sampler.init_noise_sigma
-        elif len(timesteps):
-            latents = sampler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-        else:  # strength 0: nothing to denoise
-            latents = image_latents
-
-        inpainting = None
-        if mask is not None:
-            repaint = (image_to_tensor(open_image(mask, "mask", "L"), (width, height)) >= 0.5).to(pixels.dtype)
-            masked_image_latents = self.encode_image(pixels * (1 - repaint), generator).expand(batch, -1, -1, -1)
-            inpainting = Inpainting(mask=F.interpolate(repaint, size=shape[2:]).to(self.device)
-                                    .expand(batch, -1, -1, -1),
-                                    masked_image_latents=masked_image_latents,
-                                    image_latents=None if self.models.is_inpainting else image_latents, noise=noise)
-
-        latents = self.denoise(latents, context, sampler, timesteps, guidance_scale, generator, inpainting, progress)
-        return self.decode(latents, output_type, tiled_decode)
+    def prepare_inpainting(self, s: Settings, pixels: torch.Tensor, image_latents: torch.Tensor | None,
+                           noise: torch.Tensor, generator: torch.Generator) -> Inpainting:
+        """The mask at latent size and what each kind of UNet needs to keep the unmasked region."""
+        repaint = (image_to_tensor(s.mask, (s.width, s.height)) >= 0.5).to(pixels.dtype)  # (1, 1, H, W)
+        masked_image_latents = self.encode_image(pixels * (1 - repaint), generator).expand(s.batch, -1, -1, -1)
+        mask = F.interpolate(repaint, size=noise.shape[2:]).to(self.device).expand(s.batch, -1, -1, -1)
+        return Inpainting(mask=mask, masked_image_latents=masked_image_latents,
+                          image_latents=None if self.models.is_inpainting else image_latents, noise=noise)
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, output_type: str = "pil", tiled: bool = False):
@@ -200,8 +273,11 @@ class StableDiffusion:
         decode = vae.decode_tiled if tiled else vae.decode
         images = decode(latents.to(vae.dtype) / self.models.scale_factor)  # (B, 3, H, W)
         if vae.dtype == torch.float16 and not torch.isfinite(images).all():
-            vae.float()  # the fp16 VAE decoder overflows on some latents: decode in fp32 from now on
-            images = decode(latents.float() / self.models.scale_factor)
+            vae.float()  # the fp16 VAE decoder overflows on some latents: this decode runs in fp32
+            try:
+                images = decode(latents.float() / self.models.scale_factor)
+            finally:
+                vae.half()  # fp16 -> fp32 -> fp16 gives back the same weights
         check_finite(images, "decoded images", vae.dtype)
         images = (images / 2 + 0.5).clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
@@ -209,11 +285,13 @@ class StableDiffusion:
             return images
         return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
-    def denoise(self, latents: torch.Tensor, context: torch.Tensor, sampler: Sampler, timesteps: torch.Tensor,
-                guidance_scale: float, generator: torch.Generator, inpainting: Inpainting | None,
-                progress: bool) -> torch.Tensor:
-        """The sampling loop: one (batched, when guided) UNet call per timestep, then a sampler step."""
+    def denoise(self, latents: torch.Tensor, context: torch.Tensor, sampler: Sampler, guidance_scale: float,
+                generator: torch.Generator, inpainting: Inpainting | None, progress: bool,
+                callback: StepCallback | None = None) -> torch.Tensor:
+        """The sampling loop from the sampler's begin index: one (batched, when guided) UNet call per
+        timestep, then a sampler step."""
         guided = context.shape[0] != latents.shape[0]
+        timesteps = sampler.timesteps[sampler.begin_index:]
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
             x = sampler.scale_model_input(latents, t)  # (B, 4, h, w)
             if inpainting is not None and self.models.is_inpainting:
@@ -223,12 +301,15 @@ class StableDiffusion:
             if guided:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+            x0 = sampler.predicted_original(eps, t, latents) if callback is not None else None
             latents = sampler.step(eps, t, latents, generator)
             if inpainting is not None and inpainting.image_latents is not None:
                 known = inpainting.image_latents
                 if i < len(timesteps) - 1:  # bring the known region to the noise level of the next step
                     known = sampler.add_noise(known, inpainting.noise, timesteps[i + 1: i + 2])
                 latents = (1 - inpainting.mask) * known + inpainting.mask * latents
+            if callback is not None:
+                callback(i, t, latents, x0)
         return latents
 
     def encode_prompts(self, prompts: list[str], negatives: list[str] | None, num_images: int) -> torch.Tensor:

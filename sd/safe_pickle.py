@@ -27,10 +27,10 @@ import types
 import torch
 from torch._weights_only_unpickler import _get_allowed_globals
 
-from sd.errors import CheckpointError, UnsafeCheckpointError
+from sd.errors import CheckpointError, UnsafeCheckpointError, checkpoint_not_found
 
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
-_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how older files start
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how older files start
 
 # Top-level modules whose globals can run code or touch the system; a pickle naming one is refused.
 _DANGEROUS_MODULES = frozenset({
@@ -149,13 +149,12 @@ def load_pickle_checkpoint(path) -> object:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            head = f.read(len(_LEGACY_MAGIC))
+            head = f.read(len(LEGACY_MAGIC))
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint not found: {path}. Check the path, or see the README for where "
-                              f"to get the official file.") from None
+        raise checkpoint_not_found(path) from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}.") from None
-    is_zip = head.startswith(_ZIP_MAGIC)  # the legacy format cannot be memory-mapped
+    is_zip = head.startswith(ZIP_MAGIC)  # the legacy format cannot be memory-mapped
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
@@ -169,7 +168,7 @@ def load_pickle_checkpoint(path) -> object:
         raise UnsafeCheckpointError(f"refusing to load {path}: its pickle {e}. Get the checkpoint from a "
                                     f"trusted source or convert a trusted copy to .safetensors.") from None
     except Exception as e:
-        if not (is_zip or _LEGACY_MAGIC.startswith(head)):
+        if not (is_zip or LEGACY_MAGIC.startswith(head)):
             raise CheckpointError(f"{path} is not a PyTorch checkpoint (.ckpt): it is neither a zip archive "
                                   f"nor a legacy torch.save file.") from e
         reason = str(e).strip().split("\n")[0].split(". ")[0][:150] or type(e).__name__

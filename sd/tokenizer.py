@@ -17,8 +17,8 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from sd.errors import SDError
+from sd.files import DATA_DIR
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CONTEXT_LENGTH = 77  # positions the text encoder reads
 BOS_ID = 49406  # <|startoftext|>
 EOS_ID = 49407  # <|endoftext|>, also the padding id

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd.attention import group_norm, multi_head_attention
+from sd.attention import Attention, group_norm
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class UNetConfig:
     max_period: float = 10000.0
     res_eps: float = 1e-5
     transformer_norm_eps: float = 1e-6
+    norm_groups: int = 32  # GroupNorm groups (10 channels per group at SD v1's 320)
 
     @property
     def time_embed_dim(self) -> int:
@@ -57,9 +58,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, cfg: UNetConfig):
         super().__init__()
-        self.in_layers = nn.Sequential(group_norm(cin, cfg.res_eps), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.in_layers = nn.Sequential(group_norm(cin, cfg.res_eps, cfg.norm_groups), nn.SiLU(),
+                                       nn.Conv2d(cin, cout, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(cfg.time_embed_dim, cout))
-        self.out_layers = nn.Sequential(group_norm(cout, cfg.res_eps), nn.SiLU(), nn.Dropout(0.0),
+        self.out_layers = nn.Sequential(group_norm(cout, cfg.res_eps, cfg.norm_groups), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(cout, cout, 3, padding=1))
         self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -69,7 +71,7 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + self.out_layers(h)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(Attention):
     """Multi-head attention from image tokens to `context` (self-attention when context is None)."""
 
     def __init__(self, dim: int, context_dim: int, heads: int):
@@ -82,7 +84,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context  # (B, M, context_dim)
-        out = multi_head_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = self.attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
         return self.to_out(out)  # (B, N, dim)
 
 
@@ -130,7 +132,7 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, channels: int, cfg: UNetConfig):
         super().__init__()
-        self.norm = group_norm(channels, cfg.transformer_norm_eps)
+        self.norm = group_norm(channels, cfg.transformer_norm_eps, cfg.norm_groups)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, cfg)
                                                 for _ in range(cfg.transformer_depth))
@@ -223,7 +225,8 @@ class UNet(nn.Module):
                     layers.append(Upsample(cur))
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(group_norm(ch, cfg.res_eps), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(group_norm(ch, cfg.res_eps, cfg.norm_groups), nn.SiLU(),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])  # (B,)

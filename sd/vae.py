@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd.attention import group_norm, multi_head_attention
+from sd.attention import Attention, group_norm
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,18 @@ class VAEConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2  # per encoder level; the decoder has one more
     eps: float = 1e-6
+    norm_groups: int = 32  # GroupNorm groups; SD v1's 32 keep 4 channels per group at 128 channels
     logvar_range: tuple[float, float] = (-30.0, 20.0)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, twice, plus a (1x1-projected when channels change) skip."""
 
-    def __init__(self, cin: int, cout: int, eps: float):
+    def __init__(self, cin: int, cout: int, cfg: VAEConfig):
         super().__init__()
-        self.norm1 = group_norm(cin, eps)
+        self.norm1 = group_norm(cin, cfg.eps, cfg.norm_groups)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = group_norm(cout, eps)
+        self.norm2 = group_norm(cout, cfg.eps, cfg.norm_groups)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -44,12 +45,12 @@ class ResnetBlock(nn.Module):
         return self.nin_shortcut(x) + h
 
 
-class AttnBlock(nn.Module):
+class AttnBlock(Attention):
     """Single-head self-attention over all H*W positions; q, k, v and the output are 1x1 convs."""
 
-    def __init__(self, channels: int, eps: float):
+    def __init__(self, channels: int, cfg: VAEConfig):
         super().__init__()
-        self.norm = group_norm(channels, eps)
+        self.norm = group_norm(channels, cfg.eps, cfg.norm_groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -59,16 +60,16 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         y = self.norm(x)
         q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (B, HW, C)
-        out = multi_head_attention(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
+        out = self.attend(q, k, v, heads=1).transpose(1, 2).reshape(b, c, h, w)
         return x + self.proj_out(out)  # (B, C, H, W)
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, eps: float):
+    def __init__(self, channels: int, cfg: VAEConfig):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, eps)
-        self.attn_1 = AttnBlock(channels, eps)
-        self.block_2 = ResnetBlock(channels, channels, eps)
+        self.block_1 = ResnetBlock(channels, channels, cfg)
+        self.attn_1 = AttnBlock(channels, cfg)
+        self.block_2 = ResnetBlock(channels, channels, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
@@ -99,9 +100,9 @@ class Upsample(nn.Module):
 class Level(nn.Module):
     """One resolution level: residual blocks, then an optional down- or upsampler."""
 
-    def __init__(self, cin: int, cout: int, blocks: int, eps: float, resample: type[nn.Module] | None):
+    def __init__(self, cin: int, cout: int, blocks: int, cfg: VAEConfig, resample: type[nn.Module] | None):
         super().__init__()
-        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, eps) for i in range(blocks))
+        self.block = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, cfg) for i in range(blocks))
         if resample is not None:
             setattr(self, resample.__name__.lower(), resample(cout))
         self.resample = resample.__name__.lower() if resample is not None else None
@@ -119,10 +120,10 @@ class Encoder(nn.Module):
         last = len(widths) - 1
         self.conv_in = nn.Conv2d(cfg.image_channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList(
-            Level(widths[max(i - 1, 0)], w, cfg.num_res_blocks, cfg.eps, Downsample if i < last else None)
+            Level(widths[max(i - 1, 0)], w, cfg.num_res_blocks, cfg, Downsample if i < last else None)
             for i, w in enumerate(widths))
-        self.mid = MidBlock(widths[-1], cfg.eps)
-        self.norm_out = group_norm(widths[-1], cfg.eps)
+        self.mid = MidBlock(widths[-1], cfg)
+        self.norm_out = group_norm(widths[-1], cfg.eps, cfg.norm_groups)
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,12 +139,12 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mult]
         self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], cfg.eps)
+        self.mid = MidBlock(widths[-1], cfg)
         # up[i] works at the resolution of encoder level i; they run from the last level to the first.
         self.up = nn.ModuleList(
-            Level(widths[min(i + 1, len(widths) - 1)], w, cfg.num_res_blocks + 1, cfg.eps, Upsample if i > 0 else None)
+            Level(widths[min(i + 1, len(widths) - 1)], w, cfg.num_res_blocks + 1, cfg, Upsample if i > 0 else None)
             for i, w in enumerate(widths))
-        self.norm_out = group_norm(widths[0], cfg.eps)
+        self.norm_out = group_norm(widths[0], cfg.eps, cfg.norm_groups)
         self.conv_out = nn.Conv2d(widths[0], cfg.image_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

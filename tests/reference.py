@@ -1,5 +1,6 @@
 """Reference models for the parity tests: diffusers' UNet and VAE and transformers' CLIP text model,
-built at the SD v1.5 sizes with seeded random weights, and written as CompVis checkpoints.
+built at the SD v1.5 sizes with seeded random weights and written as CompVis checkpoints, and
+diffusers' schedulers configured as SD v1's (`reference_scheduler`).
 
 The CompVis key of every reference weight is found by asking diffusers' own `convert_ldm_*`
 functions: a state dict in our (CompVis) naming whose tensors are tagged with their index goes
@@ -9,6 +10,8 @@ must cover every weight of the reference model exactly once, or building the che
 
 import torch
 from diffusers import AutoencoderKL as RefVAE
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 from diffusers import UNet2DConditionModel as RefUNet
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint)
@@ -89,3 +92,37 @@ def to_compvis(net: str, ref: torch.nn.Module) -> dict[str, torch.Tensor]:
     assert inverse.keys() == ref_state.keys(), f"{net}: diffusers' converter does not cover the reference"
     assert sorted(inverse.values()) == sorted(keys), f"{net}: CompVis keys not used exactly once"
     return {PREFIX[net] + ck: ref_state[dk].reshape(ours[ck].shape).contiguous() for dk, ck in inverse.items()}
+
+
+# ---- samplers --------------------------------------------------------------------------------------
+
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+LEADING = dict(timestep_spacing="leading", steps_offset=1)
+LINSPACE = dict(timestep_spacing="linspace", steps_offset=0)
+
+
+def reference_scheduler(name: str, options: dict):
+    """The diffusers scheduler configured as SD's, and the extra keywords its step takes."""
+    karras = options.get("karras", False) or name == "dpmpp_2m_karras"
+    if name == "ddpm":
+        return DDPMScheduler(**SD_BETAS, **LEADING, variance_type="fixed_small", clip_sample=False), {}
+    if name == "ddim":
+        return (DDIMScheduler(**SD_BETAS, **LEADING, clip_sample=False, set_alpha_to_one=False),
+                {"eta": options.get("eta", 0.0)})
+    if name == "plms":
+        return PNDMScheduler(**SD_BETAS, **LEADING, skip_prk_steps=True, set_alpha_to_one=False), {}
+    if name == "euler_a":  # no Karras option: set_reference_timesteps gives it Karras sigmas
+        return EulerAncestralDiscreteScheduler(**SD_BETAS, **LINSPACE), {}
+    if name.startswith("dpmpp_2m"):
+        return DPMSolverMultistepScheduler(**SD_BETAS, **LINSPACE, algorithm_type="dpmsolver++", solver_order=2,
+                                           use_karras_sigmas=karras), {}
+    cls = {"euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler, "lms": LMSDiscreteScheduler}[name]
+    return cls(**SD_BETAS, **LINSPACE, use_karras_sigmas=karras), {}
+
+
+def set_reference_timesteps(ref, name: str, options: dict, steps: int) -> None:
+    ref.set_timesteps(steps)
+    if name == "euler_a" and options.get("karras"):
+        euler = EulerDiscreteScheduler(**SD_BETAS, **LINSPACE, use_karras_sigmas=True)
+        euler.set_timesteps(steps)
+        ref.sigmas, ref.timesteps = euler.sigmas.clone(), euler.timesteps.clone()

@@ -14,7 +14,7 @@ from PIL import Image
 
 import run_demo
 from sd.pipeline import StableDiffusion
-from tests.test_bad_checkpoints import BAD_FILES
+from tests.bad_files import BAD_FILES
 from tests.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,13 +107,13 @@ BAD_ARGUMENTS = {  # name: (arguments, fragments of the message); {ckpt}, {tmp},
     "height_zero": (["--height", "0"], ["--height must be a positive multiple of 8, got 0"]),
     "too_large": (["--width", "65536", "--height", "65536"], ["65536x65536 needs about", "GiB free",
                                                                "lower --width and --height"]),
-    "zero_steps": (["--steps", "0"], ["--steps must be between 1 and 1000, got 0"]),
-    "too_many_steps": (["--steps", "1001"], ["--steps must be between 1 and 1000, got 1001"]),
+    "zero_steps": (["--steps", "0"], ["--steps must be a whole number between 1 and 1000, got 0"]),
+    "too_many_steps": (["--steps", "1001"], ["--steps must be a whole number between 1 and 1000, got 1001"]),
     "steps_not_a_number": (["--steps", "ten"], ["argument --steps: invalid int value: 'ten'", "--help"]),
     "strength_above_1": (["--image", "{image}", "--strength", "1.5"], ["--strength must be between 0 and 1, got 1.5"]),
     "strength_without_image": (["--strength", "0.5"], ["--strength 0.5 needs --image"]),
     "unknown_sampler": (["--sampler", "k_euler"], ["unknown sampler 'k_euler'", "ddim", "dpmpp_2m_karras", "euler_a"]),
-    "mask_without_image": (["--mask", "{image}"], ["--mask {image} needs --image"]),
+    "mask_without_image": (["--mask", "{image}"], ["--mask needs --image: the image to inpaint"]),
     "missing_image": (["--image", "{tmp}/nowhere.png"], ["init image not found: {tmp}/nowhere.png"]),
     "unreadable_image": (["--image", "{tmp}/garbage.png"], ["cannot read init image {tmp}/garbage.png"]),
     "missing_mask": (["--image", "{image}", "--mask", "{tmp}/nowhere.png"], ["mask not found: {tmp}/nowhere.png"]),

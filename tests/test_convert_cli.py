@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.test_bad_checkpoints import BAD_FILES, tiny_state
+from tests.bad_files import BAD_FILES, tiny_state
 from tests.tiny import UNET_PREFIX, write_tiny_checkpoint
 from weights_converter import __main__ as cli
 from sd.checkpoint import ema_key, load_checkpoint, read_state_dict

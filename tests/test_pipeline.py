@@ -11,7 +11,7 @@ from PIL import Image
 from sd.pipeline import StableDiffusion
 from sd.tokenizer import DATA_DIR
 from tests.conftest import rel_err
-from tests.test_samplers import reference as reference_scheduler
+from tests.reference import reference_scheduler
 
 WIDTH, HEIGHT = 96, 64  # latents (12, 8): not a multiple of 64, so the UNet's odd-size path runs too
 PROMPT, NEGATIVE = "a red bicycle leaning on a stone wall, golden hour", "blurry, low quality"
@@ -38,28 +38,34 @@ def run_reference(cls, refs, unet, sampler: str, seed: int, **inputs):
     pipe = cls(vae=refs.vae, text_encoder=refs.clip, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    final = {}
+    steps = []
 
     def keep_latents(pipe, i, t, tensors):
-        final["latents"] = tensors["latents"]
+        steps.append(tensors["latents"])
         return tensors
 
     images = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(seed),
                   output_type="np", callback_on_step_end=keep_latents, **SETTINGS, **inputs).images
-    return final["latents"], images
+    return steps, images
 
 
 def run_ours(sd: StableDiffusion, method: str, sampler: str, seed: int, **inputs):
+    """Our pipeline; returns (the latents after every step, from its step callback, images in [0, 1])."""
+    steps = []
     latents = getattr(sd, method)(PROMPT, negative_prompt=NEGATIVE, steps=SETTINGS["num_inference_steps"],
                                   guidance_scale=SETTINGS["guidance_scale"], width=WIDTH, height=HEIGHT,
-                                  sampler=sampler, seed=seed, output_type="latent", progress=False, **inputs)
-    return latents, sd.decode(latents, "np")
+                                  sampler=sampler, seed=seed, output_type="latent", progress=False,
+                                  callback=lambda i, t, x, x0: steps.append(x.clone()), **inputs)
+    assert torch.equal(steps[-1], latents)
+    return steps, sd.decode(latents, "np")
 
 
 def assert_same(ours, theirs):
-    (latents, images), (ref_latents, ref_images) = ours, theirs
-    assert latents.shape == ref_latents.shape and images.shape == ref_images.shape
-    assert rel_err(latents, ref_latents) < 1e-3
+    """The same latents after every step, and the same images."""
+    (steps, images), (ref_steps, ref_images) = ours, theirs
+    assert len(steps) == len(ref_steps) and images.shape == ref_images.shape
+    errors = [rel_err(a, b) for a, b in zip(steps, ref_steps)]
+    assert max(errors) < 1e-3, f"worst step {errors.index(max(errors))} of {len(errors)}: {max(errors):.2e}"
     assert np.abs(images - ref_images).mean() < 1 / 255
 
 

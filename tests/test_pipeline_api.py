@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sd.errors import InputError
-from sd.pipeline import StableDiffusion
+from sd.errors import InputError, SettingError
+from sd.pipeline import StableDiffusion, settle
 from tests.tiny import write_tiny_checkpoint
 
 SMALL = dict(steps=2, width=64, height=48, progress=False)
@@ -81,14 +81,52 @@ def test_inpainting_checkpoint_needs_a_mask(sd_inpainting):
 @pytest.mark.parametrize("options, message", [
     (dict(width=60), "width must be a positive multiple of 8"),
     (dict(height=0), "height must be a positive multiple of 8"),
-    (dict(steps=0), "steps must be a positive"),
+    (dict(steps=0), "steps must be a whole number between 1 and 1000, got 0"),
+    (dict(steps=1001), "steps must be a whole number between 1 and 1000, got 1001"),
+    (dict(steps=2.5), "steps must be a whole number"),
     (dict(num_images=0), "num_images"),
+    (dict(seed=-1), "seed must be between 0 and 2"),
+    (dict(strength=0.5), "strength 0.5 needs image"),
+    (dict(negative_prompt=["a", "b"]), "got 2 values of negative_prompt for 1 prompts"),
     (dict(sampler="nope"), "unknown sampler 'nope'; choose one of: ddpm"),
     (dict(output_type="jpeg"), "output_type"),
     (dict(image=Image.new("RGB", (64, 48)), strength=1.5), "strength must be between 0 and 1"),
-    (dict(mask=Image.new("L", (64, 48))), "a mask needs an init image"),
+    (dict(mask=Image.new("L", (64, 48))), "mask needs image: the image to inpaint"),
     (dict(image="/nonexistent/init.png"), "init image not found"),
 ])
 def test_bad_arguments_raise_input_error(sd, options, message):
     with pytest.raises(InputError, match=message):
         sd.generate("a cat", **{**SMALL, **options})
+
+
+def test_settings_are_checked_without_weights():
+    """`settle` is what the command line runs before loading: defaults filled, the same errors as generate."""
+    s = settle("a cat", image=Image.new("RGB", (70, 50)), image_size=64)
+    assert (s.width, s.height, s.strength, s.steps) == (64, 48, 0.75, 25)  # the image's size, rounded down
+    assert settle("a cat", image_size=64).width == 64 and settle("a cat").width == 512
+    assert settle("a", image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64))).strength == 1.0
+    with pytest.raises(SettingError) as error:
+        settle("a cat", num_images=0)
+    assert str(error.value) == "num_images must be at least 1, got 0"
+    assert str(error.value.for_flags()) == "--num-images must be at least 1, got 0"
+
+
+def test_callback_sees_every_step(sd):
+    seen = []
+    latents = sd.text_to_image("a cat", sampler="ddim", seed=3, output_type="latent",
+                               callback=lambda i, t, x, x0: seen.append((i, int(t), x.clone(), x0.clone())), **SMALL)
+    assert [(i, t) for i, t, _, _ in seen] == [(0, 501), (1, 1)]
+    assert torch.equal(seen[-1][2], latents)
+    # DDIM's last step goes to a_bar_0 (not to 1), so its result is close to, not equal to, the predicted x0
+    assert not torch.equal(seen[0][3], seen[1][3]) and torch.allclose(seen[-1][3], latents, atol=0.1)
+
+
+def test_fp16_vae_overflow_falls_back_to_fp32_for_that_decode_only(sd, monkeypatch):
+    vae = sd.models.vae.half()
+    try:
+        decode = vae.decode
+        monkeypatch.setattr(vae, "decode", lambda z: decode(z) * (torch.inf if z.dtype == torch.float16 else 1))
+        images = sd.decode(torch.zeros(1, 4, 6, 8), "np")
+        assert np.isfinite(images).all() and vae.dtype == torch.float16
+    finally:
+        vae.float()

@@ -1,10 +1,7 @@
 """Pickle checkpoints load without running code: dangerous globals are refused, unknown ones are inert."""
 
-import builtins
 import importlib
-import os
 import pickle
-import subprocess
 import sys
 import zipfile
 from collections import OrderedDict
@@ -14,6 +11,7 @@ import torch
 
 from sd.errors import CheckpointError, UnsafeCheckpointError
 from sd.safe_pickle import load_pickle_checkpoint
+from tests.bad_files import LIGHTNING_LIKE, attacks
 
 
 def weights():
@@ -38,29 +36,6 @@ def test_plain_checkpoint_round_trips(tmp_path, zip_format):
     assert_same_weights(loaded["state_dict"], state["state_dict"])
     assert loaded["global_step"] == 7
     assert isinstance(loaded["param"], torch.nn.Parameter) and torch.equal(loaded["param"], state["param"])
-
-
-class Evil:
-    """Pickles as a call to `function(*args)`, which would create the marker file."""
-
-    def __init__(self, function, *args):
-        self.function, self.args = function, args
-
-    def __reduce__(self):
-        return self.function, self.args
-
-
-def attacks(marker):
-    """Pickled calls that would create `marker`, keyed by the global each one names."""
-    code = f"open({str(marker)!r}, 'w').close()"
-    return {
-        f"{os.system.__module__}.system": Evil(os.system, f"touch {marker}"),
-        "builtins.exec": Evil(builtins.exec, code),
-        "builtins.eval": Evil(builtins.eval, code),
-        "subprocess.call": Evil(subprocess.call, ["touch", str(marker)]),
-        # Harmless here, but getattr is how pickles reach methods of the objects they build.
-        "builtins.getattr": Evil(getattr, 1, "real"),
-    }
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
@@ -106,26 +81,6 @@ def test_a_pickle_cannot_patch_torch(tmp_path):
     assert not hasattr(rebuild, "evil")
 
 
-LIGHTNING_LIKE = '''
-class ModelCheckpoint:
-    def __init__(self):
-        self.monitor, self.best = "val/loss", {"score": 0.25}
-
-class AttributeDict(dict):
-    pass
-
-class History(list):
-    pass
-
-def make():
-    hparams = AttributeDict(lr=1e-4, steps=3)
-    hparams.note = "x"
-    return {"callbacks": {ModelCheckpoint: {"best_k_models": {}}}, "cb": ModelCheckpoint(),
-            "hparams": hparams, "history": History([1, 2]), "factory": make, "builtins": BUILTINS}
-
-BUILTINS = {"set": {1, 2}, "frozenset": frozenset({3}), "bytes": b"ab", "empty": b"", "complex": 1 + 2j,
-            "slice": slice(1, 2), "range": range(3), "bytearray": bytearray(b"x"), "type": float}
-'''
 
 
 @pytest.mark.parametrize("protocol", [1, 2])

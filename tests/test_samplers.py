@@ -9,18 +9,14 @@ import inspect
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 
 from sd.errors import InputError
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
 from tests.conftest import rel_err
+from tests.reference import reference_scheduler, set_reference_timesteps
 
 TOL = 1e-5
 SHAPE = (2, 4, 8, 8)
-SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-LEADING = dict(timestep_spacing="leading", steps_offset=1)
-LINSPACE = dict(timestep_spacing="linspace", steps_offset=0)
 
 # (registry name, options): every sampler, the sigma-space ones with and without Karras sigmas.
 CASES = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.7}), ("plms", {}),
@@ -38,33 +34,6 @@ def toy_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """A deterministic stand-in for the UNet: nonlinear in x, smooth in (possibly fractional) t."""
     s = float(t) / 1000
     return torch.tanh(W.to(x.device) * x + B.to(x.device) * s) * (1 + s)
-
-
-def reference(name: str, options: dict):
-    """The diffusers scheduler configured as SD's, and the extra keywords its step takes."""
-    karras = options.get("karras", False) or name == "dpmpp_2m_karras"
-    if name == "ddpm":
-        return DDPMScheduler(**SD_BETAS, **LEADING, variance_type="fixed_small", clip_sample=False), {}
-    if name == "ddim":
-        return (DDIMScheduler(**SD_BETAS, **LEADING, clip_sample=False, set_alpha_to_one=False),
-                {"eta": options.get("eta", 0.0)})
-    if name == "plms":
-        return PNDMScheduler(**SD_BETAS, **LEADING, skip_prk_steps=True, set_alpha_to_one=False), {}
-    if name == "euler_a":  # diffusers' ancestral Euler has no Karras option: given its sigmas below
-        return EulerAncestralDiscreteScheduler(**SD_BETAS, **LINSPACE), {}
-    if name.startswith("dpmpp_2m"):
-        return DPMSolverMultistepScheduler(**SD_BETAS, **LINSPACE, algorithm_type="dpmsolver++", solver_order=2,
-                                           use_karras_sigmas=karras), {}
-    cls = {"euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler, "lms": LMSDiscreteScheduler}[name]
-    return cls(**SD_BETAS, **LINSPACE, use_karras_sigmas=karras), {}
-
-
-def set_reference_timesteps(ref, name: str, options: dict, steps: int) -> None:
-    ref.set_timesteps(steps)
-    if name == "euler_a" and options.get("karras"):
-        euler = EulerDiscreteScheduler(**SD_BETAS, **LINSPACE, use_karras_sigmas=True)
-        euler.set_timesteps(steps)
-        ref.sigmas, ref.timesteps = euler.sigmas.clone(), euler.timesteps.clone()
 
 
 def run(step, scale, timesteps, x, seed=7):
@@ -104,7 +73,7 @@ def assert_same_trajectory(ours, expected, order):
 @pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
 def test_full_run_matches_diffusers(name, options, steps):
     ours = make_sampler(name, **options)
-    ref, step_kwargs = reference(name, options)
+    ref, step_kwargs = reference_scheduler(name, options)
     ours.set_timesteps(steps)
     set_reference_timesteps(ref, name, options, steps)
     assert ours.order == ref.order
@@ -124,7 +93,7 @@ def test_img2img_run_matches_diffusers(name, options):
     and (inpainting) noise them to the next timestep after every step."""
     steps, strength = 12, 0.6
     ours = make_sampler(name, **options)
-    ref, step_kwargs = reference(name, options)
+    ref, step_kwargs = reference_scheduler(name, options)
     ours.set_timesteps(steps)
     set_reference_timesteps(ref, name, options, steps)
     begin = (steps - int(steps * strength)) * ours.order
@@ -167,7 +136,7 @@ def test_img2img_run_matches_diffusers(name, options):
 def test_timesteps_and_sigmas_match_diffusers_for_every_step_count(name, options):
     """Rounding ties included (diffusers' DPM-Solver rounds 499.5 or a hair less at 26 and 30 steps)."""
     ours = make_sampler(name, **options)
-    ref, _ = reference(name, options)
+    ref, _ = reference_scheduler(name, options)
     for steps in range(2, 61):
         ours.set_timesteps(steps)
         set_reference_timesteps(ref, name, options, steps)
@@ -202,6 +171,35 @@ def test_stochastic_samplers_follow_the_generator():
             x = noise(0) * sampler.init_noise_sigma
             finals.append(run(sampler.step, sampler.scale_model_input, sampler.timesteps, x, seed)[-1])
         assert torch.equal(finals[0], finals[1]) and rel_err(finals[0], finals[2]) > 100 * TOL, name
+
+
+def final_sample(name: str, options: dict, steps: int) -> torch.Tensor:
+    sampler = make_sampler(name, **options)
+    sampler.set_timesteps(steps)
+    return run(sampler.step, sampler.scale_model_input, sampler.timesteps, noise(0) * sampler.init_noise_sigma)[-1]
+
+
+def repeating_step_counts(name: str, options: dict) -> list[int]:
+    """The step counts from 1 to 1000 whose timesteps repeat a value (beyond Heun's and PLMS's own repeats)."""
+    sampler = make_sampler(name, **options)
+    counts = []
+    for steps in range(1, 1001):
+        sampler.set_timesteps(steps)
+        if len(sampler.timesteps.unique()) < steps:
+            counts.append(steps)
+    return counts
+
+
+@pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
+def test_every_step_count_gives_a_finite_run(name, options):
+    """Every step count from 1 to 1000 builds its timesteps; the extremes, and step counts whose timesteps
+    repeat (DPM-Solver++ rounds to integers: two 500s at 1000 steps), run to a finite end. A repeated
+    timestep must not change the answer either: 1000 steps land next to 999."""
+    repeating = repeating_step_counts(name, options)
+    for steps in sorted({1, 2, 3, 999, 1000, *repeating[:2], *repeating[-1:]}):
+        assert torch.isfinite(final_sample(name, options, steps)).all(), steps
+    if 1000 in repeating and not options.get("karras") and name != "dpmpp_2m_karras":
+        assert rel_err(final_sample(name, options, 1000), final_sample(name, options, 999)) < 1e-2
 
 
 def test_make_sampler_rejects_unknown_names_and_options():

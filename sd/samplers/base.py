@@ -1,4 +1,5 @@
-"""The interface all samplers share, modelled on diffusers' schedulers so that results can be compared.
+"""The interface all samplers share, modelled on diffusers' schedulers so that results can be compared,
+and the two families they come in.
 
 A pipeline drives any sampler the same way (classifier-free guidance left out):
 
@@ -8,16 +9,33 @@ A pipeline drives any sampler the same way (classifier-free guidance left out):
         eps = unet(sampler.scale_model_input(x, t), t, context)      # predicted noise
         x = sampler.step(eps, t, x, generator)
 
-img2img starts part-way through the same schedule: `sampler.set_begin_index(i)`,
-`x = sampler.add_noise(image_latents, noise, sampler.timesteps[i:i + 1])`, then the loop runs over
-`sampler.timesteps[i:]`. A sampler counts the steps it has taken itself (`step_index`), so multistep
-methods know where they are without the pipeline's help.
+img2img starts part-way through the same schedule: `sampler.set_strength(strength)` picks the begin
+index i, `x = sampler.add_noise(image_latents, noise, sampler.timesteps[i:i + 1])`, then the loop runs
+over `sampler.timesteps[i:]`. A sampler counts the steps it has taken itself (`step_index`), so
+multistep methods know where they are without the pipeline's help.
+
+The price of this one-call-per-`step` interface: a method that evaluates the model more than once per
+step cannot ask for those evaluations itself. Heun and the first step of PLMS are written as state
+carried between calls over a timestep list that repeats entries (the second call at a repeated
+timestep is the correction), so `timesteps` is longer than the number of steps, `order` says by how
+much, and a caller must make exactly one `step` call per entry. Parity with diffusers, step by step,
+rests on keeping this interface.
+
+Two families, both in the variable x_t = alpha x0 + s eps of the training process (alpha =
+sqrt(a_bar_t), s = sqrt(1 - a_bar_t)), which `add_noise` and `predicted_original` implement once from
+the (alpha, s) a subclass gives in `_scales`:
+- `AlphaSampler`: integer timesteps of the training schedule, read in a_bar (DDPM, DDIM, PLMS);
+- `SigmaSampler`: a run chosen in the noise level sigma = s / alpha (Karras et al., 2022), evenly spaced
+  in timestep or on EDM's Karras schedule (DPM-Solver++ as it is; the k-diffusion samplers change the
+  variable to x_t / alpha, see k_diffusion.py).
 """
 
 import torch
 
 from sd.errors import InputError
-from sd.samplers.schedule import NoiseSchedule
+from sd.samplers.schedule import NoiseSchedule, linspace
+
+KARRAS_RHO = 7.0  # EDM eq. 5: rho = 7 spaces the steps well for images
 
 
 def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -25,6 +43,35 @@ def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.T
     device, then moved, so that a CPU generator gives the same numbers whatever device runs the model."""
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> torch.Tensor:
+    """n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho) (float64)."""
+    ramp = linspace(0, 1, n)  # (n,)
+    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def interpolate(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """values (T,) given at the timesteps 0..T-1, linearly interpolated at fractional timesteps t (float64)."""
+    low = t.floor().long().clamp(max=len(values) - 2)  # (n,)
+    values = values.double()
+    return values[low] + (t - low) * (values[low + 1] - values[low])
+
+
+def sigma_to_t(sigmas: torch.Tensor, training_sigmas: torch.Tensor) -> torch.Tensor:
+    """The fractional timestep of each sigma, interpolating log sigma between training timesteps."""
+    log_training = training_sigmas.log().double()  # (T,) increasing
+    log_sigmas = sigmas.log()  # (n,)
+    low = (torch.searchsorted(log_training, log_sigmas, right=True) - 1).clamp(0, len(log_training) - 2)
+    w = (log_training[low] - log_sigmas) / (log_training[low] - log_training[low + 1])
+    return low + w.clamp(0, 1)
+
+
+def signal_and_noise_scales(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, s) = (sqrt(a_bar), sqrt(1 - a_bar)) for sigma = s / alpha."""
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
 
 
 class Sampler:
@@ -54,6 +101,17 @@ class Sampler:
         self._begin_index = self._step_index = index
         self._reset()
 
+    def set_strength(self, strength: float) -> None:
+        """Begin where an img2img run that redraws `strength` of its image (0 to 1) begins: after the first
+        n - int(n * strength) of the n steps, each `order` entries of `timesteps` long (diffusers' rule)."""
+        n = self.num_inference_steps
+        self.set_begin_index((n - min(int(n * strength), n)) * self.order)
+
+    @property
+    def begin_index(self) -> int:
+        """Position in `timesteps` where this run began."""
+        return self._begin_index
+
     @property
     def step_index(self) -> int:
         """Position in `timesteps` of the next call to `step`."""
@@ -72,6 +130,16 @@ class Sampler:
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Noise clean latents (B, 4, h, w) to the level of `timesteps` (B,) or (1,), as training did."""
+        alpha, s = self._scales(timesteps, original)  # (B, 1, 1, 1) each
+        return alpha * original + s * noise  # (B, 4, h, w)
+
+    def predicted_original(self, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The clean latents x0 that the model's noise prediction at (x, t) implies."""
+        alpha, s = self._scales(t, x)
+        return (x - s * eps) / alpha
+
+    def _scales(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, s) of each timestep, shaped (B, 1, 1, 1) on `like`'s device and dtype."""
         raise NotImplementedError
 
     def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
@@ -105,7 +173,51 @@ class AlphaSampler(Sampler):
     def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         return self.schedule.leading_timesteps(num_inference_steps)
 
-    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        alphas_cumprod = self.schedule.alphas_cumprod.to(original.device, original.dtype)
-        alpha_bar = alphas_cumprod[timesteps.to(original.device)].reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return alpha_bar**0.5 * original + (1 - alpha_bar) ** 0.5 * noise  # (B, 4, h, w)
+    def _scales(self, timesteps, like):
+        alphas_cumprod = self.schedule.alphas_cumprod.to(like.device, like.dtype)
+        alpha_bar = alphas_cumprod[timesteps.to(like.device)].reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+
+
+class SigmaSampler(Sampler):
+    """Base of the samplers whose run is chosen in sigma: beside the model timesteps it builds `sigmas`
+    (len(timesteps) + 1,), the last one 0, on the CPU. The sigmas are those of n evenly spaced, possibly
+    fractional timesteps from 999 down to 0 ("linspace"), or with `karras=True` EDM's eq. 5 schedule,
+    which spends more steps at low noise; each Karras sigma then gets the fractional timestep with
+    that sigma."""
+
+    integer_timesteps: bool = False  # round the model timesteps, keeping the sigmas (diffusers' DPM-Solver++)
+
+    def __init__(self, schedule: NoiseSchedule | None = None, *, karras: bool = False):
+        super().__init__(schedule)
+        self.karras = karras
+        self.sigmas = torch.empty(0)
+
+    def _spaced_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        return self.schedule.linspace_timesteps(num_inference_steps)
+
+    def _make_timesteps(self, num_inference_steps):
+        training_sigmas = self.schedule.sigmas  # (T,)
+        if self.karras:
+            sigmas = karras_sigmas(float(training_sigmas[0]), float(training_sigmas[-1]), num_inference_steps)
+            timesteps = sigma_to_t(sigmas, training_sigmas)  # (n,)
+        else:
+            timesteps = self._spaced_timesteps(num_inference_steps).float()  # (n,)
+            sigmas = interpolate(training_sigmas, timesteps.double())
+        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (n + 1,)
+        return timesteps.round().long() if self.integer_timesteps else timesteps.float()
+
+    def _sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The sigma of each timestep (B,), looked up in `timesteps` from the begin index on."""
+        candidates = self.timesteps[self._begin_index:].cpu()
+        indices = []
+        for t in timesteps.reshape(-1).cpu():
+            matches = (candidates == t).nonzero()
+            if len(matches) == 0:
+                raise ValueError(f"timestep {float(t)} is not among this run's timesteps from the begin index on")
+            indices.append(self._begin_index + int(matches[0]))
+        return self.sigmas[indices]
+
+    def _scales(self, timesteps, like):
+        sigma = self._sigmas_at(timesteps).to(like.device, like.dtype).reshape(-1, 1, 1, 1)
+        return signal_and_noise_scales(sigma)

@@ -8,56 +8,23 @@ to 0, where D = x - sigma eps is the model's estimate of the clean latents (EDM 
 starts from sigma_max * noise, the model sees x / sqrt(sigma^2 + 1) (which is x_t itself) and the
 timestep whose sigma that is, and the last step lands on sigma = 0.
 
-The sigmas of a run are the training sigmas at n evenly spaced, possibly fractional timesteps from
-999 down to 0 ("linspace"), or with `karras=True` EDM's eq. 5 schedule (rho = 7), which spends more
-steps at low noise; each Karras sigma then gets the fractional timestep with that sigma. Samplers:
-Euler (EDM Alg. 1 without its second-order correction), Euler ancestral, Heun (EDM Alg. 1) and LMS
-(k-diffusion's linear multistep). DPM-Solver++ (dpm_solver.py) shares the sigma machinery.
+The sigmas of a run come from `SigmaSampler` (base.py): linspace or Karras. Samplers: Euler (EDM Alg. 1
+without its second-order correction), Euler ancestral, Heun (EDM Alg. 1) and LMS (k-diffusion's
+linear multistep). DPM-Solver++ (dpm_solver.py) shares the sigmas but stays in x_t.
 """
 
 import math
 
 import torch
 
-from sd.samplers.base import Sampler, draw_noise
-from sd.samplers.schedule import NoiseSchedule, linspace
+from sd.samplers.base import SigmaSampler, draw_noise
 
-KARRAS_RHO = 7.0  # EDM eq. 5: rho = 7 spaces the steps well for images
 LMS_MAX_ORDER = 4
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> torch.Tensor:
-    """n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho) (float64)."""
-    ramp = linspace(0, 1, n)  # (n,)
-    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def interpolate(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """values (T,) given at the timesteps 0..T-1, linearly interpolated at fractional timesteps t (float64)."""
-    low = t.floor().long().clamp(max=len(values) - 2)  # (n,)
-    values = values.double()
-    return values[low] + (t - low) * (values[low + 1] - values[low])
-
-
-def sigma_to_t(sigmas: torch.Tensor, training_sigmas: torch.Tensor) -> torch.Tensor:
-    """The fractional timestep of each sigma, interpolating log sigma between training timesteps."""
-    log_training = training_sigmas.log().double()  # (T,) increasing
-    log_sigmas = sigmas.log()  # (n,)
-    low = (torch.searchsorted(log_training, log_sigmas, right=True) - 1).clamp(0, len(log_training) - 2)
-    w = (log_training[low] - log_sigmas) / (log_training[low] - log_training[low + 1])
-    return low + w.clamp(0, 1)
-
-
-class SigmaSampler(Sampler):
-    """Base of the sigma-space samplers: builds `sigmas` (len(timesteps) + 1,), the last one 0, on the CPU."""
-
-    integer_timesteps: bool = False  # round the model timesteps, keeping the sigmas (diffusers' DPM-Solver++)
-
-    def __init__(self, schedule: NoiseSchedule | None = None, *, karras: bool = False):
-        super().__init__(schedule)
-        self.karras = karras
-        self.sigmas = torch.empty(0)
+class KDiffusionSampler(SigmaSampler):
+    """Base of Euler, Euler ancestral, Heun and LMS, which work in x = x_t / alpha = x0 + sigma eps: the run
+    starts from sigma_max * noise, and the model sees x / sqrt(sigma^2 + 1), which is x_t itself."""
 
     @property
     def init_noise_sigma(self) -> float:
@@ -71,30 +38,8 @@ class SigmaSampler(Sampler):
         sigma = self._sigmas_at(timesteps).to(original.device, original.dtype).reshape(-1, 1, 1, 1)
         return original + noise * sigma  # (B, 4, h, w)
 
-    def _spaced_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        return self.schedule.linspace_timesteps(num_inference_steps)
-
-    def _make_timesteps(self, num_inference_steps):
-        training_sigmas = self.schedule.sigmas  # (T,)
-        if self.karras:
-            sigmas = karras_sigmas(float(training_sigmas[0]), float(training_sigmas[-1]), num_inference_steps)
-            timesteps = sigma_to_t(sigmas, training_sigmas)  # (n,)
-        else:
-            timesteps = self._spaced_timesteps(num_inference_steps).float()  # (n,)
-            sigmas = interpolate(training_sigmas, timesteps.double())
-        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (n + 1,)
-        return timesteps.round().long() if self.integer_timesteps else timesteps.float()
-
-    def _sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The sigma of each timestep (B,), looked up in `timesteps` from the begin index on."""
-        candidates = self.timesteps[self._begin_index:].cpu()
-        indices = []
-        for t in timesteps.reshape(-1).cpu():
-            matches = (candidates == t).nonzero()
-            if len(matches) == 0:
-                raise ValueError(f"timestep {float(t)} is not among this run's timesteps from the begin index on")
-            indices.append(self._begin_index + int(matches[0]))
-        return self.sigmas[indices]
+    def predicted_original(self, eps, t, x):
+        return x - self._sigmas_at(t).to(x.device, x.dtype) * eps  # D(x; sigma)
 
     @staticmethod
     def _derivative(eps: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -103,13 +48,13 @@ class SigmaSampler(Sampler):
         return (x - denoised) / sigma
 
 
-class EulerSampler(SigmaSampler):
+class EulerSampler(KDiffusionSampler):
     def _step(self, eps, t, x, i, generator):
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
         return x + self._derivative(eps, x, sigma) * (sigma_next - sigma)
 
 
-class EulerAncestralSampler(SigmaSampler):
+class EulerAncestralSampler(KDiffusionSampler):
     """Euler down to sigma_down, then fresh noise of std sigma_up back up to sigma_next (k-diffusion;
     sigma_down^2 + sigma_up^2 = sigma_next^2, with the DDPM amount of new noise)."""
 
@@ -121,7 +66,7 @@ class EulerAncestralSampler(SigmaSampler):
         return x + draw_noise(eps, generator) * sigma_up
 
 
-class HeunSampler(SigmaSampler):
+class HeunSampler(KDiffusionSampler):
     """Heun's second-order method (EDM Alg. 1): an Euler step predicts x at the next sigma, the model is
     evaluated there, and the step is redone from the start with the mean of both slopes. Each step
     takes two calls, so `timesteps` repeats every entry after the first (as diffusers) and the last
@@ -149,7 +94,7 @@ class HeunSampler(SigmaSampler):
         return x_start + slope * dsigma
 
 
-class LMSSampler(SigmaSampler):
+class LMSSampler(KDiffusionSampler):
     """Linear multistep: integrate the polynomial through the last (up to 4) slopes over [sigma, sigma_next].
 
     Deviation from diffusers: the order grows with the slopes this run has seen (as k-diffusion), where

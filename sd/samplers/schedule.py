@@ -48,9 +48,13 @@ class NoiseSchedule:
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
 
     def leading_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        """Every (T // n)-th timestep from steps_offset up, descending (int64), as CompVis' DDIM and PLMS."""
+        """Every (T // n)-th timestep from steps_offset up, descending (int64), as CompVis' DDIM and PLMS.
+        At n = T the offset would put the first step at T, past the schedule (CompVis and diffusers fail
+        there): the offset shrinks to keep every timestep below T."""
         step_ratio = self.num_train_timesteps // num_inference_steps
-        return torch.arange(num_inference_steps - 1, -1, -1) * step_ratio + self.steps_offset  # (n,)
+        top = (num_inference_steps - 1) * step_ratio
+        offset = min(self.steps_offset, self.num_train_timesteps - 1 - top)
+        return torch.arange(num_inference_steps - 1, -1, -1) * step_ratio + offset  # (n,)
 
     def linspace_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """n evenly spaced, possibly fractional timesteps from T - 1 down to 0 (float64), as k-diffusion."""
