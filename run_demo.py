@@ -30,7 +30,7 @@ from sd.checkpoint import SD_V1_SIZE, read_metadata
 from sd.cli import CommandParser, run_command
 from sd.errors import CheckpointError, InputError, SettingError
 from sd.files import DATA_DIR, write_atomically
-from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, VAE_FACTOR, Settings, StableDiffusion, settle
+from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, VAE_FACTOR, Settings, StableDiffusion, settle
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule
 
 PROG = "python run_demo.py"
@@ -142,6 +142,9 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Set
     args.tiled_decode = bool(args.tiled_decode)
     given = {key: getattr(args, key) for key in GENERATION_FLAGS if getattr(args, key) is not None}
     settings = settle(args.prompt, args.negative_prompt, image_size=image_size, **given)
+    if settings.seed + args.num_images - 1 > MAX_SEED:
+        raise InputError(f"--seed {settings.seed} with --num-images {args.num_images} runs past 2**64-1 (image i "
+                         f"uses seed+i-1); give a lower --seed")
     for key in ("strength", "steps", "guidance_scale", "seed", "width", "height"):
         setattr(args, key, getattr(settings, key))
     return settings
@@ -256,17 +259,18 @@ def check_output(path: Path, is_default: bool) -> None:
         raise InputError(f"cannot write to output folder {folder} ({e.strerror}); choose another --output") from None
 
 
+def numbered(path: Path, k: int) -> Path:
+    return path.with_name(f"{path.stem}-{k}{path.suffix}")
+
+
 def output_paths(output: Path, n: int, overwrite: bool) -> list[Path]:
     """`output`, or NAME-1.png ... NAME-n.png for several images. Without `overwrite`, names already taken
     are skipped for the next free numbered ones, with a note."""
-    def numbered(k: int) -> Path:
-        return output.with_name(f"{output.stem}-{k}{output.suffix}")
-
-    wanted = [output] if n == 1 else [numbered(k) for k in range(1, n + 1)]
+    wanted = [output] if n == 1 else [numbered(output, k) for k in range(1, n + 1)]
     taken = [p for p in wanted if p.exists()]
     if overwrite or not taken:
         return wanted
-    paths = list(itertools.islice((p for p in map(numbered, itertools.count(1)) if not p.exists()), n))
+    paths = list(itertools.islice((p for k in itertools.count(1) if not (p := numbered(output, k)).exists()), n))
     note(f"{', '.join(map(str, taken))} exist{'s' * (len(taken) == 1)}; writing {', '.join(map(str, paths))} "
          f"instead (--overwrite replaces)")
     return paths
@@ -292,10 +296,19 @@ def quote(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if re.search(r'[,:"\n]', value) else value
 
 
-def write_png(image: Image.Image, path: Path, parameters: str) -> None:
+def write_png(image: Image.Image, path: Path, parameters: str, overwrite: bool) -> Path:
+    """Write the PNG; without `overwrite`, under the next free numbered name if `path` was taken meanwhile
+    (by another run, say). Returns the path written."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)  # as iTXt (UTF-8) when the text is not Latin-1
-    write_atomically(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    for candidate in itertools.chain([path], (numbered(path, k) for k in itertools.count(1))):
+        try:
+            write_atomically(candidate, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), overwrite)
+            if candidate != path:
+                note(f"{path} appeared while the image was made; wrote {candidate} instead (--overwrite replaces)")
+            return candidate
+        except FileExistsError:
+            continue
 
 
 def note(message: str) -> None:
@@ -354,8 +367,8 @@ def generate(pipe: StableDiffusion, args: argparse.Namespace, settings: Settings
                                   guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
                                   width=args.width, height=args.height, progress=not args.no_progress,
                                   tiled_decode=args.tiled_decode)
-        write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash))
-        print(f"wrote {path} (seed {seed})", flush=True)
+        written = write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash), args.overwrite)
+        print(f"wrote {written} (seed {seed})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

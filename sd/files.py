@@ -8,15 +8,20 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # tokenizer files, the tiny model, official checkpoints
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` to a temporary file beside `path`, then rename it to `path` in one step. The file gets
-    the usual permissions (umask), whatever the writer chose; the temporary file never outlives the call."""
+def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool = True) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then give it the name `path` in one step. The file gets
+    the usual permissions (umask), whatever the writer chose; the temporary file never outlives the call.
+    Without `overwrite` the name is claimed by a hard link, which fails with FileExistsError if anything
+    has the name by then (created during the write, say), so nothing is ever replaced."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         write(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

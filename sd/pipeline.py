@@ -10,6 +10,7 @@ them (image latents, initial noise, masked-image latents, per-step noise), so a 
 same image on every device and the same image as diffusers.
 """
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -108,6 +109,15 @@ def whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def texts(name: str, value) -> list[str]:
+    """A text or a non-empty list of texts, as a list."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise SettingError(lambda n: f"{n(name)} must be a text or a non-empty list of texts, got {value!r:.60}")
+    return list(value)
+
+
 def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, image: ImageInput | None = None,
            mask: ImageInput | None = None, strength: float | None = None, steps: int = DEFAULT_STEPS,
            guidance_scale: float = DEFAULT_GUIDANCE, sampler: str | Sampler = DEFAULT_SAMPLER,
@@ -117,8 +127,18 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
     own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
     `SettingError`, whose message can name the parameters as command-line flags."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    prompts = texts("prompt", prompt)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else texts("negative_prompt",
+                                                                                                negative_prompt)
+    for name, value in (("image", image), ("mask", mask)):
+        if value is not None and not isinstance(value, (Image.Image, str, Path)):
+            raise SettingError(lambda n: f"{n(name)} must be a PIL image or the path of an image file, got a "
+                                         f"{type(value).__name__}")
+    if not isinstance(sampler, (str, Sampler)):
+        raise SettingError(lambda n: f"{n('sampler')} must be a sampler's name or a Sampler, got {sampler!r}")
+    if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) \
+            or not math.isfinite(guidance_scale):
+        raise SettingError(lambda n: f"{n('guidance_scale')} must be a finite number, got {guidance_scale!r}")
     if len(negatives) != len(prompts):
         raise SettingError(lambda n: f"got {len(negatives)} values of {n('negative_prompt')} for {len(prompts)} "
                                      f"prompts; give one each")

@@ -159,6 +159,21 @@ def test_failed_write_leaves_old_file_and_no_partial_one(tmp_path, capsys, monke
     assert [p.name for p in tmp_path.iterdir()] == [out.name] and out.read_bytes() == b"previous version"
 
 
+def test_an_output_that_appears_during_the_conversion_is_kept(tmp_path, capsys, monkeypatch, full_ckpt):
+    out = tmp_path / "tiny.safetensors"
+    check_loadable = cli.check_loadable
+
+    def another_program_writes_the_output(*args):
+        out.write_bytes(b"written meanwhile")
+        check_loadable(*args)
+
+    monkeypatch.setattr(cli, "check_loadable", another_program_writes_the_output)
+    assert cli.main([str(full_ckpt), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output {out} appeared while converting") and err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == [out.name] and out.read_bytes() == b"written meanwhile"
+
+
 def test_a_trained_model_keeps_its_scale_and_configurations(tmp_path):
     """The project's own model (metadata configs, a measured scale_factor) converts to a file that loads as
     the same model: the UNet's heads are not inferable from shapes, so the metadata must travel."""

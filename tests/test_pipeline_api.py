@@ -99,6 +99,25 @@ def test_bad_arguments_raise_input_error(sd, options, message):
         sd.generate("a cat", **{**SMALL, **options})
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(prompt=[]), "prompt must be a text or a non-empty list of texts, got []"),
+    (dict(prompt=None), "prompt must be a text or a non-empty list of texts, got None"),
+    (dict(negative_prompt=[1]), "negative_prompt must be a text or a non-empty list of texts"),
+    (dict(sampler=None), "sampler must be a sampler's name or a Sampler, got None"),
+    (dict(guidance_scale="7"), "guidance_scale must be a finite number, got '7'"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+    (dict(image=np.zeros((64, 64, 3), np.uint8)), "image must be a PIL image or the path of an image file, got a "
+                                                  "ndarray"),
+    (dict(seed=2**64), "seed must be between 0 and 2**64-1"),
+    (dict(seed=1.5), "seed must be between 0 and 2**64-1, got 1.5"),
+])
+def test_bad_values_of_any_type_are_setting_errors(arguments, message):
+    arguments = {"prompt": "a cat", **arguments}
+    with pytest.raises(SettingError) as error:
+        settle(arguments.pop("prompt"), **arguments)
+    assert str(error.value) == message or str(error.value).startswith(message), str(error.value)
+
+
 def test_settings_are_checked_without_weights():
     """`settle` is what the command line runs before loading: defaults filled, the same errors as generate."""
     s = settle("a cat", image=Image.new("RGB", (70, 50)), image_size=64)

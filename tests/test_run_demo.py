@@ -180,6 +180,20 @@ def test_existing_file_is_kept_unless_overwrite(tmp_path, checkpoints):
     assert sorted(os.listdir(tmp_path)) == ["out-1.png", "out.png"]
 
 
+def test_a_file_that_appears_during_the_run_is_kept(tmp_path):
+    """The name is claimed when the image is written, not only checked before: another run's file that
+    took the name meanwhile is kept, and this image goes to the next free numbered name."""
+    out = tmp_path / "out.png"
+    out.write_bytes(b"made by another run meanwhile")
+    (tmp_path / "out-1.png").write_bytes(b"and another")
+    image = Image.new("RGB", (8, 8), "red")
+    written = run_demo.write_png(image, out, "a boat\nSteps: 1", overwrite=False)
+    assert written == tmp_path / "out-2.png" and pixels(written).shape == (8, 8, 3)
+    assert out.read_bytes() == b"made by another run meanwhile"
+    assert sorted(os.listdir(tmp_path)) == ["out-1.png", "out-2.png", "out.png"]  # no temporary file left
+    assert run_demo.write_png(image, out, "a boat\nSteps: 1", overwrite=True) == out and pixels(out).shape == (8, 8, 3)
+
+
 def test_help_documents_every_flag_with_its_default():
     result = subprocess.run([sys.executable, ROOT / "run_demo.py", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("usage: python run_demo.py")

@@ -99,7 +99,11 @@ def convert_file(args: argparse.Namespace) -> None:
     check_loadable(args.input, state, stored.get("configs", {}))
     from safetensors.torch import save_file
     metadata = {"format": "pt", **({METADATA_KEY: json.dumps(stored)} if stored else {})}
-    write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata=metadata))
+    try:
+        write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata=metadata), args.overwrite)
+    except FileExistsError:
+        raise InputError(f"output {args.output} appeared while converting (another program wrote it); it was "
+                         f"not replaced: pass --overwrite to replace it") from None
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
     print(f"wrote {args.output} ({human_size(args.output.stat().st_size)}, {len(state)} tensors, "
           f"{'/'.join(dtypes)}{', EMA weights as the UNet' if args.ema_only else ''})")
