@@ -205,6 +205,9 @@ def shown(path: Path) -> str:
 def default_checkpoint(model: str | None) -> Path:
     """data/<model>.safetensors or .ckpt for the model a --from-png names, else the v1.5 file, else the
     project's tiny model (with a note that says so and how to get the official weights)."""
+    if model is not None and Path(model).name != model:  # a PNG's "Model" names a file in data/, nothing else
+        raise InputError(f"--from-png names the model {model!r}, which is not a file name in {shown(DATA_DIR)}/; "
+                         f"pass --checkpoint PATH")
     for name in filter(None, (model, DEFAULT_MODEL)):
         for path in (DATA_DIR / f"{name}.safetensors", DATA_DIR / f"{name}.ckpt"):
             if path.is_file():
@@ -244,6 +247,8 @@ def model_hash(path: Path) -> str:
 
 def check_output(path: Path, is_default: bool) -> None:
     """Refuse an output that cannot be written, before any work is done."""
+    if path.is_dir():
+        raise InputError(f"--output {path} is a folder; give a file name ending in .png")
     if path.suffix.lower() != ".png":
         raise InputError(f"--output {path} must end in .png: the image keeps its parameters in a PNG text chunk")
     folder = path.parent

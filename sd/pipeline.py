@@ -59,12 +59,16 @@ def open_image(image: ImageInput, what: str, mode: str) -> Image.Image:
         try:
             with Image.open(path) as opened:
                 image = opened.copy()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # a bomb: over PIL's pixel limit
             raise InputError(f"cannot read {what} {path}: {e}; give a PNG or JPEG file.") from None
-    if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")  # composite transparency onto white rather than black
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-    return image.convert(mode)
+    try:
+        if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")  # composite transparency onto white rather than black
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+        return image.convert(mode)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot convert {what} ({image.mode}, {image.width}x{image.height}) to {mode}: {e}; "
+                         f"save it as an RGB PNG or JPEG") from None
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -111,11 +115,16 @@ def whole(value) -> bool:
 
 def texts(name: str, value) -> list[str]:
     """A text or a non-empty list of texts, as a list."""
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) for v in values):
         raise SettingError(lambda n: f"{n(name)} must be a text or a non-empty list of texts, got {value!r:.60}")
-    return list(value)
+    for text in values:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # e.g. bytes a shell passed on that are not UTF-8
+            raise SettingError(lambda n: f"{n(name)} holds characters that are not valid Unicode "
+                                         f"({text!r:.60}); give UTF-8 text") from None
+    return list(values)
 
 
 def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, image: ImageInput | None = None,

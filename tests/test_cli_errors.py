@@ -4,8 +4,10 @@ exits with status 130 and leaves no partial file; a failed write leaves none eit
 
 import os
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 
 import run_demo
+from sd.errors import InputError
 from sd.pipeline import StableDiffusion
 from tests.bad_files import BAD_FILES
 from tests.tiny import write_tiny_checkpoint
@@ -116,6 +119,9 @@ BAD_ARGUMENTS = {  # name: (arguments, fragments of the message); {ckpt}, {tmp},
     "mask_without_image": (["--mask", "{image}"], ["--mask needs --image: the image to inpaint"]),
     "missing_image": (["--image", "{tmp}/nowhere.png"], ["init image not found: {tmp}/nowhere.png"]),
     "unreadable_image": (["--image", "{tmp}/garbage.png"], ["cannot read init image {tmp}/garbage.png"]),
+    "decompression_bomb": (["--image", "{tmp}/bomb.png"], ["cannot read init image {tmp}/bomb.png",
+                                                          "decompression bomb"]),
+    "output_is_a_folder": (["--output", "{tmp}"], ["--output {tmp} is a folder"]),
     "missing_mask": (["--image", "{image}", "--mask", "{tmp}/nowhere.png"], ["mask not found: {tmp}/nowhere.png"]),
     "unknown_device": (["--device", "tpu"], ["device 'tpu' is unknown or not available", "use one of: cpu"]),
     "fp16_on_cpu": (["--device", "cpu", "--dtype", "fp16"],
@@ -140,10 +146,31 @@ def test_bad_argument(tmp_path, out_dir, checkpoints, name):
     args, fragments = BAD_ARGUMENTS[name]
     image = write_image(tmp_path / "image.png")
     (tmp_path / "garbage.png").write_bytes(b"<html>404</html>")
+    (tmp_path / "bomb.png").write_bytes(png_header(40_000, 40_000))  # 1.6 G pixels announced in 45 bytes
     fill = {"ckpt": checkpoints[4], "tmp": tmp_path, "image": image}
     prompt = [] if name.startswith("from_png") else ["--prompt", "a cat"]
     refused(out_dir, *prompt, "--checkpoint", checkpoints[4], *(a.format(**fill) for a in args),
             fragments=[f.format(**fill) for f in fragments])
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The start of a PNG announcing width x height RGB pixels: its signature, IHDR and an empty IDAT."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", b"")
+
+
+def test_prompt_that_is_not_unicode(out_dir, checkpoints):
+    result = subprocess.run([*command("--checkpoint", checkpoints[4], "--output", out_dir / "image.png"), "--prompt",
+                             b"caf\xe9"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_refused(result, out_dir, "--prompt holds characters that are not valid Unicode", "give UTF-8 text")
+
+
+def test_a_png_cannot_name_a_model_outside_the_data_folder():
+    """--from-png's "Model" picks data/<Model>.safetensors when no --checkpoint is given: a forged path is refused."""
+    with pytest.raises(InputError, match=r"names the model '../../elsewhere/model', which is not a file name in"):
+        run_demo.default_checkpoint("../../elsewhere/model")
 
 
 def test_prompt_is_required(out_dir, checkpoints):
