@@ -4,25 +4,30 @@ A `.ckpt` is a zip of raw tensor data plus `data.pkl`, a Python pickle. A pickle
 its GLOBAL opcode imports any `module.name` and REDUCE calls it with arguments from the file, so a
 plain `pickle.load` / `torch.load(weights_only=False)` runs `os.system(...)` if the file asks.
 
-`load_pickle_checkpoint` first uses `torch.load(weights_only=True)`, PyTorch's own allowlist of the
-globals that rebuild tensors. Official Stable Diffusion checkpoints also pickle PyTorch Lightning
-objects and numpy scalars beside the weights, which that allowlist refuses, so it then retries with
-an unpickler that resolves every global itself:
+PyTorch's own `torch.load(weights_only=True)` allows only the globals that rebuild tensors, but official
+Stable Diffusion checkpoints also pickle PyTorch Lightning objects and numpy scalars beside the
+weights, which it refuses. So `load_pickle_checkpoint` gives `torch.load` an unpickler that resolves
+every global itself (TorchScript archives, which torch.load would hand to torch.jit.load, are refused
+first):
 - torch's weights_only allowlist and plain builtin types: the real objects;
 - anything from a module that can run code or touch the system (os, subprocess, builtins.exec, ...):
   `UnsafeCheckpointError`, raised when the global is read, before anything is called;
 - anything else: an inert placeholder class that records its module, name, arguments and state and
   never imports the module.
 It also refuses BUILD (set attributes) on a class or function, which would patch torch itself. So
-the only code that can run is what torch's weights_only mode trusts.
+the only code that can run is what torch's weights_only mode trusts. And a pickle cannot make the
+loader allocate more than the file could hold: the builtin constructors that take a length
+(`bytearray(n)`, `list(range(n))`, ...) refuse one larger than the file's size in bytes.
 """
 
 import _compat_pickle
 import builtins
+import contextvars
 import functools
 import os
 import pickle
 import types
+import zipfile
 
 import torch
 from torch._weights_only_unpickler import _get_allowed_globals
@@ -45,6 +50,8 @@ _DANGEROUS_MODULES = frozenset({
 })
 _SAFE_BUILTINS = ("bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
                  "object", "range", "set", "slice", "str", "tuple")
+_SIZED_BUILTINS = ("bytearray", "bytes", "frozenset", "list", "set", "str", "tuple")  # an int or range sizes them
+_file_size: contextvars.ContextVar[int] = contextvars.ContextVar("file_size", default=0)
 
 
 class _Refused(Exception):
@@ -97,6 +104,19 @@ def _reconstructor(cls, base, state):
     return cls() if state is None else cls(state)
 
 
+def _bounded(constructor: type):
+    """`constructor`, refusing an int or range argument larger than the file being loaded."""
+    def build(*args):
+        limit = _file_size.get()
+        for arg in args:
+            n = arg if isinstance(arg, int) else len(arg) if isinstance(arg, range) else 0
+            if n > limit:
+                raise _Refused(f"asks for a {constructor.__name__} of {n} items, more than its {limit} bytes "
+                               f"could hold")
+        return constructor(*args)
+    return build
+
+
 _ALLOWED_GLOBALS = {
     **_get_allowed_globals(),
     **{f"builtins.{name}": getattr(builtins, name) for name in _SAFE_BUILTINS},
@@ -112,6 +132,8 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so 
         elif module in _compat_pickle.IMPORT_MAPPING:
             module = _compat_pickle.IMPORT_MAPPING[module]
         full_name = f"{module}.{name}"
+        if module == "builtins" and name in _SIZED_BUILTINS:
+            return _bounded(getattr(builtins, name))
         if full_name in _ALLOWED_GLOBALS:
             return _ALLOWED_GLOBALS[full_name]
         if module.split(".")[0] in _DANGEROUS_MODULES:
@@ -139,6 +161,15 @@ _restricted_pickle = types.SimpleNamespace(
 )
 
 
+def is_torchscript(path: str) -> bool:
+    """A zip written by torch.jit.save (it holds constants.pkl), as torch.load tells them apart."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False  # torch.load reports the damage
+
+
 def load_pickle_checkpoint(path) -> object:
     """Unpickle a torch checkpoint without running its code: tensors on CPU, memory-mapped from zips.
 
@@ -155,15 +186,12 @@ def load_pickle_checkpoint(path) -> object:
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}.") from None
     is_zip = head.startswith(ZIP_MAGIC)  # the legacy format cannot be memory-mapped
+    if is_zip and is_torchscript(path):  # torch.load would hand it to torch.jit.load, which runs its code
+        raise UnsafeCheckpointError(f"refusing to load {path}: it is a TorchScript archive (torch.jit.save), "
+                                    f"a program rather than a checkpoint of weights.")
+    size = _file_size.set(os.path.getsize(path))
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-        except pickle.UnpicklingError:
-            # A global outside torch's allowlist (or a broken pickle, which fails again below).
-            # TorchScript archives raise RuntimeError above, so torch.load never hands this retry to
-            # torch.jit.load.
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=is_zip,
-                              pickle_module=_restricted_pickle)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=is_zip, pickle_module=_restricted_pickle)
     except _Refused as e:
         raise UnsafeCheckpointError(f"refusing to load {path}: its pickle {e}. Get the checkpoint from a "
                                     f"trusted source or convert a trusted copy to .safetensors.") from None
@@ -173,3 +201,5 @@ def load_pickle_checkpoint(path) -> object:
                                   f"nor a legacy torch.save file.") from e
         reason = str(e).strip().split("\n")[0].split(". ")[0][:150] or type(e).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({reason}); download it again.") from e
+    finally:
+        _file_size.reset(size)

@@ -151,3 +151,30 @@ def test_missing_file_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found") as info:
         load_pickle_checkpoint(path)
     assert str(path) in str(info.value) and "README" in str(info.value)
+
+
+class Allocates:
+    """Pickles as bytearray(n): a few bytes that would make the loader allocate n."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __reduce__(self):
+        return bytearray, (self.n,)
+
+
+def test_a_pickle_cannot_allocate_more_than_its_file_holds(tmp_path):
+    path = tmp_path / "bomb.ckpt"
+    torch.save({"state_dict": weights(), "buffer": Allocates(1_500_000_000)}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"asks for a bytearray of 1500000000 items, more than its \d+ "
+                                                    r"bytes could hold"):
+        load_pickle_checkpoint(path)
+    torch.save({"state_dict": weights(), "buffer": Allocates(100)}, path)  # within the file's size: loads
+    assert load_pickle_checkpoint(path)["buffer"] == bytearray(100)
+
+
+def test_torchscript_archives_are_refused(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(UnsafeCheckpointError, match="TorchScript archive"):
+        load_pickle_checkpoint(path)
