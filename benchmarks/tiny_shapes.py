@@ -4,7 +4,8 @@
 
 - adherence: --images generated images each for seen and held-out colour-shape pairs (default
   sampler and steps, guidance 7.5, seeds 0, 1, ...), and the seen ones again at guidance 1, read by
-  the checker of tests/shapes_checker.py: share of colour, shape, position and all three right;
+  the checker of tests/shapes_checker.py: share of colour, shape, position and all three right; and
+  the same scenes rendered and passed through the model's VAE, the best the diffusion model can reach;
 - demo: wall time of `python run_demo.py --prompt "a large red circle in the top left"` in a fresh
   process (loading included), the README's first command;
 - training: samples per second of each stage of the tiny-shapes preset on this machine (CPU, or CUDA
@@ -24,7 +25,8 @@ import torch
 
 from sd.pipeline import StableDiffusion
 from sd.train import PRESETS, Stage, dataset, initial_models, parse_args
-from tests.shapes_checker import adherence, scenes
+from sd.datasets import render, to_tensor
+from tests.shapes_checker import adherence, scenes, score
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +37,14 @@ def demo_seconds() -> float:
         subprocess.run([sys.executable, "run_demo.py", "--prompt", "a large red circle in the top left", "--output",
                         str(Path(tmp) / "demo.png"), "--no-progress"], cwd=ROOT, check=True, capture_output=True)
         return time.perf_counter() - start
+
+
+@torch.no_grad()
+def reconstructions(pipe: StableDiffusion, scene_list: list) -> list:
+    """Rendered scenes through the model's VAE (the latent means, decoded): the best the diffusion model can draw."""
+    images = [render(scene, pipe.models.image_size) for scene in scene_list]
+    mean, _ = pipe.models.vae.encode(to_tensor(images).to(pipe.device, pipe.models.vae.dtype))  # (N, 4, h, w)
+    return pipe.decode(mean.float() * pipe.models.scale_factor)
 
 
 def training_speed(stage: str, steps: int) -> float:
@@ -68,8 +78,10 @@ def main() -> None:
     per_image = (time.perf_counter() - start) / args.images
     held_out = adherence(pipe, scenes(args.images, held_out=True, seed=11), seed=0)
     unguided = adherence(pipe, scenes(args.images, held_out=False, seed=10), seed=0, guidance_scale=1.0)
+    rebuilt = score(reconstructions(pipe, scenes(args.images, held_out=False, seed=10)),
+                    scenes(args.images, held_out=False, seed=10))
     for name, rates in (("seen pairs, guidance 7.5", seen), ("held-out pairs, guidance 7.5", held_out),
-                        ("seen pairs, guidance 1", unguided)):
+                        ("seen pairs, guidance 1", unguided), ("the VAE's reconstructions of rendered scenes", rebuilt)):
         rows.append(f"| {name} ({args.images} images) | {rates['colour']:.1%} | {rates['shape']:.1%} | "
                     f"{rates['position']:.1%} | {rates['all']:.1%} |")
     lines = [f"# Tiny shapes model: {args.model.name}", "",

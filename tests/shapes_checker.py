@@ -130,14 +130,20 @@ def scenes(n: int, held_out: bool, seed: int = 0) -> list[Scene]:
 def adherence(pipe, scene_list: list[Scene], seed: int = 0, batch: int = 50, **options) -> dict[str, float]:
     """Generate one image per scene (in batches of `batch`, seeded seed + first index) and return the share of
     images whose colour, shape, position, colour and position, and all three match the prompt."""
-    hits = {"colour": 0, "shape": 0, "position": 0, "colour+position": 0, "all": 0}
+    images = []
     for start in range(0, len(scene_list), batch):
         chunk = scene_list[start:start + batch]
-        images = pipe.text_to_image([prompt_of(s) for s in chunk], seed=seed + start, progress=False, **options)
-        for image, scene in zip(images, chunk):
-            match = read(image).matches(scene)
-            for part, ok in match.items():
-                hits[part] += ok
-            hits["colour+position"] += match["colour"] and match["position"]
-            hits["all"] += all(match.values())
+        images += pipe.text_to_image([prompt_of(s) for s in chunk], seed=seed + start, progress=False, **options)
+    return score(images, scene_list)
+
+
+def score(images: list[Image.Image], scene_list: list[Scene]) -> dict[str, float]:
+    """The share of images whose colour, shape, position, colour and position, and all three match their scene."""
+    hits = {"colour": 0, "shape": 0, "position": 0, "colour+position": 0, "all": 0}
+    for image, scene in zip(images, scene_list):
+        match = read(image).matches(scene)
+        for part, ok in match.items():
+            hits[part] += ok
+        hits["colour+position"] += match["colour"] and match["position"]
+        hits["all"] += all(match.values())
     return {part: count / len(scene_list) for part, count in hits.items()}
