@@ -120,6 +120,9 @@ def read_parameters(png: Path) -> dict:
         raise InputError(f"{png} holds no generation parameters that {PROG} can read (a 'parameters' text chunk "
                          f"ending in a line 'Steps: ..., Size: WxH, ...'); give a PNG made by {PROG}") from None
     found.update(prompt=prompt, negative_prompt=negative)
+    for key in ("image", "mask"):  # stored relative to the PNG's folder: found from anywhere
+        if key in found and not found[key].is_absolute():
+            found[key] = Path(os.path.normpath(png.parent / found[key]))
     if "image" not in found:  # AUTOMATIC1111 stores a strength for its txt2img "hires fix" too
         found.pop("strength", None)
     return found
@@ -281,14 +284,18 @@ def output_paths(output: Path, n: int, overwrite: bool) -> list[Path]:
     return paths
 
 
-def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short_hash: str) -> str:
-    """The settings in AUTOMATIC1111's form: the prompt, "Negative prompt: ...", then one line of settings."""
+def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short_hash: str, png: Path) -> str:
+    """The settings in AUTOMATIC1111's form: the prompt, "Negative prompt: ...", then one line of settings.
+    The init image and mask are named relative to the folder of `png`, where --from-png looks for them."""
+    def near_png(path: Path) -> str:
+        return os.path.relpath(path.resolve(), png.parent.resolve())
+
     settings = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": args.guidance_scale, "Seed": seed,
                 "Size": f"{args.width}x{args.height}", "Model hash": short_hash, "Model": checkpoint.stem}
     if args.image is not None:
-        settings.update({"Denoising strength": args.strength, "Init image": args.image})
+        settings.update({"Denoising strength": args.strength, "Init image": near_png(args.image)})
     if args.mask is not None:
-        settings["Mask"] = args.mask
+        settings["Mask"] = near_png(args.mask)
     if args.tiled_decode:
         settings["Tiled decode"] = True
     line = ", ".join(f"{key}: {quote(str(value))}" for key, value in settings.items())
@@ -372,7 +379,7 @@ def generate(pipe: StableDiffusion, args: argparse.Namespace, settings: Settings
                                   guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
                                   width=args.width, height=args.height, progress=not args.no_progress,
                                   tiled_decode=args.tiled_decode)
-        written = write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash), args.overwrite)
+        written = write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash, path), args.overwrite)
         print(f"wrote {written} (seed {seed})", flush=True)
 
 

@@ -131,9 +131,9 @@ def test_modes_write_pngs_with_their_parameters(made, mode):
     settings = (f"Steps: 2, Sampler: dpmpp_2m_karras, CFG scale: 7.5, Seed: {seed}, Size: 64x48, "
                 f"Model hash: {sha256(checkpoint)[:10]}, Model: {checkpoint.stem}")
     if strength:
-        settings += f", Denoising strength: {strength}, Init image: {inputs[0]}"
+        settings += f", Denoising strength: {strength}, Init image: ../{inputs[0].name}"  # from the PNG's folder
     if mask_size:
-        settings += f", Mask: {inputs[1]}"
+        settings += f", Mask: ../{inputs[1].name}"
     if mode == "text-to-image":
         assert lines == ["a red bicycle, golden hour", "Negative prompt: blurry: café ☕", settings]
     else:
@@ -147,6 +147,13 @@ def test_from_png_regenerates_bit_for_bit(made, mode):
     succeeded(run_cli("--from-png", first.out, "--output", again, checkpoint=first.checkpoint))
     assert np.array_equal(pixels(again), pixels(first.out))
     assert parameters(again) == parameters(first.out)
+
+
+def test_from_png_finds_the_init_image_from_anywhere(made, tmp_path):
+    first = made("inpainting-9-channel")
+    again = first.out.with_name("from-elsewhere.png")
+    succeeded(run_cli("--from-png", first.out, "--output", again, checkpoint=first.checkpoint, cwd=tmp_path))
+    assert np.array_equal(pixels(again), pixels(first.out))
 
 
 def test_flags_override_the_png(made, tmp_path):
