@@ -43,6 +43,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU: 8 heads x 16384 tokens x batch 2, whose 17 GB of matrices left the peak under 0.4 GB).
 DECODER_NUMBERS_PER_PIXEL = 1100
 TILED_DECODE_PIXELS = (64 * VAE_FACTOR) ** 2  # one tile of AutoencoderKL.decode_tiled's default 64 latents
+NEGATIVE_MARK = "\nNegative prompt: "  # where the prompt ends and the negative prompt begins in "parameters"
 # One "Key: value" of the settings line; values with commas are JSON-quoted (as AUTOMATIC1111 writes them).
 SETTING = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 PNG_FIELDS = {  # settings-line key: (our name, type)
@@ -76,8 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="random seed, 0 to 2**64-1; image i of --num-images uses seed+i-1 "
                                             "(default: a random one, printed and stored in the PNG)")
     for side in ("width", "height"):
-        p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: "
-                                                   f"the model's own: 512 for SD v1, 64 for {TINY_MODEL}; or that of --image rounded down)")
+        p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: the model's "
+                                                   f"own: 512 for SD v1, 64 for {TINY_MODEL}; or that of --image "
+                                                   f"rounded down)")
     p.add_argument("--num-images", type=int, default=1, help="how many images to make, one after another "
                                                              "(default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
@@ -88,8 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="replace existing files (default: keep them and "
                                                             "write NAME-1.png, NAME-2.png, ... instead)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on stderr)")
-    p.add_argument("--tiled-decode", action="store_true", default=None, help="decode the image in overlapping tiles: bounded "
-                                                               "memory for large images, slightly different "
+    p.add_argument("--tiled-decode", action="store_true", default=None,
+                   help="decode the image in overlapping tiles: bounded memory for large images, slightly different "
                                                                "pixels (default: off)")
     p.add_argument("--from-png", type=Path, metavar="PNG", help="take the prompt and settings stored in PNG (by "
                                                                 "this program or AUTOMATIC1111's web UI); the "
@@ -110,7 +112,7 @@ def read_parameters(png: Path) -> dict:
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read --from-png {png}: {e}") from None
     lines = (text or "").split("\n")
-    prompt, _, negative = "\n".join(lines[:-1]).partition("\nNegative prompt: ")
+    prompt, _, negative = "\n".join(lines[:-1]).partition(NEGATIVE_MARK)
     try:
         settings = {key: json.loads(value) if value.startswith('"') else value
                     for key, value in SETTING.findall(lines[-1])}
@@ -140,6 +142,9 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Set
             setattr(args, key, value)
     if args.prompt is None:
         raise InputError("give --prompt TEXT (--prompt '' for an unconditional image) or --from-png PNG")
+    if NEGATIVE_MARK in args.prompt:
+        raise InputError(f"--prompt holds a line starting {NEGATIVE_MARK.strip()!r}, which the PNG's parameters could "
+                         f"not tell apart from the negative prompt; reword that line or use --negative-prompt")
     args.negative_prompt = args.negative_prompt or ""
     args.sampler = args.sampler or DEFAULT_SAMPLER
     args.tiled_decode = bool(args.tiled_decode)
@@ -299,7 +304,7 @@ def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short
     if args.tiled_decode:
         settings["Tiled decode"] = True
     line = ", ".join(f"{key}: {quote(str(value))}" for key, value in settings.items())
-    return "\n".join([args.prompt, *([f"Negative prompt: {args.negative_prompt}"] * bool(args.negative_prompt)),
+    return "\n".join([args.prompt, *([f"{NEGATIVE_MARK[1:]}{args.negative_prompt}"] * bool(args.negative_prompt)),
                       line])
 
 

@@ -468,7 +468,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("steps", "batch_size", "save_every", "sample_every", "image_size"):
         value = getattr(args, name)
         if value is not None and (value < 1 or (name == "image_size" and value % 8)):
-            raise InputError(f"--{name.replace('_', '-')} must be a positive {'multiple of 8' if name == 'image_size' else 'whole number'}, got {value}")
+            kind = "multiple of 8" if name == "image_size" else "whole number"
+            raise InputError(f"--{name.replace('_', '-')} must be a positive {kind}, got {value}")
     if args.lr is not None and not (0 < args.lr < 1):
         raise InputError(f"--lr must be between 0 and 1, got {args.lr}")
     return args

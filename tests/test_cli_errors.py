@@ -132,6 +132,8 @@ BAD_ARGUMENTS = {  # name: (arguments, fragments of the message); {ckpt}, {tmp},
     "seed_runs_past_the_end": (["--seed", "18446744073709551615", "--num-images", "2"],
                                ["--seed 18446744073709551615 with --num-images 2 runs past 2**64-1"]),
     "guidance_not_a_number": (["--guidance-scale", "nan"], ["--guidance-scale must be a finite number, got nan"]),
+    "prompt_with_the_negative_mark": (["--prompt", "a cat\nNegative prompt: dogs"],
+                                      ["--prompt holds a line starting 'Negative prompt:'", "--negative-prompt"]),
     "unknown_flag": (["--cfg", "7"], ["unrecognized arguments: --cfg 7"]),
     "output_in_missing_folder": (["--output", "{tmp}/no/such/image.png"],
                                  ["output folder {tmp}/no/such does not exist"]),
@@ -158,7 +160,8 @@ def png_header(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", b"")
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", b"")
 
 
 def test_prompt_that_is_not_unicode(out_dir, checkpoints):
