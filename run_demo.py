@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on stderr)")
     p.add_argument("--tiled-decode", action="store_true", default=None,
                    help="decode the image in overlapping tiles: bounded memory for large images, slightly different "
-                                                               "pixels (default: off)")
+                        "pixels (default: off)")
     p.add_argument("--from-png", type=Path, metavar="PNG", help="take the prompt and settings stored in PNG (by "
                                                                 "this program or AUTOMATIC1111's web UI); the "
                                                                 "flags given beside it override them (default: none)")
