@@ -109,9 +109,16 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[
         state = load_pickle_checkpoint(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+    weights = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
+        if isinstance(state, dict) else {}
+    if not weights:
         raise CheckpointError(f"{path} holds no model weights: it is not a Stable Diffusion checkpoint.")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for key, tensor in weights.items():
+        if tensor.is_meta or tensor.layout != torch.strided or tensor.is_complex():
+            kind = "meta" if tensor.is_meta else "complex" if tensor.is_complex() else str(tensor.layout)[6:]
+            raise CheckpointError(f"{path}: {key} is a {kind} tensor, which holds no weights as SD stores them; the "
+                                  f"file is damaged or not an SD v1 checkpoint.")
+    return weights
 
 
 def ema_key(unet_key: str) -> str:

@@ -166,8 +166,8 @@ def is_torchscript(path: str) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("/constants.pkl") or name == "constants.pkl" for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False  # torch.load reports the damage
+    except Exception:  # noqa: BLE001 - a damaged zip (BadZipFile, NotImplementedError, ...): torch.load reports it
+        return False
 
 
 def load_pickle_checkpoint(path) -> object:
