@@ -43,6 +43,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # CPU: 8 heads x 16384 tokens x batch 2, whose 17 GB of matrices left the peak under 0.4 GB).
 DECODER_NUMBERS_PER_PIXEL = 1100
 TILED_DECODE_PIXELS = (64 * VAE_FACTOR) ** 2  # one tile of AutoencoderKL.decode_tiled's default 64 latents
+MAX_IMAGES = 10_000  # per run: each is named (and its name checked) before the first is made
 NEGATIVE_MARK = "\nNegative prompt: "  # where the prompt ends and the negative prompt begins in "parameters"
 # One "Key: value" of the settings line; values with commas are JSON-quoted (as AUTOMATIC1111 writes them).
 SETTING = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
@@ -80,8 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: the model's "
                                                    f"own: 512 for SD v1, 64 for {TINY_MODEL}; or that of --image "
                                                    f"rounded down)")
-    p.add_argument("--num-images", type=int, default=1, help="how many images to make, one after another "
-                                                             "(default: 1)")
+    p.add_argument("--num-images", type=int, default=1, help=f"how many images to make, one after another, 1 to "
+                                                             f"{MAX_IMAGES} (default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="fp32, bf16 or fp16 (default: fp32 on the CPU, fp16 on "
                                                    "cuda and mps)")
@@ -150,6 +151,9 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Set
     args.tiled_decode = bool(args.tiled_decode)
     given = {key: getattr(args, key) for key in GENERATION_FLAGS if getattr(args, key) is not None}
     settings = settle(args.prompt, args.negative_prompt, image_size=image_size, **given)
+    if args.num_images > MAX_IMAGES:
+        raise InputError(f"--num-images must be at most {MAX_IMAGES} in one run, got {args.num_images}; run again "
+                         f"for more")
     if settings.seed + args.num_images - 1 > MAX_SEED:
         raise InputError(f"--seed {settings.seed} with --num-images {args.num_images} runs past 2**64-1 (image i "
                          f"uses seed+i-1); give a lower --seed")

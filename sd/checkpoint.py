@@ -99,7 +99,11 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[
     path = Path(path)
     if not path.is_file():
         raise checkpoint_not_found(path)
-    if is_safetensors(path):
+    try:
+        safetensors = is_safetensors(path)
+    except OSError as e:  # a folder, no permission, an I/O error: the input's fault, said as such
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}.") from None
+    if safetensors:
         from safetensors import SafetensorError
         try:
             state = load_safetensors(path, dtype)

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 import run_demo
-from sd.errors import InputError
+from sd.checkpoint import read_state_dict
+from sd.errors import InputError, SDError
 from sd.pipeline import StableDiffusion
 from tests.bad_files import BAD_FILES
 from tests.tiny import write_tiny_checkpoint
@@ -129,6 +130,7 @@ BAD_ARGUMENTS = {  # name: (arguments, fragments of the message); {ckpt}, {tmp},
     "unknown_dtype": (["--dtype", "float8"], ["argument --dtype: invalid choice: 'float8'"]),
     "negative_seed": (["--seed", "-1"], ["--seed must be between 0 and 2**64-1, got -1"]),
     "no_images": (["--num-images", "0"], ["--num-images must be at least 1, got 0"]),
+    "too_many_images": (["--num-images", "100000000"], ["--num-images must be at most 10000 in one run"]),
     "seed_runs_past_the_end": (["--seed", "18446744073709551615", "--num-images", "2"],
                                ["--seed 18446744073709551615 with --num-images 2 runs past 2**64-1"]),
     "guidance_not_a_number": (["--guidance-scale", "nan"], ["--guidance-scale must be a finite number, got nan"]),
@@ -174,6 +176,15 @@ def test_a_png_cannot_name_a_model_outside_the_data_folder():
     """--from-png's "Model" picks data/<Model>.safetensors when no --checkpoint is given: a forged path is refused."""
     with pytest.raises(InputError, match=r"names the model '../../elsewhere/model', which is not a file name in"):
         run_demo.default_checkpoint("../../elsewhere/model")
+
+
+def test_an_unreadable_input_is_the_input_s_fault(tmp_path, monkeypatch, capsys):
+    """An input that exists but cannot be read (here a folder posing as a file) is named as the input."""
+    folder = tmp_path / "model.ckpt"
+    folder.mkdir()
+    monkeypatch.setattr(Path, "is_file", lambda self: True)
+    with pytest.raises(SDError, match=f"cannot read checkpoint {folder}: Is a directory"):
+        read_state_dict(folder)
 
 
 def test_prompt_is_required(out_dir, checkpoints):
