@@ -118,6 +118,13 @@ def test_bad_values_of_any_type_are_setting_errors(arguments, message):
     assert str(error.value) == message or str(error.value).startswith(message), str(error.value)
 
 
+def test_an_image_that_cannot_be_converted_is_an_input_error(monkeypatch):
+    image = Image.new("RGB", (8, 8))
+    monkeypatch.setattr(Image.Image, "convert", lambda self, mode: (_ for _ in ()).throw(ValueError("unsupported")))
+    with pytest.raises(InputError, match=r"cannot convert init image \(RGB, 8x8\) to RGB: unsupported; save it as"):
+        settle("a cat", image=image)
+
+
 def test_settings_are_checked_without_weights():
     """`settle` is what the command line runs before loading: defaults filled, the same errors as generate."""
     s = settle("a cat", image=Image.new("RGB", (70, 50)), image_size=64)
