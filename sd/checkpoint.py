@@ -244,6 +244,9 @@ def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype,
         if weights[key].shape != param.shape:
             raise CheckpointError(f"{path}: {PREFIXES[net][0]}{key} has shape {tuple(weights[key].shape)}, "
                                   f"expected {tuple(param.shape)}; the file is not an SD v1 checkpoint.")
+        if param.is_floating_point() and not weights[key].is_floating_point():
+            raise CheckpointError(f"{path}: {PREFIXES[net][0]}{key} holds {str(weights[key].dtype)[6:]} numbers "
+                                  f"where weights are floating point; the file is damaged or not a checkpoint.")
     # Convert tensor by tensor, dropping each source as we go, so at most one extra tensor is held.
     model.load_state_dict({k: weights.pop(k).to(device=device, dtype=dtype) for k in list(weights)}, assign=True)
     return model.eval().requires_grad_(False)

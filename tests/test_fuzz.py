@@ -18,6 +18,7 @@ import run_demo
 from sd.checkpoint import load_checkpoint, read_state_dict
 from sd.errors import SDError
 from tests.tiny import save_checkpoint, tiny_compvis_state
+from weights_converter import __main__ as converter
 
 CASES = 1500  # per kind of file: 6000 files in all, about 20 s
 
@@ -114,7 +115,8 @@ def degenerate_states(rng: random.Random):
         yield state
 
 
-def test_degenerate_tensors_load_or_are_refused(tmp_path):
+def test_degenerate_tensors_load_or_are_refused(tmp_path, capsys):
+    """By the library, and by the converter: converted, or one line and status 2."""
     rng = random.Random("degenerate")
     for i, state in enumerate(degenerate_states(rng)):
         path = tmp_path / f"case{i}.ckpt"
@@ -123,6 +125,9 @@ def test_degenerate_tensors_load_or_are_refused(tmp_path):
             load_checkpoint(path)
         except SDError as e:
             assert "\n" not in str(e), str(e)
+        status = converter.main([str(path), str(tmp_path / f"case{i}.safetensors")])
+        err = capsys.readouterr().err
+        assert status == 0 or (status == 2 and err.startswith("error: ") and err.count("\n") == 1), (status, err)
 
 
 def test_mutated_png_parameters_are_read_or_refused(tmp_path):
