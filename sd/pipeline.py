@@ -113,6 +113,10 @@ def whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def texts(name: str, value) -> list[str]:
     """A text or a non-empty list of texts, as a list."""
     values = [value] if isinstance(value, str) else value
@@ -145,8 +149,7 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
                                          f"{type(value).__name__}")
     if not isinstance(sampler, (str, Sampler)):
         raise SettingError(lambda n: f"{n('sampler')} must be a sampler's name or a Sampler, got {sampler!r}")
-    if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) \
-            or not math.isfinite(guidance_scale):
+    if not finite(guidance_scale):
         raise SettingError(lambda n: f"{n('guidance_scale')} must be a finite number, got {guidance_scale!r}")
     if len(negatives) != len(prompts):
         raise SettingError(lambda n: f"got {len(negatives)} values of {n('negative_prompt')} for {len(prompts)} "
@@ -159,8 +162,8 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     if inpainting_model and mask is None:
         raise SettingError(lambda n: f"this is an inpainting checkpoint: give {n('image')} and {n('mask')}")
     strength = (0.75 if mask is None else 1.0) if strength is None else strength
-    if not 0.0 <= strength <= 1.0:
-        raise SettingError(lambda n: f"{n('strength')} must be between 0 and 1, got {strength}")
+    if not finite(strength) or not 0.0 <= strength <= 1.0:
+        raise SettingError(lambda n: f"{n('strength')} must be between 0 and 1, got {strength!r}")
     sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
     max_steps = sampler.schedule.num_train_timesteps  # no run has more steps than training had timesteps
     if not whole(steps) or not 1 <= steps <= max_steps:

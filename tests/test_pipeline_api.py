@@ -108,6 +108,7 @@ def test_bad_arguments_raise_input_error(sd, options, message):
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
     (dict(image=np.zeros((64, 64, 3), np.uint8)), "image must be a PIL image or the path of an image file, got a "
                                                   "ndarray"),
+    (dict(image=Image.new("RGB", (8, 8)), strength="0.5"), "strength must be between 0 and 1, got '0.5'"),
     (dict(seed=2**64), "seed must be between 0 and 2**64-1"),
     (dict(seed=1.5), "seed must be between 0 and 2**64-1, got 1.5"),
 ])
