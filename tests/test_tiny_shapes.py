@@ -2,9 +2,8 @@
 what its prompts say, read back by the image checker of `tests/shapes_checker.py`.
 
 Thresholds sit below the figures measured on the shipped file (`benchmarks/RESULTS.md`, measured
-by `python -m benchmarks.tiny_shapes` on 200 images each), far above chance: 1/8 for colour, 1/5 for
-position. The shipped model's shapes are still blobs (its VAE was under-trained: see RESULTS.md),
-so shape is measured and reported but not asserted."""
+by `python -m benchmarks.tiny_shapes` on 200 images each: colour 99.5%, shape 81%, position 99.5%),
+far above chance: 1/8 for colour, 1/5 for shape and position."""
 
 from pathlib import Path
 
@@ -33,19 +32,19 @@ def test_the_shipped_model_is_what_the_demo_expects(pipe):
 
 def test_seen_pairs_are_drawn_as_prompted(pipe):
     rates = adherence(pipe, scenes(100, held_out=False, seed=1), seed=1000)
-    assert rates["colour"] >= 0.35 and rates["position"] >= 0.6, rates
+    assert rates["colour"] >= 0.9 and rates["position"] >= 0.9 and rates["shape"] >= 0.65, rates
 
 
 def test_held_out_pairs_generalise(pipe):
     """Colour-shape pairs never drawn in training: the model composes colour and shape it learnt apart."""
     rates = adherence(pipe, scenes(50, held_out=True, seed=2), seed=2000)
-    assert rates["colour"] >= 0.35 and rates["position"] >= 0.6, rates
+    assert rates["colour"] >= 0.9 and rates["position"] >= 0.9 and rates["all"] >= 0.6, rates
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a", "heun", "lms", "plms"])
 def test_every_kind_of_sampler_works_with_the_trained_model(pipe, sampler):
     rates = adherence(pipe, scenes(30, held_out=False, seed=3), seed=3000, sampler=sampler, steps=20)
-    assert rates["position"] >= 0.5, (sampler, rates)
+    assert rates["position"] >= 0.5, (sampler, rates)  # lms and plms lose the colour at 20 steps: see RESULTS.md
 
 
 def test_guidance_raises_adherence(pipe):
