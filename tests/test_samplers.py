@@ -87,6 +87,27 @@ def test_full_run_matches_diffusers(name, options, steps):
     assert_same_trajectory(run(ours.step, ours.scale_model_input, ours.timesteps, x), expected, ours.order)
 
 
+# The samplers whose diffusers step returns its estimate of the clean latents (pred_original_sample).
+X0_CASES = [(name, options) for name, options in CASES if name in ("ddpm", "ddim", "euler", "euler_a", "lms")]
+
+
+@pytest.mark.parametrize(("name", "options"), X0_CASES, ids=[name + "".join(f"-{k}={v}" for k, v in o.items()) for name, o in X0_CASES])
+def test_predicted_original_matches_diffusers_at_every_step(name, options):
+    """`predicted_original`, what the pipeline's step callback reports, against diffusers' pred_original_sample."""
+    ours = make_sampler(name, **options)
+    ref, step_kwargs = reference_scheduler(name, options)
+    ours.set_timesteps(10)
+    set_reference_timesteps(ref, name, options, 10)
+    x, generators = noise(0) * ours.init_noise_sigma, [torch.Generator().manual_seed(7) for _ in range(2)]
+    extra = {"generator": generators[1]} if "generator" in inspect.signature(ref.step).parameters else {}
+    for t in ours.timesteps:
+        eps = toy_eps(ours.scale_model_input(x, t), t)
+        ref.scale_model_input(x, t)
+        out = ref.step(eps, t, x, **step_kwargs, **extra)
+        assert rel_err(ours.predicted_original(eps, t, x), out.pred_original_sample) < TOL
+        x = ours.step(eps, t, x, generators[0])
+
+
 @pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
 def test_img2img_run_matches_diffusers(name, options):
     """diffusers' img2img: skip the first steps, noise the image latents to the first timestep left,
