@@ -141,8 +141,8 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
     `SettingError`, whose message can name the parameters as command-line flags."""
     prompts = texts("prompt", prompt)
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else texts("negative_prompt",
-                                                                                                negative_prompt)
+    negatives = texts("negative_prompt", negative_prompt)
+    negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
     for name, value in (("image", image), ("mask", mask)):
         if value is not None and not isinstance(value, (Image.Image, str, Path)):
             raise SettingError(lambda n: f"{n(name)} must be a PIL image or the path of an image file, got a "

@@ -104,6 +104,7 @@ def test_bad_arguments_raise_input_error(sd, options, message):
     (dict(prompt=[]), "prompt must be a text or a non-empty list of texts, got []"),
     (dict(prompt=None), "prompt must be a text or a non-empty list of texts, got None"),
     (dict(negative_prompt=[1]), "negative_prompt must be a text or a non-empty list of texts"),
+    (dict(negative_prompt="caf\udce9"), "negative_prompt holds characters that are not valid Unicode"),
     (dict(sampler=None), "sampler must be a sampler's name or a Sampler, got None"),
     (dict(guidance_scale="7"), "guidance_scale must be a finite number, got '7'"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
