@@ -74,8 +74,9 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: (B, T)
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]  # (B, T, C)
+    def forward(self, ids: torch.Tensor, token_vectors: torch.Tensor | None = None) -> torch.Tensor:  # ids: (B, T)
+        tokens = self.token_embedding(ids) if token_vectors is None else token_vectors  # (B, T, C)
+        return tokens + self.position_embedding.weight[: ids.shape[1]]  # (B, T, C)
 
 
 class CLIPEncoder(nn.Module):
@@ -85,7 +86,11 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """Token ids (B, 77) -> final-LayerNorm hidden states (B, 77, width)."""
+    """Token ids (B, 77) -> final-LayerNorm hidden states (B, 77, width).
+
+    `token_vectors` (B, 77, width) replace the ids' token embeddings (textual inversion puts learned
+    vectors there); `clip_skip` N > 1 takes the hidden states of the N-th last layer instead of the
+    last, through the same final LayerNorm (what AUTOMATIC1111 calls "Clip skip")."""
 
     def __init__(self, cfg: CLIPConfig = CLIPConfig()):
         super().__init__()
@@ -94,8 +99,8 @@ class CLIPTextModel(nn.Module):
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(ids)  # (B, 77, 768)
-        for layer in self.encoder.layers:
+    def forward(self, ids: torch.Tensor, token_vectors: torch.Tensor | None = None, clip_skip: int = 1) -> torch.Tensor:
+        x = self.embeddings(ids, token_vectors)  # (B, 77, 768)
+        for layer in self.encoder.layers[: len(self.encoder.layers) - (clip_skip - 1)]:
             x = layer(x)
         return self.final_layer_norm(x)  # (B, 77, 768)

@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from sd.attention import configure_attention
 from sd.checkpoint import SD_V1_SIZE, StableDiffusionModels, load_checkpoint
 from sd.datasets import words
+from sd.embeddings import Embedding, check_name, check_width, read_embedding
 from sd.errors import GenerationError, InputError, SettingError
+from sd.prompt import PromptParser, check_clip_skip, encode, parse_emphasis
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.tokenizer import CLIPTokenizer
 
@@ -103,6 +105,7 @@ class Settings:
     height: int
     num_images: int
     output_type: str
+    clip_skip: int
 
     @property
     def batch(self) -> int:
@@ -135,7 +138,8 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
            mask: ImageInput | None = None, strength: float | None = None, steps: int = DEFAULT_STEPS,
            guidance_scale: float = DEFAULT_GUIDANCE, sampler: str | Sampler = DEFAULT_SAMPLER,
            seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
-           output_type: str = "pil", image_size: int = SD_V1_SIZE, inpainting_model: bool = False) -> Settings:
+           output_type: str = "pil", clip_skip: int = 1, image_size: int = SD_V1_SIZE,
+           inpainting_model: bool = False) -> Settings:
     """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
     any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
     own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
@@ -143,6 +147,9 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     prompts = texts("prompt", prompt)
     negatives = texts("negative_prompt", negative_prompt)
     negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
+    for name, text in [("prompt", p) for p in prompts] + [("negative_prompt", p) for p in negatives]:
+        parse_emphasis(text, name)  # a malformed weight is refused before any work
+    check_clip_skip(clip_skip)
     for name, value in (("image", image), ("mask", mask)):
         if value is not None and not isinstance(value, (Image.Image, str, Path)):
             raise SettingError(lambda n: f"{n(name)} must be a PIL image or the path of an image file, got a "
@@ -185,15 +192,18 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
             raise SettingError(lambda n: f"{n(name)} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
         size[name] = value
     return Settings(prompts, negatives, image, mask, strength, steps, guidance_scale, sampler, seed,
-                    num_images=num_images, output_type=output_type, **size)
+                    num_images=num_images, output_type=output_type, clip_skip=clip_skip, **size)
 
 
 class StableDiffusion:
-    """The three networks of a checkpoint, the tokenizer, and the methods that make images with them."""
+    """The three networks of a checkpoint, the tokenizer, the textual-inversion embeddings loaded, and the
+    methods that make images with them."""
 
     def __init__(self, models: StableDiffusionModels, tokenizer: CLIPTokenizer | None = None):
         self.models = models
         self.tokenizer = tokenizer or CLIPTokenizer()
+        self.embeddings: dict[str, Embedding] = {}
+        self.prompt_parser = PromptParser(self.tokenizer, self.embeddings)
         self.device = next(models.unet.parameters()).device
         self.dtype = next(models.unet.parameters()).dtype
 
@@ -208,6 +218,17 @@ class StableDiffusion:
         written out (`sd.attention.plain_attention`)."""
         for net in (self.models.clip, self.models.unet, self.models.vae):
             configure_attention(net, query_slice=query_slice, fused=fused)
+
+    def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
+        """Load a textual-inversion embedding (AUTOMATIC1111, kohya or diffusers file): prompts then use it
+        by `token`, by default the token the file names, else the file's name. Returns it."""
+        return self.add_embedding(read_embedding(path, token))
+
+    def add_embedding(self, embedding: Embedding) -> Embedding:
+        check_width(embedding, self.models.clip.config.width)
+        check_name(embedding, self.tokenizer, self.embeddings)
+        self.embeddings[embedding.name] = embedding
+        return embedding
 
     def unseen_words(self, text: str) -> list[str]:
         """The words of `text` that the model's training captions never had (none when that is not known)."""
@@ -240,7 +261,8 @@ class StableDiffusion:
                  **settings):
         """One denoising loop for all three tasks.
 
-        prompt, negative_prompt: a text or a list of texts (one negative per prompt).
+        prompt, negative_prompt: a text or a list of texts (one negative per prompt), in AUTOMATIC1111's
+            syntax: (emphasis), [less], (text:1.3), BREAK, any length, embeddings by name (`sd.prompt`).
         image, mask: an init image (path or PIL image) for image-to-image; with a mask (white: repaint)
             for inpainting.
         strength: how much of the image is redrawn, 0 to 1 (default 0.75, with a mask 1.0).
@@ -250,6 +272,7 @@ class StableDiffusion:
         num_images: images per prompt.
         output_type: "pil" (a list of images), "np" (an array (N, H, W, 3) in [0, 1]) or "latent" (the
             final scaled latents (N, 4, H/8, W/8)).
+        clip_skip: 1 (the text encoder's output, default) or N: the hidden states of its N-th last layer.
         progress: a progress bar; tiled_decode: decode in tiles, bounding the VAE's memory for large
             images; callback: called after every step with (step index, timestep, latents, predicted x0).
         Random numbers come from a CPU generator seeded with `seed`, drawn in diffusers' order.
@@ -258,7 +281,9 @@ class StableDiffusion:
                    inpainting_model=self.models.is_inpainting, **settings)
         generator = torch.Generator("cpu").manual_seed(s.seed)
         guided = s.guidance_scale > 1.0
-        context = self.encode_prompts(s.prompts, s.negatives if guided else None, s.num_images)  # (2B or B, 77, 768)
+        check_clip_skip(s.clip_skip, self.models.clip.config.layers)
+        context = self.encode_prompts(s.prompts, s.negatives if guided else None, s.num_images,
+                                      s.clip_skip)  # (2B or B, 77·k, 768)
         s.sampler.set_timesteps(s.steps, self.device)
         if s.image is not None:
             s.sampler.set_strength(s.strength)
@@ -344,12 +369,14 @@ class StableDiffusion:
                 callback(i, t, latents, x0)
         return latents
 
-    def encode_prompts(self, prompts: list[str], negatives: list[str] | None, num_images: int) -> torch.Tensor:
-        """CLIP hidden states of the prompts, each repeated num_images times: (B, 77, 768), or with the
-        negative prompts' first for classifier-free guidance: (2B, 77, 768)."""
-        texts = (negatives or []) + prompts
-        ids = self.tokenizer(texts).to(self.device)  # (P or 2P, 77)
-        return self.models.clip(ids).repeat_interleave(num_images, dim=0)
+    def encode_prompts(self, prompts: list[str], negatives: list[str] | None, num_images: int,
+                       clip_skip: int = 1) -> torch.Tensor:
+        """CLIP hidden states of the prompts, each repeated num_images times: (B, 77·k, 768), or with the
+        negative prompts' first for classifier-free guidance: (2B, 77·k, 768); k chunks of 77 positions,
+        as many as the longest text needs (`sd.prompt.encode`)."""
+        parsed = [self.prompt_parser.parse(text, "negative_prompt") for text in negatives or []]
+        parsed += [self.prompt_parser.parse(text) for text in prompts]
+        return encode(self.models.clip, parsed, clip_skip).repeat_interleave(num_images, dim=0)
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Image in [-1, 1] (1, 3, H, W) -> a sample of its latent distribution, scaled: (1, 4, H/8, W/8)."""

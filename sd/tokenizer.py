@@ -57,14 +57,18 @@ class CLIPTokenizer:
             raise SDError(f"not the CLIP vocabulary: {vocab_path}; run python data/make_clip_vocab.py to recreate it")
         self._tokenizer = tokenizer
 
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """The token ids of each text, all of them, without BOS and EOS."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        """Token ids of shape (B, 77): BOS, the prompt's tokens (at most 75), EOS, then EOS as padding."""
+        """Token ids of shape (B, 77): BOS, the prompt's tokens (at most 75), EOS, then EOS as padding.
+        (The pipeline reads longer prompts in chunks: `sd.prompt`.)"""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        encodings = self._tokenizer.encode_batch(prompts, add_special_tokens=False)
         ids = torch.full((len(prompts), CONTEXT_LENGTH), EOS_ID, dtype=torch.long)  # (B, 77)
         ids[:, 0] = BOS_ID
-        for i, encoding in enumerate(encodings):
-            kept, dropped = encoding.ids[:MAX_PROMPT_TOKENS], encoding.ids[MAX_PROMPT_TOKENS:]
+        for i, tokens in enumerate(self.tokenize(prompts)):
+            kept, dropped = tokens[:MAX_PROMPT_TOKENS], tokens[MAX_PROMPT_TOKENS:]
             ids[i, 1 : 1 + len(kept)] = torch.tensor(kept, dtype=torch.long)  # (len(kept),)
             if dropped:
                 warnings.warn(

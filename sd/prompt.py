@@ -1,0 +1,232 @@
+"""Prompts as Stable Diffusion users write them: emphasis, long prompts, BREAK and textual inversion.
+
+The syntax and its meaning are those of AUTOMATIC1111's web UI, where most SD v1 prompts are written:
+- Emphasis: `(text)` multiplies the weight of its tokens by 1.1, `[text]` divides it by 1.1,
+  `(text:1.3)` multiplies it by 1.3; nesting multiplies; `\\(`, `\\)`, `\\[`, `\\]` and `\\\\` are the
+  characters themselves; a bracket left open closes at the end. The weights scale CLIP's output
+  vectors, after which each chunk's output is rescaled to its original mean.
+- Long prompts: CLIP reads 77 positions, so the tokens are cut into chunks of 75, each encoded on its
+  own as [BOS] + 75 + [EOS] (padded with EOS) and concatenated: a context (B, 77·k, 768), which the
+  UNet's cross-attention reads at any length. A chunk that fills up hands the words after its last
+  comma (if within the last 20 tokens) to the next one; `BREAK` ends a chunk.
+- Textual inversion (Gal et al., 2022): a name whose tokens appear in the prompt is replaced by the
+  learned vectors of its embedding (`sd.embeddings`).
+Each run of text of one weight is tokenized on its own, so weights fall on whole runs.
+"""
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from sd.clip import CLIPTextModel
+from sd.embeddings import Embedding
+from sd.errors import SettingError
+from sd.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, MAX_PROMPT_TOKENS, CLIPTokenizer
+
+ROUND_FACTOR = 1.1  # (text)
+SQUARE_FACTOR = 1 / 1.1  # [text]
+COMMA_BACKTRACK = 20  # a full chunk hands on the words after a comma this close to its end
+MAX_CHUNKS = 16  # 1200 tokens: longer prompts are refused rather than encoded without bound
+BREAK = None  # the run that stands for BREAK in a parsed prompt
+
+_SYNTAX = re.compile(r"""
+      \\(?P<escaped>[()\[\]\\]?)            # an escaped bracket or backslash (a lone backslash is dropped)
+    | (?P<open>[(\[])
+    | :\s*(?P<weight>[^\s()\[\]:\\]*)\s*\)  # (text:weight)
+    | (?P<close>[)\]])
+    | (?P<text>[^\\()\[\]:]+|:)
+""", re.VERBOSE)
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+Run = tuple[str, float] | None  # (text, weight), or BREAK
+
+
+def parse_emphasis(prompt: str, what: str = "prompt") -> list[Run]:
+    """The prompt as runs of text with their weights, neighbours of equal weight merged; BREAK (None)
+    where the prompt says BREAK. `parse_emphasis("a (red:1.3) ball")` is
+    `[("a ", 1.0), ("red", 1.3), (" ball", 1.0)]`."""
+    runs: list[list] = []  # [text, weight]; a BREAK is [None, None]
+    opened = {"(": [], "[": []}  # the index of the first run inside each open bracket
+
+    def scale_from(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            if run[0] is not None:
+                run[1] *= factor
+
+    for m in _SYNTAX.finditer(prompt):
+        if m["weight"] is not None and opened["("]:
+            if not _NUMBER.fullmatch(m["weight"]):
+                raise SettingError(lambda n, w=m["weight"]: f"{n(what)} has (...:{w}), whose weight {w!r} is not "
+                                   f"a number; write (text:1.2), or \\( \\) for brackets in the text")
+            scale_from(opened["("].pop(), float(m["weight"]))
+        elif m["open"]:
+            opened[m["open"]].append(len(runs))
+        elif m["close"] and opened["(" if m["close"] == ")" else "["]:
+            scale_from(opened["(" if m["close"] == ")" else "["].pop(), ROUND_FACTOR if m["close"] == ")" else SQUARE_FACTOR)
+        else:  # text, an escape, or a bracket that closes nothing (kept as text)
+            text = m["escaped"] if m["escaped"] is not None else m.group(0)
+            for i, part in enumerate(_BREAK.split(text)):
+                runs += [[None, None]] * (i > 0) + [[part, 1.0]]
+    for bracket, factor in (("(", ROUND_FACTOR), ("[", SQUARE_FACTOR)):  # close what is still open
+        for start in opened[bracket]:
+            scale_from(start, factor)
+    merged: list[list] = []
+    for run in runs or [["", 1.0]]:
+        if merged and run[0] is not None and merged[-1][0] is not None and merged[-1][1] == run[1]:
+            merged[-1][0] += run[0]
+        else:
+            merged.append(run)
+    return [BREAK if text is None else (text, weight) for text, weight in merged]
+
+
+@dataclass
+class Chunk:
+    """Positions for CLIP: the token ids, the weight of each, and the vectors of embeddings by position
+    (77 positions once closed; while being filled, only the prompt's tokens)."""
+
+    ids: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def weighted(self) -> bool:
+        return any(w != 1.0 for w in self.weights)
+
+
+@dataclass
+class ParsedPrompt:
+    chunks: list[Chunk]
+    tokens: int  # the prompt's tokens, embeddings counted by their vectors
+    embeddings: list[Embedding]  # the embeddings it uses, in order of first use
+
+
+class PromptParser:
+    """Prompts to chunks of token ids and weights, with the loaded embeddings in place."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, embeddings: dict[str, Embedding] | None = None):
+        self.tokenizer = tokenizer
+        self.embeddings = embeddings if embeddings is not None else {}
+        [[self.comma_id]] = tokenizer.tokenize([","])
+
+    def names(self) -> dict[tuple[int, ...], Embedding]:
+        """Each embedding by the token ids of its name, longest first (a longer name wins a match)."""
+        named = {tuple(ids): e for e, ids in zip(self.embeddings.values(),
+                                                 self.tokenizer.tokenize([e.name for e in self.embeddings.values()]))}
+        return dict(sorted(named.items(), key=lambda item: -len(item[0])))
+
+    def parse(self, prompt: str, what: str = "prompt") -> ParsedPrompt:
+        runs = parse_emphasis(prompt, what)
+        names = self.names()
+        texts = [run[0] for run in runs if run is not BREAK]
+        tokenized = iter(self.tokenizer.tokenize(texts))
+        builder = _ChunkBuilder(self.comma_id)
+        used: dict[str, Embedding] = {}
+        for run in runs:
+            if run is BREAK:
+                builder.close()
+                continue
+            ids, weight = next(tokenized), run[1]
+            i = 0
+            while i < len(ids):
+                name = next((name for name in names if tuple(ids[i:i + len(name)]) == name), None)
+                if name is None:
+                    builder.add(ids[i], weight)
+                    i += 1
+                else:
+                    embedding = names[name]
+                    builder.add(ids[i], weight, embedding.vectors)
+                    used.setdefault(embedding.name, embedding)
+                    i += len(name)
+        chunks = builder.finish()
+        if len(chunks) > MAX_CHUNKS:
+            raise SettingError(lambda n: f"{n(what)} is {builder.tokens} tokens long in {len(chunks)} chunks of "
+                                         f"{MAX_PROMPT_TOKENS}; at most {MAX_CHUNKS} chunks are encoded: shorten it")
+        return ParsedPrompt(chunks, builder.tokens, list(used.values()))
+
+
+class _ChunkBuilder:
+    """Fills chunks of MAX_PROMPT_TOKENS tokens as AUTOMATIC1111 does (`sd_hijack_clip.tokenize_line`)."""
+
+    def __init__(self, comma_id: int):
+        self.comma_id = comma_id
+        self.chunks: list[Chunk] = []
+        self.current = Chunk()
+        self.last_comma = -1
+        self.tokens = 0
+
+    def make_room(self, token: int, n: int = 1) -> None:
+        """Before `token` (the first of n positions): note a comma; a full chunk closes, handing on the
+        words after a comma near its end; n positions that do not fit close the chunk too."""
+        if token == self.comma_id:
+            self.last_comma = len(self.current.ids)
+        elif (len(self.current.ids) == MAX_PROMPT_TOKENS and self.last_comma >= 0
+              and MAX_PROMPT_TOKENS - self.last_comma <= COMMA_BACKTRACK):
+            cut, kept = self.last_comma + 1, self.current
+            self.current = Chunk(kept.ids[:cut], kept.weights[:cut], {i: v for i, v in kept.vectors.items() if i < cut})
+            self.close()
+            self.current = Chunk(kept.ids[cut:], kept.weights[cut:],
+                                 {i - cut: v for i, v in kept.vectors.items() if i >= cut})
+        if len(self.current.ids) + n > MAX_PROMPT_TOKENS:
+            self.close()
+
+    def add(self, token: int, weight: float, vectors: torch.Tensor | None = None) -> None:
+        """One token, or the n vectors (n, C) of an embedding, which are never split between chunks."""
+        n = 1 if vectors is None else vectors.shape[0]
+        self.make_room(token, n)
+        for k in range(n):
+            if vectors is not None:
+                self.current.vectors[len(self.current.ids)] = vectors[k]
+            self.current.ids.append(token)  # under a vector, a stand-in: the vector replaces its embedding
+            self.current.weights.append(weight)
+        self.tokens += n
+
+    def close(self) -> None:
+        pad = CONTEXT_LENGTH - 1 - len(self.current.ids)
+        self.chunks.append(Chunk([BOS_ID, *self.current.ids] + [EOS_ID] * pad,
+                                 [1.0, *self.current.weights] + [1.0] * pad,
+                                 {1 + i: v for i, v in self.current.vectors.items()}))  # 1 +: after BOS
+        self.current = Chunk()
+        self.last_comma = -1
+
+    def finish(self) -> list[Chunk]:
+        if self.current.ids or not self.chunks:
+            self.close()
+        return self.chunks
+
+
+def encode(clip: CLIPTextModel, prompts: list[ParsedPrompt], clip_skip: int = 1) -> torch.Tensor:
+    """CLIP's output for each prompt (N, 77·k, C), k its number of chunks; shorter prompts are padded
+    with the chunk of the empty prompt. Weights scale the output vectors, then each chunk is brought
+    back to its mean before weighting (AUTOMATIC1111's "Original" emphasis)."""
+    device = clip.final_layer_norm.weight.device
+    count = max(len(p.chunks) for p in prompts)
+    empty = _ChunkBuilder(-1).finish()[0]
+    outputs = []
+    for k in range(count):
+        chunks = [p.chunks[k] if k < len(p.chunks) else empty for p in prompts]
+        ids = torch.tensor([c.ids for c in chunks], device=device)  # (N, 77)
+        vectors = None
+        if any(c.vectors for c in chunks):
+            vectors = clip.embeddings.token_embedding(ids)  # (N, 77, C)
+            for row, chunk in enumerate(chunks):
+                for position, vector in chunk.vectors.items():
+                    vectors[row, position] = vector.to(vectors)
+        z = clip(ids, token_vectors=vectors, clip_skip=clip_skip)  # (N, 77, C)
+        if any(c.weighted for c in chunks):
+            weights = torch.tensor([c.weights for c in chunks], device=device, dtype=z.dtype)  # (N, 77)
+            mean = z.mean(dim=(1, 2), keepdim=True)  # (N, 1, 1)
+            z = z * weights[..., None]
+            z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
+        outputs.append(z)
+    return torch.cat(outputs, dim=1)  # (N, 77·k, C)
+
+
+def check_clip_skip(clip_skip, layers: int | None = None) -> None:
+    """clip_skip: a whole number from 1 (CLIP's last layer, the normal output) to the number of layers."""
+    top = layers if layers is not None else math.inf
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= top:
+        bound = f" and {layers}, the text encoder's layers" if layers is not None else " or more"
+        raise SettingError(lambda n: f"{n('clip_skip')} must be a whole number between 1{bound}, got {clip_skip!r}")
