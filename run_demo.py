@@ -26,16 +26,20 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from sd.checkpoint import SD_V1_SIZE, read_metadata
+from sd.checkpoint import SD_V1_SIZE, load_checkpoint, read_metadata
 from sd.cli import CommandParser, run_command
+from sd.embeddings import EMBEDDING_SUFFIXES, Embedding, check_name, read_embedding
 from sd.errors import CheckpointError, InputError, SettingError
 from sd.files import DATA_DIR, write_atomically
 from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, VAE_FACTOR, Settings, StableDiffusion, settle
+from sd.prompt import PromptParser
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule
+from sd.tokenizer import CLIPTokenizer
 
 PROG = "python run_demo.py"
 DEFAULT_MODEL = "v1-5-pruned-emaonly"
 TINY_MODEL = "tiny-shapes"  # the project's own model (sd/train.py), used when no official file is in data/
+EMBEDDINGS_DIR = DATA_DIR / "embeddings"  # textual-inversion files, used when a prompt names them
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Peak memory of SD's VAE decoder, the largest user of memory: about 1100 numbers per output pixel
 # (measured: 4.2 kB per pixel in fp32, at 256x256 and 512x512). Attention needs much less: the fused
@@ -51,7 +55,8 @@ PNG_FIELDS = {  # settings-line key: (our name, type)
     "Steps": ("steps", int), "Sampler": ("sampler", lambda s: s.lower().replace("dpm++", "dpmpp").replace(" ", "_")),
     "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Denoising strength": ("strength", float),
     "Init image": ("image", Path), "Mask": ("mask", Path), "Tiled decode": ("tiled_decode", lambda s: s == "True"),
-    "Model": ("model", str), "Model hash": ("model_hash", str),
+    "Model": ("model", str), "Model hash": ("model_hash", str), "Clip skip": ("clip_skip", int),
+    "TI hashes": ("ti_hashes", lambda s: dict(item.rsplit(":", 1) for item in s.split(", "))),
 }
 
 
@@ -81,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: the model's "
                                                    f"own: 512 for SD v1, 64 for {TINY_MODEL}; or that of --image "
                                                    f"rounded down)")
+    p.add_argument("--clip-skip", type=int, help="condition on the hidden states of the text encoder's N-th last "
+                                                 "layer, as AUTOMATIC1111's 'Clip skip' (default: 1, its output)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH[:NAME]",
+                   help=f"a textual-inversion embedding (.pt, .safetensors or .bin), used where a prompt says NAME "
+                        f"(default name: the token the file names, else its file name); repeatable. Files in "
+                        f"data/embeddings/ are loaded by themselves when a prompt names them (default: none)")
     p.add_argument("--num-images", type=int, default=1, help=f"how many images to make, one after another, 1 to "
                                                              f"{MAX_IMAGES} (default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
@@ -132,7 +143,7 @@ def read_parameters(png: Path) -> dict:
 
 
 GENERATION_FLAGS = ("image", "mask", "strength", "steps", "guidance_scale", "sampler", "seed", "width", "height",
-                    "num_images")
+                    "num_images", "clip_skip")
 
 
 def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Settings:
@@ -157,9 +168,47 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Set
     if settings.seed + args.num_images - 1 > MAX_SEED:
         raise InputError(f"--seed {settings.seed} with --num-images {args.num_images} runs past 2**64-1 (image i "
                          f"uses seed+i-1); give a lower --seed")
-    for key in ("strength", "steps", "guidance_scale", "seed", "width", "height"):
+    for key in ("strength", "steps", "guidance_scale", "seed", "width", "height", "clip_skip"):
         setattr(args, key, getattr(settings, key))
     return settings
+
+
+def embedding_flag(value: str) -> tuple[Path, str | None]:
+    """--embedding PATH or PATH:NAME (a PATH that exists as written wins, so C:\\x.pt stays a path)."""
+    path, colon, name = value.rpartition(":")
+    if not colon or not path or Path(value).exists() or any(c in name for c in "/\\"):
+        return Path(value), None
+    return Path(path), name
+
+
+def read_embeddings(args: argparse.Namespace, stored: dict, tokenizer: CLIPTokenizer) -> list[Embedding]:
+    """The --embedding files, and those in data/embeddings/ whose name the prompts hold, read and their names
+    checked; then the prompts are parsed with them (malformed or too long: refused), all before loading
+    the model. The embeddings a --from-png image was made with must be among them."""
+    loaded: dict[str, Embedding] = {}
+    for value in args.embedding:
+        embedding = read_embedding(*embedding_flag(value))
+        check_name(embedding, tokenizer, loaded)
+        loaded[embedding.name] = embedding
+    texts = f"{args.prompt}\n{args.negative_prompt}".lower()
+    folder = sorted(EMBEDDINGS_DIR.glob("*")) if EMBEDDINGS_DIR.is_dir() else []
+    for path in folder:
+        if path.suffix.lower() in EMBEDDING_SUFFIXES and path.stem.lower() in texts and path.stem not in loaded:
+            embedding = read_embedding(path)
+            check_name(embedding, tokenizer, loaded)
+            loaded[embedding.name] = embedding
+    parser = PromptParser(tokenizer, loaded)
+    parser.parse(args.prompt)
+    parser.parse(args.negative_prompt, "negative_prompt")
+    for name, short_hash in stored.get("ti_hashes", {}).items():
+        name, short_hash = name.strip(), short_hash.strip()
+        if name not in loaded:
+            raise InputError(f"{args.from_png} was made with the embedding {name} (hash {short_hash}), which is not "
+                             f"loaded; put its file in {shown(EMBEDDINGS_DIR)}/ or pass --embedding PATH:{name}")
+        if loaded[name].short_hash != short_hash:
+            note(f"{args.from_png} was made with the embedding {name} of hash {short_hash}, {loaded[name].path} has "
+                 f"hash {loaded[name].short_hash}: the image will differ")
+    return list(loaded.values())
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -293,8 +342,10 @@ def output_paths(output: Path, n: int, overwrite: bool) -> list[Path]:
     return paths
 
 
-def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short_hash: str, png: Path) -> str:
-    """The settings in AUTOMATIC1111's form: the prompt, "Negative prompt: ...", then one line of settings.
+def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short_hash: str, png: Path,
+                    used: list[Embedding]) -> str:
+    """The settings in AUTOMATIC1111's form: the prompt, "Negative prompt: ...", then one line of settings;
+    `used`: the embeddings the prompts use ("TI hashes").
     The init image and mask are named relative to the folder of `png`, where --from-png looks for them."""
     def near_png(path: Path) -> str:
         return os.path.relpath(path.resolve(), png.parent.resolve())
@@ -305,6 +356,10 @@ def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short
         settings.update({"Denoising strength": args.strength, "Init image": near_png(args.image)})
     if args.mask is not None:
         settings["Mask"] = near_png(args.mask)
+    if args.clip_skip > 1:
+        settings["Clip skip"] = args.clip_skip
+    if used:
+        settings["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used)
     if args.tiled_decode:
         settings["Tiled decode"] = True
     line = ", ".join(f"{key}: {quote(str(value))}" for key, value in settings.items())
@@ -354,6 +409,8 @@ def load_and_generate(args: argparse.Namespace) -> None:
     checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
     settings = settle_flags(args, stored, read_metadata(checkpoint).get("image_size", SD_V1_SIZE)
                             if checkpoint.is_file() else SD_V1_SIZE)
+    tokenizer = CLIPTokenizer()
+    embeddings = read_embeddings(args, stored, tokenizer)
     check_memory(args.width, args.height, device, DTYPES[args.dtype], args.tiled_decode)
     output = args.output or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}.png"
     check_output(output, is_default=args.output is None)
@@ -362,7 +419,9 @@ def load_and_generate(args: argparse.Namespace) -> None:
         if picture is not None and picture.size != (args.width, args.height):
             note(f"{what} {path} is {picture.width}x{picture.height}; resized to {args.width}x{args.height}")
 
-    pipe = StableDiffusion.from_checkpoint(checkpoint, device, DTYPES[args.dtype])
+    pipe = StableDiffusion(load_checkpoint(checkpoint, device, DTYPES[args.dtype]), tokenizer)
+    for embedding in embeddings:
+        pipe.add_embedding(embedding)
     short_hash = model_hash(checkpoint)
     unseen = pipe.unseen_words(args.prompt + " " + args.negative_prompt)
     if unseen:
@@ -381,14 +440,18 @@ def generate(pipe: StableDiffusion, args: argparse.Namespace, settings: Settings
     steps = f"{args.steps} step{'s' * (args.steps > 1)}"
     print(f"{mode}, {args.width}x{args.height}, {steps} of {args.sampler}, seed {args.seed}"
           f"{f', {len(paths)} images' if len(paths) > 1 else ''}, on {pipe.device} in {args.dtype}", flush=True)
+    used = {e.name: e for text, what in ((args.prompt, "prompt"), (args.negative_prompt, "negative_prompt"))
+            for e in pipe.prompt_parser.parse(text, what).embeddings}  # in the order of first use
+
     for i, path in enumerate(paths):
         seed = args.seed + i
         [picture] = pipe.generate(args.prompt, args.negative_prompt, image=settings.image, mask=settings.mask,
                                   strength=args.strength if args.image is not None else None, steps=args.steps,
                                   guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
                                   width=args.width, height=args.height, progress=not args.no_progress,
-                                  tiled_decode=args.tiled_decode)
-        written = write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash, path), args.overwrite)
+                                  tiled_decode=args.tiled_decode, clip_skip=args.clip_skip)
+        written = write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash, path, list(used.values())),
+                            args.overwrite)
         print(f"wrote {written} (seed {seed})", flush=True)
 
 

@@ -231,10 +231,12 @@ class StableDiffusion:
         return embedding
 
     def unseen_words(self, text: str) -> list[str]:
-        """The words of `text` that the model's training captions never had (none when that is not known)."""
+        """The words of `text` that the model's training captions never had (none when that is not known),
+        the names of loaded embeddings aside."""
         if self.models.vocabulary is None:
             return []
-        return [w for w in words(text) if w not in self.models.vocabulary]
+        named = {w for name in self.embeddings for w in words(name)}
+        return [w for w in words(text) if w not in self.models.vocabulary and w not in named]
 
     # ---- the three tasks ---------------------------------------------------------------------------
 

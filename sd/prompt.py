@@ -9,9 +9,11 @@ The syntax and its meaning are those of AUTOMATIC1111's web UI, where most SD v1
   own as [BOS] + 75 + [EOS] (padded with EOS) and concatenated: a context (B, 77·k, 768), which the
   UNet's cross-attention reads at any length. A chunk that fills up hands the words after its last
   comma (if within the last 20 tokens) to the next one; `BREAK` ends a chunk.
-- Textual inversion (Gal et al., 2022): a name whose tokens appear in the prompt is replaced by the
-  learned vectors of its embedding (`sd.embeddings`).
-Each run of text of one weight is tokenized on its own, so weights fall on whole runs.
+- Textual inversion (Gal et al., 2022): an embedding's name in the prompt is replaced by its learned
+  vectors (`sd.embeddings`), which are never split between chunks.
+Each run of text of one weight is tokenized on its own, so weights fall on whole runs; so is the text
+between embedding names, which therefore count whatever punctuation touches them (as diffusers'
+added tokens do; AUTOMATIC1111 looks for the name's tokens, which `<name>,` would miss).
 """
 
 import math
@@ -111,35 +113,41 @@ class PromptParser:
         self.embeddings = embeddings if embeddings is not None else {}
         [[self.comma_id]] = tokenizer.tokenize([","])
 
-    def names(self) -> dict[tuple[int, ...], Embedding]:
-        """Each embedding by the token ids of its name, longest first (a longer name wins a match)."""
-        named = {tuple(ids): e for e, ids in zip(self.embeddings.values(),
-                                                 self.tokenizer.tokenize([e.name for e in self.embeddings.values()]))}
-        return dict(sorted(named.items(), key=lambda item: -len(item[0])))
+    def split_names(self, text: str) -> list[str]:
+        """`text` cut around the names of embeddings: [text, name, text, name, ..., text]. A name counts in
+        any case, whatever punctuation touches it, but not inside a longer word ("<x>" counts in "a<x>",
+        "xy" does not in "axy")."""
+        if not self.embeddings:
+            return [text]
+
+        def pattern(name: str) -> str:
+            return (r"(?<!\w)" * bool(re.match(r"\w", name)) + re.escape(name)
+                    + r"(?!\w)" * bool(re.match(r"\w", name[-1])))
+
+        names = sorted(self.embeddings, key=len, reverse=True)  # the longest name wins
+        return re.split(f"({'|'.join(map(pattern, names))})", text, flags=re.IGNORECASE)
 
     def parse(self, prompt: str, what: str = "prompt") -> ParsedPrompt:
         runs = parse_emphasis(prompt, what)
-        names = self.names()
-        texts = [run[0] for run in runs if run is not BREAK]
-        tokenized = iter(self.tokenizer.tokenize(texts))
+        by_name = {name.lower(): e for name, e in self.embeddings.items()}
+        pieces = [(self.split_names(run[0]), run[1]) for run in runs if run is not BREAK]
+        tokenized = iter(self.tokenizer.tokenize([text for split, _ in pieces for text in split[::2]]))
+        pieces = iter(pieces)
         builder = _ChunkBuilder(self.comma_id)
         used: dict[str, Embedding] = {}
         for run in runs:
             if run is BREAK:
                 builder.close()
                 continue
-            ids, weight = next(tokenized), run[1]
-            i = 0
-            while i < len(ids):
-                name = next((name for name in names if tuple(ids[i:i + len(name)]) == name), None)
-                if name is None:
-                    builder.add(ids[i], weight)
-                    i += 1
-                else:
-                    embedding = names[name]
-                    builder.add(ids[i], weight, embedding.vectors)
+            split, weight = next(pieces)
+            for k, piece in enumerate(split):
+                if k % 2:  # a name: the embedding's vectors
+                    embedding = by_name[piece.lower()]
+                    builder.add(EOS_ID, weight, embedding.vectors)
                     used.setdefault(embedding.name, embedding)
-                    i += len(name)
+                else:
+                    for token in next(tokenized):
+                        builder.add(token, weight)
         chunks = builder.finish()
         if len(chunks) > MAX_CHUNKS:
             raise SettingError(lambda n: f"{n(what)} is {builder.tokens} tokens long in {len(chunks)} chunks of "
@@ -228,5 +236,5 @@ def check_clip_skip(clip_skip, layers: int | None = None) -> None:
     """clip_skip: a whole number from 1 (CLIP's last layer, the normal output) to the number of layers."""
     top = layers if layers is not None else math.inf
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= top:
-        bound = f" and {layers}, the text encoder's layers" if layers is not None else " or more"
-        raise SettingError(lambda n: f"{n('clip_skip')} must be a whole number between 1{bound}, got {clip_skip!r}")
+        bound = f"between 1 and {layers}, the text encoder's layers" if layers is not None else "of at least 1"
+        raise SettingError(lambda n: f"{n('clip_skip')} must be a whole number {bound}, got {clip_skip!r}")

@@ -3,15 +3,12 @@ same random full-size checkpoint, with the same seed, settings, negative prompt 
 
 import numpy as np
 import pytest
-import torch
-import transformers
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from sd.pipeline import StableDiffusion
-from sd.tokenizer import DATA_DIR
-from tests.conftest import rel_err
-from tests.reference import reference_scheduler
+from tests import pipelines
+from tests.pipelines import assert_same, reference_pipeline
 
 WIDTH, HEIGHT = 96, 64  # latents (12, 8): not a multiple of 64, so the UNet's odd-size path runs too
 PROMPT, NEGATIVE = "a red bicycle leaning on a stone wall, golden hour", "blurry, low quality"
@@ -31,42 +28,14 @@ def mask_image() -> Image.Image:
 
 
 def run_reference(cls, refs, unet, sampler: str, seed: int, **inputs):
-    """diffusers' pipeline; returns (final latents, images in [0, 1])."""
-    tokenizer = transformers.CLIPTokenizer(vocab=str(DATA_DIR / "vocab.json"), merges=str(DATA_DIR / "merges.txt"),
-                                           model_max_length=77)
-    scheduler, _ = reference_scheduler(sampler, {})
-    pipe = cls(vae=refs.vae, text_encoder=refs.clip, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    steps = []
-
-    def keep_latents(pipe, i, t, tensors):
-        steps.append(tensors["latents"])
-        return tensors
-
-    images = pipe(PROMPT, negative_prompt=NEGATIVE, generator=torch.Generator("cpu").manual_seed(seed),
-                  output_type="np", callback_on_step_end=keep_latents, **SETTINGS, **inputs).images
-    return steps, images
+    pipe = reference_pipeline(cls, refs, unet, sampler)
+    return pipelines.run_reference(pipe, seed, prompt=PROMPT, negative_prompt=NEGATIVE, **SETTINGS, **inputs)
 
 
 def run_ours(sd: StableDiffusion, method: str, sampler: str, seed: int, **inputs):
-    """Our pipeline; returns (the latents after every step, from its step callback, images in [0, 1])."""
-    steps = []
-    latents = getattr(sd, method)(PROMPT, negative_prompt=NEGATIVE, steps=SETTINGS["num_inference_steps"],
-                                  guidance_scale=SETTINGS["guidance_scale"], width=WIDTH, height=HEIGHT,
-                                  sampler=sampler, seed=seed, output_type="latent", progress=False,
-                                  callback=lambda i, t, x, x0: steps.append(x.clone()), **inputs)
-    assert torch.equal(steps[-1], latents)
-    return steps, sd.decode(latents, "np")
-
-
-def assert_same(ours, theirs):
-    """The same latents after every step, and the same images."""
-    (steps, images), (ref_steps, ref_images) = ours, theirs
-    assert len(steps) == len(ref_steps) and images.shape == ref_images.shape
-    errors = [rel_err(a, b) for a, b in zip(steps, ref_steps)]
-    assert max(errors) < 1e-3, f"worst step {errors.index(max(errors))} of {len(errors)}: {max(errors):.2e}"
-    assert np.abs(images - ref_images).mean() < 1 / 255
+    return pipelines.run_ours(sd, method, seed, prompt=PROMPT, negative_prompt=NEGATIVE, sampler=sampler,
+                              steps=SETTINGS["num_inference_steps"], guidance_scale=SETTINGS["guidance_scale"],
+                              width=WIDTH, height=HEIGHT, **inputs)
 
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddim"])
