@@ -4,6 +4,7 @@
     python run_demo.py --prompt "an oil painting" --image photo.png              # image-to-image
     python run_demo.py --prompt "a red sofa" --image room.png --mask mask.png    # inpainting: white is repainted
     python run_demo.py --from-png outputs/20250101-120000.png --steps 50         # the same image, with changes
+    python run_demo.py --prompt "a (red:1.3) fox, <my-style>" --embedding my-style.pt --clip-skip 2
 
 Each image is a PNG whose "parameters" text chunk holds its prompt and settings in the form of
 AUTOMATIC1111's web UI; --from-png reads them back and makes the image again (bit for bit on the CPU),
@@ -63,7 +64,8 @@ PNG_FIELDS = {  # settings-line key: (our name, type)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The flags. Settings that --from-png can supply default to None here and are settled in `settle_flags`."""
     p = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompt", help="what to draw; --prompt '' makes an unconditional image (default: none, "
+    p.add_argument("--prompt", help="what to draw, of any length, in AUTOMATIC1111's syntax: (more), [less], "
+                                    "(text:1.3), BREAK; --prompt '' makes an unconditional image (default: none, "
                                     "required unless --from-png gives one)")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none)")
     p.add_argument("--checkpoint", type=Path, help=f"SD v1.x checkpoint, .safetensors or .ckpt (default: "
@@ -86,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: the model's "
                                                    f"own: 512 for SD v1, 64 for {TINY_MODEL}; or that of --image "
                                                    f"rounded down)")
-    p.add_argument("--clip-skip", type=int, help="condition on the hidden states of the text encoder's N-th last "
+    p.add_argument("--clip-skip", type=int, metavar="N", help="condition on the hidden states of the text encoder's N-th last "
                                                  "layer, as AUTOMATIC1111's 'Clip skip' (default: 1, its output)")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH[:NAME]",
                    help=f"a textual-inversion embedding (.pt, .safetensors or .bin), used where a prompt says NAME "
