@@ -33,7 +33,7 @@ from sd.embeddings import EMBEDDING_SUFFIXES, Embedding, check_name, read_embedd
 from sd.errors import CheckpointError, InputError, SettingError
 from sd.files import DATA_DIR, write_atomically
 from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, VAE_FACTOR, Settings, StableDiffusion, settle
-from sd.prompt import PromptParser
+from sd.prompt import PromptParser, check_clip_skip, names_in
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule
 from sd.tokenizer import CLIPTokenizer
 
@@ -184,32 +184,37 @@ def embedding_flag(value: str) -> tuple[Path, str | None]:
 
 
 def read_embeddings(args: argparse.Namespace, stored: dict, tokenizer: CLIPTokenizer) -> list[Embedding]:
-    """The --embedding files, and those in data/embeddings/ whose name the prompts hold, read and their names
-    checked; then the prompts are parsed with them (malformed or too long: refused), all before loading
-    the model. The embeddings a --from-png image was made with must be among them."""
+    """The --embedding files, and those in data/embeddings/ that the prompts name (by file name, as
+    AUTOMATIC1111 names them), read and their names checked; then the prompts are parsed with them
+    (malformed or too long: refused), all before loading the model. The embeddings a --from-png image
+    was made with must be among them, when the prompts still use them."""
     loaded: dict[str, Embedding] = {}
-    for value in args.embedding:
-        embedding = read_embedding(*embedding_flag(value))
+
+    def add(embedding: Embedding) -> None:
         check_name(embedding, tokenizer, loaded)
         loaded[embedding.name] = embedding
-    texts = f"{args.prompt}\n{args.negative_prompt}".lower()
-    folder = sorted(EMBEDDINGS_DIR.glob("*")) if EMBEDDINGS_DIR.is_dir() else []
-    for path in folder:
-        if path.suffix.lower() in EMBEDDING_SUFFIXES and path.stem.lower() in texts and path.stem not in loaded:
-            embedding = read_embedding(path)
-            check_name(embedding, tokenizer, loaded)
-            loaded[embedding.name] = embedding
+
+    for value in args.embedding:
+        add(read_embedding(*embedding_flag(value)))
+    texts = f"{args.prompt}\n{args.negative_prompt}"
+    folder = {path.stem: path for path in sorted(EMBEDDINGS_DIR.glob("*"))
+              if path.suffix.lower() in EMBEDDING_SUFFIXES} if EMBEDDINGS_DIR.is_dir() else {}
+    given = {name.lower() for name in loaded}
+    for name in names_in(texts, [name for name in folder if name.lower() not in given]):
+        add(read_embedding(folder[name], name))
     parser = PromptParser(tokenizer, loaded)
     parser.parse(args.prompt)
     parser.parse(args.negative_prompt, "negative_prompt")
-    for name, short_hash in stored.get("ti_hashes", {}).items():
-        name, short_hash = name.strip(), short_hash.strip()
-        if name not in loaded:
-            raise InputError(f"{args.from_png} was made with the embedding {name} (hash {short_hash}), which is not "
-                             f"loaded; put its file in {shown(EMBEDDINGS_DIR)}/ or pass --embedding PATH:{name}")
-        if loaded[name].short_hash != short_hash:
-            note(f"{args.from_png} was made with the embedding {name} of hash {short_hash}, {loaded[name].path} has "
-                 f"hash {loaded[name].short_hash}: the image will differ")
+    hashes = {name.strip(): short_hash.strip() for name, short_hash in stored.get("ti_hashes", {}).items()}
+    known = {name.lower(): e for name, e in loaded.items()}
+    for name in names_in(texts, hashes):
+        if name.lower() not in known:
+            raise InputError(f"{args.from_png} was made with the embedding {name} (hash {hashes[name]}), which is "
+                             f"not loaded; put its file in {shown(EMBEDDINGS_DIR)}/ or pass --embedding PATH:{name}")
+        if known[name.lower()].short_hash != hashes[name]:
+            e = known[name.lower()]
+            note(f"{args.from_png} was made with the embedding {name} of hash {hashes[name]}, {shown(e.path)} has "
+                 f"hash {e.short_hash}: the image will differ")
     return list(loaded.values())
 
 
@@ -424,6 +429,7 @@ def load_and_generate(args: argparse.Namespace) -> None:
     pipe = StableDiffusion(load_checkpoint(checkpoint, device, DTYPES[args.dtype]), tokenizer)
     for embedding in embeddings:
         pipe.add_embedding(embedding)
+    check_clip_skip(args.clip_skip, pipe.models.clip.config.layers)
     short_hash = model_hash(checkpoint)
     unseen = pipe.unseen_words(args.prompt + " " + args.negative_prompt)
     if unseen:

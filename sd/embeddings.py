@@ -12,6 +12,7 @@ given, else the token a diffusers file names, else the file's name (as AUTOMATIC
 """
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +73,8 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     """An embedding file of any of the three layouts, named `name` (default: see the module's text)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"embedding file not found: {path}; check the path")
+        raise InputError(f"{path} is a folder; give the embedding file in it" if path.is_dir()
+                         else f"embedding file not found: {path}; check the path")
     try:
         with open(path, "rb") as f:
             sha256 = hashlib.file_digest(f, "sha256").hexdigest()
@@ -84,7 +86,7 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
             except (SafetensorError, OSError) as e:
                 raise unreadable_safetensors(path, e) from None
         else:
-            contents = load_pickle_checkpoint(path)
+            contents = load_pickle_checkpoint(path, "embedding")
     except OSError as e:
         raise InputError(f"cannot read embedding file {path}: {e.strerror or e}") from None
     vectors, token = vectors_of(path, contents)
@@ -101,9 +103,9 @@ def check_width(e: Embedding, width: int) -> None:
 
 def check_name(e: Embedding, tokenizer: CLIPTokenizer, loaded: dict[str, Embedding]) -> None:
     """Refuse a name that prompts could not tell apart from words or from the `loaded` embeddings."""
-    if not e.name or any(c.isspace() or c in NAME_SYNTAX for c in e.name):
-        raise InputError(f"the embedding name {e.name!r} of {e.path} has spaces or prompt brackets; load it under "
-                         f"a name of one word")
+    if not e.name or any(c.isspace() or c in NAME_SYNTAX for c in e.name) or re.search(r"\bBREAK\b", e.name):
+        raise InputError(f"the embedding name {e.name!r} of {e.path} has spaces, prompt brackets or BREAK; load it "
+                         f"under a name of one word")
     [ids, *others] = tokenizer.tokenize([e.name, *loaded])
     if len(ids) == 1:
         raise InputError(f"the embedding name {e.name!r} of {e.path} is a word of CLIP's vocabulary, which prompts "

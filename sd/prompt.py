@@ -105,6 +105,19 @@ class ParsedPrompt:
     embeddings: list[Embedding]  # the embeddings it uses, in order of first use
 
 
+def name_pattern(name: str) -> str:
+    """A regular expression (used with re.IGNORECASE) for an embedding's name in a prompt: in any case,
+    whatever punctuation touches it, but not inside a longer word ("<x>" counts in "a<x>", "xy" does
+    not in "axy")."""
+    return (r"(?<!\w)" * bool(re.match(r"\w", name)) + re.escape(name)
+            + r"(?!\w)" * bool(re.match(r"\w", name[-1])))
+
+
+def names_in(text: str, names) -> list[str]:
+    """Those of `names` that `text` uses."""
+    return [name for name in names if re.search(name_pattern(name), text, flags=re.IGNORECASE)]
+
+
 class PromptParser:
     """Prompts to chunks of token ids and weights, with the loaded embeddings in place."""
 
@@ -114,18 +127,11 @@ class PromptParser:
         [[self.comma_id]] = tokenizer.tokenize([","])
 
     def split_names(self, text: str) -> list[str]:
-        """`text` cut around the names of embeddings: [text, name, text, name, ..., text]. A name counts in
-        any case, whatever punctuation touches it, but not inside a longer word ("<x>" counts in "a<x>",
-        "xy" does not in "axy")."""
+        """`text` cut around the names of embeddings: [text, name, text, name, ..., text] (see `name_pattern`)."""
         if not self.embeddings:
             return [text]
-
-        def pattern(name: str) -> str:
-            return (r"(?<!\w)" * bool(re.match(r"\w", name)) + re.escape(name)
-                    + r"(?!\w)" * bool(re.match(r"\w", name[-1])))
-
         names = sorted(self.embeddings, key=len, reverse=True)  # the longest name wins
-        return re.split(f"({'|'.join(map(pattern, names))})", text, flags=re.IGNORECASE)
+        return re.split(f"({'|'.join(map(name_pattern, names))})", text, flags=re.IGNORECASE)
 
     def parse(self, prompt: str, what: str = "prompt") -> ParsedPrompt:
         runs = parse_emphasis(prompt, what)

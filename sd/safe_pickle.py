@@ -170,8 +170,9 @@ def is_torchscript(path: str) -> bool:
         return False
 
 
-def load_pickle_checkpoint(path) -> object:
+def load_pickle_checkpoint(path, what: str = "checkpoint") -> object:
     """Unpickle a torch checkpoint without running its code: tensors on CPU, memory-mapped from zips.
+    `what` the file is, in messages ("checkpoint", "embedding").
 
     Raises UnsafeCheckpointError if the pickle names a dangerous global or would patch a class or
     function (nothing has run), and CheckpointError if the file is missing, truncated, corrupt or not
@@ -184,20 +185,20 @@ def load_pickle_checkpoint(path) -> object:
     except FileNotFoundError:
         raise checkpoint_not_found(path) from None
     except OSError as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}.") from None
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror}.") from None
     is_zip = head.startswith(ZIP_MAGIC)  # the legacy format cannot be memory-mapped
     if is_zip and is_torchscript(path):  # torch.load would hand it to torch.jit.load, which runs its code
         raise UnsafeCheckpointError(f"refusing to load {path}: it is a TorchScript archive (torch.jit.save), "
-                                    f"a program rather than a checkpoint of weights.")
+                                    f"a program rather than a {what} of weights.")
     size = _file_size.set(os.path.getsize(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=is_zip, pickle_module=_restricted_pickle)
     except _Refused as e:
-        raise UnsafeCheckpointError(f"refusing to load {path}: its pickle {e}. Get the checkpoint from a "
+        raise UnsafeCheckpointError(f"refusing to load {path}: its pickle {e}. Get the {what} from a "
                                     f"trusted source or convert a trusted copy to .safetensors.") from None
     except Exception as e:
         if not (is_zip or LEGACY_MAGIC.startswith(head)):
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint (.ckpt): it is neither a zip archive "
+            raise CheckpointError(f"{path} is not a PyTorch {what} file: it is neither a zip archive "
                                   f"nor a legacy torch.save file.") from e
         reason = str(e).strip().split("\n")[0].split(". ")[0][:150] or type(e).__name__
         raise CheckpointError(f"{path} is truncated or corrupt ({reason}); download it again.") from e

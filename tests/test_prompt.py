@@ -4,6 +4,7 @@ prompts and CLIP skip against transformers' CLIPTextModel chunk by chunk; textua
 against diffusers' `load_textual_inversion`; and both end to end against diffusers' pipeline."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from sd.embeddings import Embedding, read_embedding
-from sd.errors import SettingError, UnsafeCheckpointError
+from sd.errors import InputError, SettingError, UnsafeCheckpointError
 from sd.pipeline import StableDiffusion
 from sd.prompt import BREAK, MAX_CHUNKS, PromptParser, parse_emphasis
 from sd.tokenizer import BOS_ID, EOS_ID, CLIPTokenizer
@@ -112,7 +113,7 @@ def test_chunks_hold_bos_tokens_eos_padding_and_weights(tokenizer):
 
 def embedding(name: str, n: int, width: int = 768, seed: int = 0) -> Embedding:
     vectors = torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
-    return Embedding(name, vectors, None, "0" * 64)
+    return Embedding(name, vectors, Path(f"{name}.pt"), "0" * 64)
 
 
 def test_embeddings_take_their_place_and_are_never_split(tokenizer):
@@ -312,3 +313,20 @@ def test_weighted_long_prompt_end_to_end_against_diffusers(refs, sd):
     theirs = run_reference(pipe, 3, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                            num_inference_steps=6, **settings)
     assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("cat", "is a word of CLIP's vocabulary"), ("my style", "has spaces"), ("(x)-style", "prompt brackets"),
+    ("<BREAK-x>", "BREAK"), ("<My-Style>", "reads as '<my-style>'")])
+def test_names_prompts_could_not_tell_apart_are_refused(tokenizer, name, message):
+    from sd.embeddings import check_name
+    loaded = {"<my-style>": embedding("<my-style>", 1)}
+    with pytest.raises(InputError, match=message):
+        check_name(embedding(name, 1), tokenizer, loaded)
+
+
+def test_an_embedding_of_another_width_leaves_the_model_unchanged(loaded):
+    ours = StableDiffusion(loaded("safetensors"))
+    with pytest.raises(InputError, match="width 1024 .for SD 2.x.; this model's text encoder is 768 wide"):
+        ours.add_embedding(embedding("<wide-style>", 1, width=1024))
+    assert ours.embeddings == {}
