@@ -14,6 +14,7 @@ never replaced without --overwrite. Exit status: 0 on success, 2 for a bad argum
 """
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -32,15 +33,20 @@ from sd.cli import CommandParser, run_command
 from sd.embeddings import EMBEDDING_SUFFIXES, Embedding, check_name, read_embedding
 from sd.errors import CheckpointError, InputError, SettingError
 from sd.files import DATA_DIR, write_atomically
-from sd.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, VAE_FACTOR, Settings, StableDiffusion, settle
+from sd.lora import lora_tags
+from sd.pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, UPSCALERS, VAE_FACTOR, Settings,
+                         StableDiffusion, check_hires, check_invertible, settle)
 from sd.prompt import PromptParser, check_clip_skip, names_in
-from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule
+from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule, make_sampler
 from sd.tokenizer import CLIPTokenizer
 
 PROG = "python run_demo.py"
 DEFAULT_MODEL = "v1-5-pruned-emaonly"
 TINY_MODEL = "tiny-shapes"  # the project's own model (sd/train.py), used when no official file is in data/
 EMBEDDINGS_DIR = DATA_DIR / "embeddings"  # textual-inversion files, used when a prompt names them
+LORA_DIR = DATA_DIR / "lora"  # LoRA files, used when a prompt holds <lora:NAME:WEIGHT>
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Peak memory of SD's VAE decoder, the largest user of memory: about 1100 numbers per output pixel
 # (measured: 4.2 kB per pixel in fp32, at 256x256 and 512x512). Attention needs much less: the fused
@@ -57,7 +63,10 @@ PNG_FIELDS = {  # settings-line key: (our name, type)
     "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Denoising strength": ("strength", float),
     "Init image": ("image", Path), "Mask": ("mask", Path), "Tiled decode": ("tiled_decode", lambda s: s == "True"),
     "Model": ("model", str), "Model hash": ("model_hash", str), "Clip skip": ("clip_skip", int),
+    "Inversion prompt": ("invert", str), "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
+    "Hires upscaler": ("hires_upscaler", str.lower),
     "TI hashes": ("ti_hashes", lambda s: dict(item.rsplit(":", 1) for item in s.split(", "))),
+    "Lora hashes": ("lora_hashes", lambda s: dict(item.rsplit(":", 1) for item in s.split(", "))),
 }
 
 
@@ -75,6 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                               "(default: none, text-to-image)")
     p.add_argument("--mask", type=Path, help="inpainting mask for --image: white is repainted, black kept "
                                              "(default: none)")
+    p.add_argument("--invert", metavar="TEXT", help="DDIM inversion: turn --image back into the noise that DDIM "
+                                                    "sampling with the prompt TEXT makes it from, then sample with "
+                                                    "--prompt from there (ddim, the same --steps): with --prompt TEXT "
+                                                    "and --guidance-scale 1 it remakes the image, another prompt edits "
+                                                    "it (default: off)")
     p.add_argument("--strength", type=float, help="how much of --image is redrawn, from 0 (none) to 1 (all) "
                                                   "(default: 0.75 for image-to-image, 1.0 for inpainting)")
     p.add_argument("--steps", type=int, help=f"denoising steps, 1 to {NoiseSchedule().num_train_timesteps} "
@@ -94,6 +108,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"a textual-inversion embedding (.pt, .safetensors or .bin), used where a prompt says NAME "
                         f"(default name: the token the file names, else its file name); repeatable. Files in "
                         f"data/embeddings/ are loaded by themselves when a prompt names them (default: none)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="a LoRA file (kohya's or diffusers' layout; .safetensors, .pt or .ckpt) merged into the model "
+                        "with WEIGHT (default 1); repeatable. It is written into the PNG's prompt as AUTOMATIC1111's "
+                        "<lora:NAME:WEIGHT>; such a tag in --prompt loads data/lora/NAME.safetensors (default: none)")
+    p.add_argument("--hires-scale", type=float, metavar="S", help="AUTOMATIC1111's hires fix: make the image at "
+                                                                  "--width x --height, upscale it S times (S > 1) and "
+                                                                  "redraw it at that size (default: off)")
+    p.add_argument("--hires-strength", type=float, help="how much the hires fix redraws, 0 to 1 (default: 0.55)")
+    p.add_argument("--hires-steps", type=int, help="steps of the hires fix's redraw (default: --steps)")
+    p.add_argument("--hires-upscaler", choices=UPSCALERS, help="latent (bilinear in latent space) or lanczos "
+                                                               "(decode, Lanczos, encode) (default: latent)")
     p.add_argument("--num-images", type=int, default=1, help=f"how many images to make, one after another, 1 to "
                                                              f"{MAX_IMAGES} (default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
@@ -139,7 +164,9 @@ def read_parameters(png: Path) -> dict:
     for key in ("image", "mask"):  # stored relative to the PNG's folder: found from anywhere
         if key in found and not found[key].is_absolute():
             found[key] = Path(os.path.normpath(png.parent / found[key]))
-    if "image" not in found:  # AUTOMATIC1111 stores a strength for its txt2img "hires fix" too
+    if "hires_scale" in found and "strength" in found:  # the strength of AUTOMATIC1111's txt2img "hires fix"
+        found["hires_strength"] = found.pop("strength")
+    if "image" not in found or "invert" in found:
         found.pop("strength", None)
     return found
 
@@ -160,19 +187,84 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Set
         raise InputError(f"--prompt holds a line starting {NEGATIVE_MARK.strip()!r}, which the PNG's parameters could "
                          f"not tell apart from the negative prompt; reword that line or use --negative-prompt")
     args.negative_prompt = args.negative_prompt or ""
+    args.loras = resolve_loras(args)  # may add <lora:...> tags to args.prompt, which the PNG keeps
+    args.text, args.negative_text = lora_tags(args.prompt)[0], lora_tags(args.negative_prompt)[0]  # for the model
+    if args.invert is not None:
+        check_inversion(args)
+    if args.hires_scale is not None:
+        check_hires_flags(args)
     args.sampler = args.sampler or DEFAULT_SAMPLER
     args.tiled_decode = bool(args.tiled_decode)
     given = {key: getattr(args, key) for key in GENERATION_FLAGS if getattr(args, key) is not None}
-    settings = settle(args.prompt, args.negative_prompt, image_size=image_size, **given)
+    args.inversion_size = {key: given[key] for key in ("width", "height") if key in given}  # else the image's own
+    settings = settle(args.text, args.negative_text, image_size=image_size, **given)
     if args.num_images > MAX_IMAGES:
         raise InputError(f"--num-images must be at most {MAX_IMAGES} in one run, got {args.num_images}; run again "
                          f"for more")
     if settings.seed + args.num_images - 1 > MAX_SEED:
         raise InputError(f"--seed {settings.seed} with --num-images {args.num_images} runs past 2**64-1 (image i "
                          f"uses seed+i-1); give a lower --seed")
+    if args.invert is not None and not args.inversion_size:
+        check_invertible(settings.image)
     for key in ("strength", "steps", "guidance_scale", "seed", "width", "height", "clip_skip"):
         setattr(args, key, getattr(settings, key))
     return settings
+
+
+def check_hires_flags(args: argparse.Namespace) -> None:
+    """The hires fix is for text-to-image; its settings are checked as the library checks them."""
+    if args.image is not None:
+        raise InputError("--hires-scale upscales a text-to-image result; leave out --image (or --hires-scale)")
+    args.hires_strength = 0.55 if args.hires_strength is None else args.hires_strength
+    args.hires_upscaler = args.hires_upscaler or "latent"
+    sampler = make_sampler(args.sampler or DEFAULT_SAMPLER)
+    check_hires(args.hires_scale, args.hires_strength, args.hires_steps, args.hires_upscaler, sampler.max_steps)
+
+
+def check_inversion(args: argparse.Namespace) -> None:
+    """--invert needs --image, samples with ddim and redraws the whole image."""
+    for flag, wrong in (("--image", args.image is None), ("no --mask", args.mask is not None),
+                        ("no --strength", args.strength is not None), ("--sampler ddim", args.sampler not in (None, "ddim"))):
+        if wrong:
+            raise InputError(f"--invert needs {flag}: it turns --image into noise and samples back from it with ddim")
+    args.sampler = "ddim"
+
+
+def lora_flag(value: str) -> tuple[Path, str | None]:
+    """--lora PATH or PATH:WEIGHT (a PATH that exists as written wins)."""
+    path, colon, weight = value.rpartition(":")
+    if not colon or not path or Path(value).exists() or not NUMBER.fullmatch(weight):
+        return Path(value), None
+    return Path(path), weight
+
+
+def resolve_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """The LoRA files and weights to merge: each --lora becomes a <lora:NAME:WEIGHT> tag in args.prompt (or
+    sets the weight of the tag of that name already there, as --from-png gives it), then every tag is
+    looked up in the --lora files and data/lora/."""
+    given = {}
+    for value in args.lora:
+        path, weight = lora_flag(value)
+        if not path.is_file():
+            raise InputError(f"--lora {path} not found; check the path")
+        given[path.stem.lower()] = path
+        tag = re.compile(rf"<lora:{re.escape(path.stem)}(:[^>]*)?>", re.IGNORECASE)
+        if not tag.search(args.prompt):
+            args.prompt += f" <lora:{path.stem}:{weight or 1}>"
+        elif weight is not None:
+            args.prompt = tag.sub(f"<lora:{path.stem}:{weight}>", args.prompt)
+    loras = []
+    for name, weight in lora_tags(args.prompt)[1]:
+        if weight and not NUMBER.fullmatch(weight):
+            raise InputError(f"--prompt has <lora:{name}:{weight}>, whose weight {weight!r} is not a number; write "
+                             f"<lora:{name}:0.8>")
+        found = [LORA_DIR / f"{name}{suffix}" for suffix in LORA_SUFFIXES if (LORA_DIR / f"{name}{suffix}").is_file()]
+        path = given.get(name.lower()) or next(iter(found), None)
+        if path is None:
+            raise InputError(f"--prompt has <lora:{name}>, but there is no {name}.safetensors in {shown(LORA_DIR)}/; "
+                             f"put the file there or pass --lora PATH")
+        loras.append((path, float(weight or 1)))
+    return loras
 
 
 def embedding_flag(value: str) -> tuple[Path, str | None]:
@@ -196,15 +288,15 @@ def read_embeddings(args: argparse.Namespace, stored: dict, tokenizer: CLIPToken
 
     for value in args.embedding:
         add(read_embedding(*embedding_flag(value)))
-    texts = f"{args.prompt}\n{args.negative_prompt}"
+    texts = f"{args.text}\n{args.negative_text}"
     folder = {path.stem: path for path in sorted(EMBEDDINGS_DIR.glob("*"))
               if path.suffix.lower() in EMBEDDING_SUFFIXES} if EMBEDDINGS_DIR.is_dir() else {}
     given = {name.lower() for name in loaded}
     for name in names_in(texts, [name for name in folder if name.lower() not in given]):
         add(read_embedding(folder[name], name))
     parser = PromptParser(tokenizer, loaded)
-    parser.parse(args.prompt)
-    parser.parse(args.negative_prompt, "negative_prompt")
+    parser.parse(args.text)
+    parser.parse(args.negative_text, "negative_prompt")
     hashes = {name.strip(): short_hash.strip() for name, short_hash in stored.get("ti_hashes", {}).items()}
     known = {name.lower(): e for name, e in loaded.items()}
     for name in names_in(texts, hashes):
@@ -293,15 +385,20 @@ def default_checkpoint(model: str | None) -> Path:
 
 
 def model_hash(path: Path) -> str:
-    """The first 10 hex digits of the file's SHA-256 (AUTOMATIC1111's "Model hash"). Hashing 4 GB takes
-    seconds, so the digest is kept beside the file in NAME.sha256 (sha256sum's format, so `sha256sum -c`
-    checks it) and reused while that is newer than the file's last change (its ctime)."""
+    """The first 10 hex digits of the file's SHA-256 (AUTOMATIC1111's "Model hash")."""
+    return file_hash(path)[:10]
+
+
+def file_hash(path: Path) -> str:
+    """The file's SHA-256 in hex. Hashing 4 GB takes seconds, so the digest is kept beside the file in
+    NAME.sha256 (sha256sum's format, so `sha256sum -c` checks it) and reused while that is newer than the
+    file's last change (its ctime)."""
     sidecar = path.with_name(path.name + ".sha256")
     try:
         if sidecar.stat().st_mtime_ns >= path.stat().st_ctime_ns:
             digest = sidecar.read_text().split()[0]
             if re.fullmatch(r"[0-9a-f]{64}", digest):
-                return digest[:10]
+                return digest
     except (OSError, IndexError):
         pass
     with open(path, "rb") as f:
@@ -310,7 +407,7 @@ def model_hash(path: Path) -> str:
         write_atomically(sidecar, lambda tmp: tmp.write_text(f"{digest}  {path.name}\n"))
     except OSError:
         pass  # a read-only folder: hash again next time
-    return digest[:10]
+    return digest
 
 
 def check_output(path: Path, is_default: bool) -> None:
@@ -350,9 +447,9 @@ def output_paths(output: Path, n: int, overwrite: bool) -> list[Path]:
 
 
 def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short_hash: str, png: Path,
-                    used: list[Embedding]) -> str:
+                    used: list[Embedding], lora_hashes: dict[str, str]) -> str:
     """The settings in AUTOMATIC1111's form: the prompt, "Negative prompt: ...", then one line of settings;
-    `used`: the embeddings the prompts use ("TI hashes").
+    `used`: the embeddings the prompts use ("TI hashes"); `lora_hashes`: by LoRA name ("Lora hashes").
     The init image and mask are named relative to the folder of `png`, where --from-png looks for them."""
     def near_png(path: Path) -> str:
         return os.path.relpath(path.resolve(), png.parent.resolve())
@@ -360,13 +457,21 @@ def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short
     settings = {"Steps": args.steps, "Sampler": args.sampler, "CFG scale": args.guidance_scale, "Seed": seed,
                 "Size": f"{args.width}x{args.height}", "Model hash": short_hash, "Model": checkpoint.stem}
     if args.image is not None:
-        settings.update({"Denoising strength": args.strength, "Init image": near_png(args.image)})
+        settings.update({"Denoising strength": args.strength} if args.invert is None else {"Inversion prompt": args.invert})
+        settings["Init image"] = near_png(args.image)
     if args.mask is not None:
         settings["Mask"] = near_png(args.mask)
+    if args.hires_scale is not None:
+        settings.update({"Denoising strength": args.hires_strength, "Hires upscale": args.hires_scale,
+                         "Hires upscaler": args.hires_upscaler.capitalize()})
+        if args.hires_steps is not None:
+            settings["Hires steps"] = args.hires_steps
     if args.clip_skip > 1:
         settings["Clip skip"] = args.clip_skip
     if used:
         settings["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used)
+    if lora_hashes:
+        settings["Lora hashes"] = ", ".join(f"{name}: {h}" for name, h in lora_hashes.items())
     if args.tiled_decode:
         settings["Tiled decode"] = True
     line = ", ".join(f"{key}: {quote(str(value))}" for key, value in settings.items())
@@ -418,7 +523,8 @@ def load_and_generate(args: argparse.Namespace) -> None:
                             if checkpoint.is_file() else SD_V1_SIZE)
     tokenizer = CLIPTokenizer()
     embeddings = read_embeddings(args, stored, tokenizer)
-    check_memory(args.width, args.height, device, DTYPES[args.dtype], args.tiled_decode)
+    final = [int(side * (args.hires_scale or 1)) // VAE_FACTOR * VAE_FACTOR for side in (args.width, args.height)]
+    check_memory(*final, device, DTYPES[args.dtype], args.tiled_decode)
     output = args.output or Path("outputs") / f"{time.strftime('%Y%m%d-%H%M%S')}.png"
     check_output(output, is_default=args.output is None)
     paths = output_paths(output, args.num_images, args.overwrite)
@@ -430,36 +536,56 @@ def load_and_generate(args: argparse.Namespace) -> None:
     for embedding in embeddings:
         pipe.add_embedding(embedding)
     check_clip_skip(args.clip_skip, pipe.models.clip.config.layers)
+    lora_hashes = {}
+    for path, weight in args.loras:
+        pipe.load_lora(path, weight)
+        lora_hashes[path.stem] = file_hash(path)[:12]
+        stored_hash = stored.get("lora_hashes", {}).get(path.stem, lora_hashes[path.stem]).strip()
+        if stored_hash != lora_hashes[path.stem]:
+            note(f"{args.from_png} was made with the LoRA {path.stem} of hash {stored_hash}, {shown(path)} has hash "
+                 f"{lora_hashes[path.stem]}: the image will differ")
     short_hash = model_hash(checkpoint)
-    unseen = pipe.unseen_words(args.prompt + " " + args.negative_prompt)
+    unseen = pipe.unseen_words(args.text + " " + args.negative_text)
     if unseen:
         note(f"{checkpoint.stem} never saw the words {', '.join(unseen)} in training and will ignore their meaning; "
              f"it knows: {' '.join(pipe.models.vocabulary)}")
     if stored.get("model_hash", short_hash) != short_hash:
         note(f"{args.from_png} was made with model {stored.get('model')} (hash {stored['model_hash']}), this is "
              f"{checkpoint.stem} (hash {short_hash}): the image will differ")
-    generate(pipe, args, settings, paths, checkpoint, short_hash)
+    generate(pipe, args, settings, paths, checkpoint, short_hash, lora_hashes)
 
 
 def generate(pipe: StableDiffusion, args: argparse.Namespace, settings: Settings, paths: list[Path],
-             checkpoint: Path, short_hash: str) -> None:
+             checkpoint: Path, short_hash: str, lora_hashes: dict[str, str]) -> None:
     """Make the images one after another, image i with seed + i, each written as soon as it is done."""
-    mode = "text-to-image" if args.image is None else "image-to-image" if args.mask is None else "inpainting"
+    mode = ("text-to-image" if args.image is None else "inversion" if args.invert is not None
+            else "image-to-image" if args.mask is None else "inpainting")
     steps = f"{args.steps} step{'s' * (args.steps > 1)}"
+    if args.hires_scale is not None:
+        final = (int(side * args.hires_scale) // VAE_FACTOR * VAE_FACTOR for side in (args.width, args.height))
+        mode += ", then hires fix to {}x{}".format(*final)
     print(f"{mode}, {args.width}x{args.height}, {steps} of {args.sampler}, seed {args.seed}"
           f"{f', {len(paths)} images' if len(paths) > 1 else ''}, on {pipe.device} in {args.dtype}", flush=True)
-    used = {e.name: e for text, what in ((args.prompt, "prompt"), (args.negative_prompt, "negative_prompt"))
+    used = {e.name: e for text, what in ((args.text, "prompt"), (args.negative_text, "negative_prompt"))
             for e in pipe.prompt_parser.parse(text, what).embeddings}  # in the order of first use
-
+    start = {}  # what the run starts from: the image (image-to-image, inpainting) or its inversion
+    if args.invert is not None:
+        start["latents"] = pipe.invert(settings.image, lora_tags(args.invert)[0], steps=args.steps, progress=not
+                                       args.no_progress, clip_skip=args.clip_skip, **args.inversion_size)
+    elif args.image is not None:
+        start = dict(image=settings.image, mask=settings.mask, strength=args.strength)
+    make = pipe.generate
+    if args.hires_scale is not None:
+        make = functools.partial(pipe.hires_fix, hires_scale=args.hires_scale, hires_strength=args.hires_strength,
+                                 hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler)
     for i, path in enumerate(paths):
         seed = args.seed + i
-        [picture] = pipe.generate(args.prompt, args.negative_prompt, image=settings.image, mask=settings.mask,
-                                  strength=args.strength if args.image is not None else None, steps=args.steps,
+        [picture] = make(args.text, args.negative_text, **start, steps=args.steps,
                                   guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
                                   width=args.width, height=args.height, progress=not args.no_progress,
                                   tiled_decode=args.tiled_decode, clip_skip=args.clip_skip)
-        written = write_png(picture, path, parameters_text(args, seed, checkpoint, short_hash, path, list(used.values())),
-                            args.overwrite)
+        parameters = parameters_text(args, seed, checkpoint, short_hash, path, list(used.values()), lora_hashes)
+        written = write_png(picture, path, parameters, args.overwrite)
         print(f"wrote {written} (seed {seed})", flush=True)
 
 

@@ -92,17 +92,18 @@ def unreadable_safetensors(path: Path, e: Exception) -> CheckpointError:
                            f"download it again.")
 
 
-def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The flat {key: tensor} dict of a .ckpt or .safetensors file, without executing pickled code;
     `dtype`: the floating-point type the caller will convert to, which lets .safetensors files of
-    another type be converted while reading."""
+    another type be converted while reading; `what` the file is, in messages ("checkpoint", "LoRA")."""
     path = Path(path)
     if not path.is_file():
-        raise checkpoint_not_found(path)
+        raise checkpoint_not_found(path) if what == "checkpoint" else CheckpointError(
+            f"{what} file not found: {path}; check the path")
     try:
         safetensors = is_safetensors(path)
     except OSError as e:  # a folder, no permission, an I/O error: the input's fault, said as such
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}.") from None
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror or e}.") from None
     if safetensors:
         from safetensors import SafetensorError
         try:
@@ -110,18 +111,18 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None) -> dict[
         except (SafetensorError, OSError) as e:
             raise unreadable_safetensors(path, e) from None
     else:
-        state = load_pickle_checkpoint(path)
+        state = load_pickle_checkpoint(path, what)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     weights = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
         if isinstance(state, dict) else {}
     if not weights:
-        raise CheckpointError(f"{path} holds no model weights: it is not a Stable Diffusion checkpoint.")
+        raise CheckpointError(f"{path} holds no model weights: it is not a Stable Diffusion {what}.")
     for key, tensor in weights.items():
         if tensor.is_meta or tensor.layout != torch.strided or tensor.is_complex():
             kind = "meta" if tensor.is_meta else "complex" if tensor.is_complex() else str(tensor.layout)[6:]
             raise CheckpointError(f"{path}: {key} is a {kind} tensor, which holds no weights as SD stores them; the "
-                                  f"file is damaged or not an SD v1 checkpoint.")
+                                  f"file is damaged or not an SD v1 {what}.")
     return weights
 
 

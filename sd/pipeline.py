@@ -12,6 +12,7 @@ same image on every device and the same image as diffusers.
 
 import math
 import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +27,11 @@ from sd.attention import configure_attention
 from sd.checkpoint import SD_V1_SIZE, StableDiffusionModels, load_checkpoint
 from sd.datasets import words
 from sd.embeddings import Embedding, check_name, check_width, read_embedding
+from sd.lora import LoRA, LoRAMerger, read_lora
 from sd.errors import GenerationError, InputError, SettingError
 from sd.prompt import PromptParser, check_clip_skip, encode, parse_emphasis
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
+from sd.samplers.ddim import DDIMInverseSampler
 from sd.tokenizer import CLIPTokenizer
 
 VAE_FACTOR = 8  # image pixels per latent pixel, each way
@@ -36,6 +39,7 @@ LATENT_DTYPE = torch.float32  # latents and sampler arithmetic stay fp32 whateve
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
 OUTPUT_TYPES = ("pil", "np", "latent")
+UPSCALERS = ("latent", "lanczos")  # of hires_fix
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 ImageInput = Image.Image | str | Path
@@ -106,6 +110,13 @@ class Settings:
     num_images: int
     output_type: str
     clip_skip: int
+    latents: torch.Tensor | None = None  # (B, 4, h, w): where text-to-image starts instead of fresh noise
+    image_latents: torch.Tensor | None = None  # (B, 4, h, w): image-to-image from these instead of an image
+
+    @property
+    def redraws(self) -> bool:
+        """Image-to-image or inpainting: the run starts part-way, from an image."""
+        return self.image is not None or self.image_latents is not None
 
     @property
     def batch(self) -> int:
@@ -138,7 +149,8 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
            mask: ImageInput | None = None, strength: float | None = None, steps: int = DEFAULT_STEPS,
            guidance_scale: float = DEFAULT_GUIDANCE, sampler: str | Sampler = DEFAULT_SAMPLER,
            seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
-           output_type: str = "pil", clip_skip: int = 1, image_size: int = SD_V1_SIZE,
+           output_type: str = "pil", clip_skip: int = 1, latents: torch.Tensor | None = None,
+           image_latents: torch.Tensor | None = None, image_size: int = SD_V1_SIZE,
            inpainting_model: bool = False) -> Settings:
     """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
     any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
@@ -163,16 +175,21 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
                                      f"prompts; give one each")
     if mask is not None and image is None:
         raise SettingError(lambda n: f"{n('mask')} needs {n('image')}: the image to inpaint")
-    if strength is not None and image is None:
+    if sum(x is not None for x in (image, latents, image_latents)) > 1:
+        raise SettingError(lambda n: f"give one of {n('image')}, {n('latents')} (where text-to-image starts) and "
+                                     f"{n('image_latents')} (an image's latents to redraw)")
+    if image_latents is not None and mask is not None:
+        raise SettingError(lambda n: f"{n('mask')} needs {n('image')}, not {n('image_latents')}")
+    if strength is not None and image is None and image_latents is None:
         raise SettingError(lambda n: f"{n('strength')} {strength} needs {n('image')}: it says how much of that "
                                      f"image is redrawn")
     if inpainting_model and mask is None:
         raise SettingError(lambda n: f"this is an inpainting checkpoint: give {n('image')} and {n('mask')}")
-    strength = (0.75 if mask is None else 1.0) if strength is None else strength
+    strength = (0.75 if mask is None else 1.0) if strength is None else strength  # with neither image: unused
     if not finite(strength) or not 0.0 <= strength <= 1.0:
         raise SettingError(lambda n: f"{n('strength')} must be between 0 and 1, got {strength!r}")
     sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
-    max_steps = sampler.schedule.num_train_timesteps  # no run has more steps than training had timesteps
+    max_steps = sampler.max_steps  # no run has more steps than training had timesteps (lcm: 50)
     if not whole(steps) or not 1 <= steps <= max_steps:
         raise SettingError(lambda n: f"{n('steps')} must be a whole number between 1 and {max_steps}, got {steps!r}")
     if not whole(num_images) or num_images < 1:
@@ -185,14 +202,55 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
                                      f"got {output_type!r}")
     image = open_image(image, "init image", "RGB") if image is not None else None
     mask = open_image(mask, "mask", "L") if mask is not None else None
+    given = {key: check_latents(value, key, len(prompts) * num_images)
+             for key, value in (("latents", latents), ("image_latents", image_latents)) if value is not None}
     size = {}
     for name, value in (("width", width), ("height", height)):  # default: the image's own, rounded down
-        value = (getattr(image, name) // VAE_FACTOR * VAE_FACTOR if image else image_size) if value is None else value
+        own = ([x.shape[-1 if name == "width" else -2] * VAE_FACTOR for x in given.values()] or
+               [getattr(image, name) // VAE_FACTOR * VAE_FACTOR if image else image_size])[0]
+        if given and value not in (None, own):
+            raise SettingError(lambda n: f"{n(name)} {value} is not that of the latents, {own}; leave it out")
+        value = own if value is None else value
         if not whole(value) or value < VAE_FACTOR or value % VAE_FACTOR:
             raise SettingError(lambda n: f"{n(name)} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
         size[name] = value
     return Settings(prompts, negatives, image, mask, strength, steps, guidance_scale, sampler, seed,
-                    num_images=num_images, output_type=output_type, clip_skip=clip_skip, **size)
+                    num_images=num_images, output_type=output_type, clip_skip=clip_skip, **given, **size)
+
+
+def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
+    """The settings of `StableDiffusion.hires_fix`, before its first pass."""
+    if not finite(scale) or scale <= 1:
+        raise SettingError(lambda n: f"{n('hires_scale')} must be a number above 1, got {scale!r}")
+    if not finite(strength) or not 0 <= strength <= 1:
+        raise SettingError(lambda n: f"{n('hires_strength')} must be between 0 and 1, got {strength!r}")
+    if steps is not None and (not whole(steps) or not 1 <= steps <= max_steps):
+        raise SettingError(lambda n: f"{n('hires_steps')} must be a whole number between 1 and {max_steps}, got "
+                                     f"{steps!r}")
+    if upscaler not in UPSCALERS:
+        raise SettingError(lambda n: f"{n('hires_upscaler')} must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
+
+
+def check_invertible(image: Image.Image) -> None:
+    """An image inverted at its own size must have sides that are multiples of 8."""
+    if image.width % VAE_FACTOR or image.height % VAE_FACTOR:
+        raise SettingError(lambda n: f"the image to invert is {image.width}x{image.height}, not a multiple of "
+                                     f"{VAE_FACTOR} each way; crop it, or give {n('width')} and {n('height')} to resize "
+                                     f"it to")
+
+
+def check_latents(latents, name: str, batch: int) -> torch.Tensor:
+    """Latents (4, h, w), (1, 4, h, w) or (batch, 4, h, w), finite, as (batch, 4, h, w) float32."""
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        raise SettingError(lambda n: f"{n(name)} must be a float tensor (4, h, w) or (N, 4, h, w), got "
+                                     f"{type(latents).__name__}")
+    latents = latents[None] if latents.dim() == 3 else latents
+    if latents.dim() != 4 or latents.shape[1] != 4 or latents.shape[0] not in (1, batch):
+        raise SettingError(lambda n: f"{n(name)} must have the shape (4, h, w), (1, 4, h, w) or ({batch}, 4, h, w), "
+                                     f"got {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise SettingError(lambda n: f"{n(name)} hold NaN or inf values")
+    return latents.to(LATENT_DTYPE).expand(batch, -1, -1, -1)
 
 
 class StableDiffusion:
@@ -204,6 +262,7 @@ class StableDiffusion:
         self.tokenizer = tokenizer or CLIPTokenizer()
         self.embeddings: dict[str, Embedding] = {}
         self.prompt_parser = PromptParser(self.tokenizer, self.embeddings)
+        self.loras = LoRAMerger(models)
         self.device = next(models.unet.parameters()).device
         self.dtype = next(models.unet.parameters()).dtype
 
@@ -223,6 +282,24 @@ class StableDiffusion:
         """Load a textual-inversion embedding (AUTOMATIC1111, kohya or diffusers file): prompts then use it
         by `token`, by default the token the file names, else the file's name. Returns it."""
         return self.add_embedding(read_embedding(path, token))
+
+    def load_lora(self, path: str | Path, weight: float = 1.0) -> LoRA:
+        """Merge a LoRA file (kohya's or diffusers/PEFT's layout) into the weights, scaled by `weight`;
+        several LoRAs add up. Layers of the file that this model lacks are named in a warning. A file that
+        does not fit is refused before any weight changes. Returns the LoRA read."""
+        if not finite(weight):
+            raise SettingError(lambda n: f"the weight of LoRA {path} must be a finite number, got {weight!r}")
+        lora = read_lora(path, self.models)
+        if lora.unmatched:
+            warnings.warn(f"{len(lora.unmatched)} of the {len(lora.unmatched) + len(lora.layers)} layers of LoRA "
+                          f"{path} are not layers of this model and were left out: "
+                          f"{', '.join(lora.unmatched[:3])}{', ...' * (len(lora.unmatched) > 3)}", stacklevel=2)
+        self.loras.merge(lora, weight)
+        return lora
+
+    def unload_lora(self) -> None:
+        """Take every LoRA out again: the layers they changed get back their original values, bit for bit."""
+        self.loras.unmerge()
 
     def add_embedding(self, embedding: Embedding) -> Embedding:
         check_width(embedding, self.models.clip.config.width)
@@ -255,6 +332,57 @@ class StableDiffusion:
         """Repaint the white part of `mask` in `image`, keeping the black part."""
         return self.generate(prompt, negative_prompt, image=image, mask=mask, strength=strength, **options)
 
+    def hires_fix(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *, hires_scale: float = 2.0,
+                  hires_strength: float = 0.55, hires_steps: int | None = None, hires_upscaler: str = "latent",
+                  output_type: str = "pil", tiled_decode: bool = False, **options):
+        """AUTOMATIC1111's "hires fix": an image at the base size (width, height; default the model's),
+        upscaled `hires_scale` times (to a multiple of 8), then redrawn `hires_strength` of the way at the
+        new size, from fresh noise of the same seed, in `hires_steps` steps (default: `steps`). The
+        upscaler: "latent" (bilinear in latent space, as AUTOMATIC1111's "Latent") or "lanczos" (decode,
+        Lanczos, encode). Options: those of `generate` but image, mask and latents."""
+        sampler = options.get("sampler", DEFAULT_SAMPLER)
+        check_hires(hires_scale, hires_strength, hires_steps, hires_upscaler,
+                    (make_sampler(sampler) if isinstance(sampler, str) else sampler).max_steps)
+        if hires_upscaler == "lanczos" and (not isinstance(prompt, str) or options.get("num_images", 1) != 1):
+            raise SettingError(lambda n: f"{n('hires_upscaler')} lanczos redraws one image at a time; make one image "
+                                         f"per call, or use the latent upscaler")
+        options.setdefault("seed", random.randrange(2**32))
+        base = self.generate(prompt, negative_prompt, output_type="latent", **options)  # (B, 4, h, w)
+        h, w = (int(side * VAE_FACTOR * hires_scale) // VAE_FACTOR for side in base.shape[2:])  # rounded down
+        second = {key: value for key, value in options.items() if key not in ("width", "height", "steps")}
+        second.update(strength=hires_strength, output_type=output_type, tiled_decode=tiled_decode,
+                      steps=options.get("steps", DEFAULT_STEPS) if hires_steps is None else hires_steps)
+        if hires_upscaler == "latent":
+            return self.generate(prompt, negative_prompt, image_latents=F.interpolate(base, size=(h, w), mode="bilinear"),
+                                 **second)  # (B, 4, h', w') upscaled
+        return self.generate(prompt, negative_prompt, image=self.decode(base)[0], width=w * VAE_FACTOR,
+                             height=h * VAE_FACTOR, **second)
+
+    @torch.inference_mode()
+    def invert(self, image: ImageInput, prompt: str = "", negative_prompt: str = "", *, steps: int = 50,
+               guidance_scale: float = 1.0, width: int | None = None, height: int | None = None, clip_skip: int = 1,
+               progress: bool = True) -> torch.Tensor:
+        """DDIM inversion: the latents (1, 4, H/8, W/8) from which DDIM sampling with the same prompt, steps
+        and guidance comes back to `image` (nearly: each step uses the noise predicted at its far end;
+        guidance 1 keeps closest). `text_to_image(prompt, latents=..., sampler="ddim", steps=steps,
+        guidance_scale=1)` reconstructs the image; another prompt edits it. The image is encoded to its
+        latent mean (no randomness); its sides must be multiples of 8 unless width and height are given."""
+        if not isinstance(prompt, str):
+            raise SettingError(lambda n: f"{n('prompt')} of an inversion must be one text, got {prompt!r:.60}")
+        s = settle(prompt, negative_prompt, image=image, steps=steps, guidance_scale=guidance_scale,
+                   sampler=DDIMInverseSampler(), width=width, height=height, clip_skip=clip_skip,
+                   image_size=self.models.image_size, inpainting_model=self.models.is_inpainting)
+        if width is None and height is None:
+            check_invertible(s.image)
+        check_clip_skip(s.clip_skip, self.models.clip.config.layers)
+        pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1  # (1, 3, H, W)
+        mean, _ = self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype))
+        latents = mean.float() * self.models.scale_factor  # (1, 4, h, w)
+        guided = s.guidance_scale > 1.0
+        context = self.encode_prompts(s.prompts, s.negatives if guided else None, 1, s.clip_skip)
+        s.sampler.set_timesteps(s.steps, self.device)
+        return self.denoise(latents, context, s.sampler, s.guidance_scale, None, None, progress)
+
     # ---- the shared machinery ----------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -272,6 +400,10 @@ class StableDiffusion:
             `sd.samplers.SAMPLERS` or a `Sampler`, default dpmpp_2m_karras), seed (default: random).
         width, height: multiples of 8 (default: the image's size rounded down, else the model's size).
         num_images: images per prompt.
+        latents: for text-to-image, the latents (1 or N, 4, H/8, W/8) to start from instead of noise drawn
+            from the seed, e.g. those of `invert`.
+        image_latents: for image-to-image, an image's scaled latents (1 or N, 4, H/8, W/8) instead of an
+            image (as the second pass of `hires_fix`).
         output_type: "pil" (a list of images), "np" (an array (N, H, W, 3) in [0, 1]) or "latent" (the
             final scaled latents (N, 4, H/8, W/8)).
         clip_skip: 1 (the text encoder's output, default) or N: the hidden states of its N-th last layer.
@@ -287,7 +419,7 @@ class StableDiffusion:
         context = self.encode_prompts(s.prompts, s.negatives if guided else None, s.num_images,
                                       s.clip_skip)  # (2B or B, 77·k, 768)
         s.sampler.set_timesteps(s.steps, self.device)
-        if s.image is not None:
+        if s.redraws:
             s.sampler.set_strength(s.strength)
         pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1 if s.image is not None else None  # (1, 3, H, W)
         latents, image_latents, noise = self.starting_latents(s, pixels, generator)
@@ -298,13 +430,15 @@ class StableDiffusion:
     def starting_latents(self, s: Settings, pixels: torch.Tensor | None,
                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(latents to start from, the image's latents or None, the initial noise), each (B, 4, h, w):
-        noise for text-to-image and full-strength inpainting, else the image's latents noised to the
+        the given latents or noise for text-to-image and full-strength inpainting, else the image's latents noised to the
         sampler's first timestep (SDEdit)."""
         sampler = s.sampler
+        if s.latents is not None:  # given: no noise is drawn, as diffusers' pipelines do with `latents=`
+            return s.latents.to(self.device) * sampler.init_noise_sigma, None, s.latents.to(self.device)
         needs_image_latents = pixels is not None and (s.mask is None or not self.models.is_inpainting
                                                       or s.strength < 1.0)
-        image_latents = (self.encode_image(pixels, generator).expand(s.batch, -1, -1, -1)
-                         if needs_image_latents else None)  # (B, 4, h, w)
+        image_latents = (self.encode_image(pixels, generator).expand(s.batch, -1, -1, -1) if needs_image_latents
+                         else s.image_latents.to(self.device) if s.image_latents is not None else None)  # (B, 4, h, w)
         noise = self.randn((s.batch, 4, s.height // VAE_FACTOR, s.width // VAE_FACTOR), generator)  # (B, 4, h, w)
         timesteps = sampler.timesteps[sampler.begin_index:]
         if image_latents is None or (s.mask is not None and s.strength == 1.0):

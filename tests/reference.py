@@ -10,8 +10,9 @@ must cover every weight of the reference model exactly once, or building the che
 
 import torch
 from diffusers import AutoencoderKL as RefVAE
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+from diffusers import (DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                       PNDMScheduler)
 from diffusers import UNet2DConditionModel as RefUNet
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint)
@@ -111,6 +112,10 @@ def reference_scheduler(name: str, options: dict):
                 {"eta": options.get("eta", 0.0)})
     if name == "plms":
         return PNDMScheduler(**SD_BETAS, **LEADING, skip_prk_steps=True, set_alpha_to_one=False), {}
+    if name == "ddim_inverse":
+        return DDIMInverseScheduler(**SD_BETAS, **LEADING, clip_sample=False, set_alpha_to_one=False), {}
+    if name == "lcm":  # as diffusers' LCM-LoRA examples make it: from SD's scheduler configuration
+        return LCMScheduler(**SD_BETAS, **LEADING, set_alpha_to_one=False), {}
     if name == "euler_a":  # no Karras option: set_reference_timesteps gives it Karras sigmas
         return EulerAncestralDiscreteScheduler(**SD_BETAS, **LINSPACE), {}
     if name.startswith("dpmpp_2m"):

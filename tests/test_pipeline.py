@@ -38,7 +38,7 @@ def run_ours(sd: StableDiffusion, method: str, sampler: str, seed: int, **inputs
                               width=WIDTH, height=HEIGHT, **inputs)
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddim"])
+@pytest.mark.parametrize("sampler", ["dpmpp_2m_karras", "euler_a", "ddim", "lcm"])
 def test_text_to_image(refs, loaded, sampler):
     ours = run_ours(StableDiffusion(loaded("safetensors")), "text_to_image", sampler, seed=11)
     assert_same(ours, run_reference(StableDiffusionPipeline, refs, refs.unet, sampler, seed=11))

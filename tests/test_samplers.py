@@ -12,6 +12,7 @@ import torch
 
 from sd.errors import InputError
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
+from sd.samplers.ddim import DDIMInverseSampler
 from tests.conftest import rel_err
 from tests.reference import reference_scheduler, set_reference_timesteps
 
@@ -22,7 +23,7 @@ SHAPE = (2, 4, 8, 8)
 CASES = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.7}), ("plms", {}),
          ("euler", {}), ("euler", {"karras": True}), ("euler_a", {}), ("euler_a", {"karras": True}),
          ("heun", {}), ("heun", {"karras": True}), ("lms", {}), ("lms", {"karras": True}),
-         ("dpmpp_2m", {}), ("dpmpp_2m_karras", {})]
+         ("dpmpp_2m", {}), ("dpmpp_2m_karras", {}), ("lcm", {})]
 CASE_IDS = [name + "".join(f"-{k}={v}" for k, v in options.items()) for name, options in CASES]
 
 _weights = torch.Generator().manual_seed(1234)
@@ -158,7 +159,7 @@ def test_timesteps_and_sigmas_match_diffusers_for_every_step_count(name, options
     """Rounding ties included (diffusers' DPM-Solver rounds 499.5 or a hair less at 26 and 30 steps)."""
     ours = make_sampler(name, **options)
     ref, _ = reference_scheduler(name, options)
-    for steps in range(2, 61):
+    for steps in range(2, min(61, ours.max_steps + 1)):
         ours.set_timesteps(steps)
         set_reference_timesteps(ref, name, options, steps)
         if ours.timesteps.is_floating_point() and ours.karras:  # fractional timesteps of Karras sigmas
@@ -201,10 +202,11 @@ def final_sample(name: str, options: dict, steps: int) -> torch.Tensor:
 
 
 def repeating_step_counts(name: str, options: dict) -> list[int]:
-    """The step counts from 1 to 1000 whose timesteps repeat a value (beyond Heun's and PLMS's own repeats)."""
+    """The step counts from 1 to the most (1000) whose timesteps repeat a value (beyond Heun's and PLMS's own
+    repeats)."""
     sampler = make_sampler(name, **options)
     counts = []
-    for steps in range(1, 1001):
+    for steps in range(1, sampler.max_steps + 1):
         sampler.set_timesteps(steps)
         if len(sampler.timesteps.unique()) < steps:
             counts.append(steps)
@@ -213,11 +215,12 @@ def repeating_step_counts(name: str, options: dict) -> list[int]:
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
 def test_every_step_count_gives_a_finite_run(name, options):
-    """Every step count from 1 to 1000 builds its timesteps; the extremes, and step counts whose timesteps
+    """Every step count from 1 to the most (1000; lcm: 50) builds its timesteps; the extremes, and step counts whose timesteps
     repeat (DPM-Solver++ rounds to integers: two 500s at 1000 steps), run to a finite end. A repeated
     timestep must not change the answer either: 1000 steps land next to 999."""
     repeating = repeating_step_counts(name, options)
-    for steps in sorted({1, 2, 3, 999, 1000, *repeating[:2], *repeating[-1:]}):
+    most = make_sampler(name, **options).max_steps
+    for steps in sorted({1, 2, 3, most - 1, most, *repeating[:2], *repeating[-1:]}):
         assert torch.isfinite(final_sample(name, options, steps)).all(), steps
     if 1000 in repeating and not options.get("karras") and name != "dpmpp_2m_karras":
         assert rel_err(final_sample(name, options, 1000), final_sample(name, options, 999)) < 1e-2
@@ -249,3 +252,15 @@ def test_cuda_run_matches_cpu_run_with_a_cpu_generator(name, options):
         trajectories.append(run(sampler.step, sampler.scale_model_input, sampler.timesteps[begin:], x))
     assert trajectories[1][-1].device.type == "cuda"
     assert max(rel_err(a.cpu(), b) for a, b in zip(trajectories[1], trajectories[0])) < 1e-4
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+def test_ddim_inversion_matches_diffusers(steps):
+    """DDIM inversion, step by step, against diffusers' DDIMInverseScheduler on SD's configuration."""
+    ours = DDIMInverseSampler()
+    ref, _ = reference_scheduler("ddim_inverse", {})
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+    assert torch.equal(ours.timesteps, ref.timesteps) and ours.timesteps[0] < ours.timesteps[-1]
+    expected = run(reference_step(ref, {}), ref.scale_model_input, ref.timesteps, noise(0))
+    assert_same_trajectory(run(ours.step, ours.scale_model_input, ours.timesteps, noise(0)), expected, 1)

@@ -5,7 +5,8 @@
     sampler = make_sampler("euler", karras=True)
 
 Every sampler has the interface of `base.Sampler`. Options: `eta` for ddim; `karras` for the
-sigma-space samplers (euler, euler_a, heun, lms, dpmpp_2m); `schedule` (a `NoiseSchedule`) for all.
+sigma-space samplers (euler, euler_a, heun, lms, dpmpp_2m); `original_steps` for lcm; `schedule` (a
+`NoiseSchedule`) for all.
 """
 
 import inspect
@@ -18,6 +19,7 @@ from sd.samplers.ddim import DDIMSampler
 from sd.samplers.ddpm import DDPMSampler
 from sd.samplers.dpm_solver import DPMSolverPP2MSampler
 from sd.samplers.k_diffusion import EulerAncestralSampler, EulerSampler, HeunSampler, LMSSampler
+from sd.samplers.lcm import LCMSampler
 from sd.samplers.plms import PLMSSampler
 from sd.samplers.schedule import NoiseSchedule
 
@@ -31,6 +33,7 @@ SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "lms": LMSSampler,
     "dpmpp_2m": DPMSolverPP2MSampler,
     "dpmpp_2m_karras": partial(DPMSolverPP2MSampler, karras=True),
+    "lcm": LCMSampler,  # for LCM-distilled models and LCM-LoRAs only: 2 to 8 steps, guidance 1 to 2
 }
 
 # Deterministic, second order and multistep (one model call per step): good images in 20-30 steps.

@@ -87,11 +87,15 @@ class Sampler:
         self._begin_index = 0
         self._step_index = 0
 
+    @property
+    def max_steps(self) -> int:
+        """The most steps a run can have: as many as training had timesteps, unless a sampler says less."""
+        return self.schedule.num_train_timesteps
+
     def set_timesteps(self, num_inference_steps: int, device: torch.device | str | None = None) -> None:
         """Choose the timesteps of an n-step run and start at the first of them."""
-        if not 1 <= num_inference_steps <= self.schedule.num_train_timesteps:
-            raise InputError(f"steps must be between 1 and {self.schedule.num_train_timesteps}, "
-                             f"got {num_inference_steps}")
+        if not 1 <= num_inference_steps <= self.max_steps:
+            raise InputError(f"steps must be between 1 and {self.max_steps}, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
         self.timesteps = self._make_timesteps(num_inference_steps).to(device)
         self.set_begin_index(0)

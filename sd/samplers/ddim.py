@@ -30,3 +30,19 @@ class DDIMSampler(AlphaSampler):
         if self.eta > 0:
             x_prev = x_prev + s * draw_noise(eps, generator)
         return x_prev
+
+
+class DDIMInverseSampler(AlphaSampler):
+    """DDIM run backwards (inversion, Song et al. sec. 4.3; Mokady et al., 2022): from clean latents up the
+    same timesteps in rising order, each step the DDIM update from t - T/n to t with the noise predicted
+    at t, so that DDIM sampling from the result comes back near the start. Not a sampler for images."""
+
+    def _make_timesteps(self, num_inference_steps):
+        return self.schedule.leading_timesteps(num_inference_steps).flip(0)  # (n,) rising
+
+    def _step(self, eps, t, x, i, generator):
+        t = int(t)
+        t_from = min(t - self.schedule.num_train_timesteps // self.num_inference_steps, self.schedule.num_train_timesteps - 1)
+        a_from, a_to = self.alpha_bar(t_from), self.alpha_bar(t)
+        x0 = (x - (1 - a_from) ** 0.5 * eps) / a_from**0.5  # (B, 4, h, w)
+        return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps

@@ -1,0 +1,168 @@
+"""LoRA: low-rank additions to the weights of a Stable Diffusion model (Hu et al., 2021).
+
+A LoRA file holds, for some layers W (out, in) of the UNet and the text encoder, two thin matrices,
+down (r, in) and up (out, r), and a scale alpha; applied with a weight w, the layer becomes
+W + w (alpha / r) up @ down. For 3x3 convolutions (LoCon) down is an r-channel k x k convolution and
+up a 1x1 one, so the product is again a kernel of W's shape. Merged into W, a LoRA costs nothing when
+sampling; the original values of the layers it touches (only those) are kept so that `unmerge`
+restores them exactly.
+
+Two file layouts:
+- kohya's (what model sites share): `lora_unet_<diffusers module path, "." -> "_">` and
+  `lora_te_<transformers text-model path>` keys with `.lora_down.weight`, `.lora_up.weight`, `.alpha`
+  (alpha missing or 0 means alpha = r);
+- diffusers/PEFT's: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight` and
+  `text_encoder.<transformers path>...`, alpha = r unless an `.alpha` key says otherwise.
+Our UNet keeps CompVis names, so the diffusers path of each of its layers is derived by the rules of
+`diffusers_unet_path` (those of AUTOMATIC1111's `convert_diffusers_name_to_compvis`, run backwards).
+"""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd.checkpoint import StableDiffusionModels, read_state_dict
+from sd.errors import InputError
+from sd.unet import UNetConfig
+
+PREFIXES = {"unet": ("lora_unet_", "unet."), "clip": ("lora_te_text_model_", "text_encoder.text_model.")}
+RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+                "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+OTHER_FAMILIES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "text_encoder_2.": "SDXL"}
+_DOWN, _UP = (".lora_down.weight", ".lora_A.weight"), (".lora_up.weight", ".lora_B.weight")
+
+
+def diffusers_unet_path(path: str, cfg: UNetConfig) -> str:
+    """The diffusers name of one of our (CompVis-named) UNet modules, e.g. 'input_blocks.4.1.proj_in' ->
+    'down_blocks.1.attentions.0.proj_in', 'output_blocks.2.1.conv' -> 'up_blocks.0.upsamplers.0.conv'."""
+    head, *rest = path.split(".")
+    per_level = cfg.num_res_blocks + 1  # down: res blocks + a downsampler; up: res blocks, the last upsampling
+    if head == "time_embed":
+        return f"time_embedding.linear_{int(rest[0]) // 2 + 1}"
+    if head == "out":
+        return {"0": "conv_norm_out", "2": "conv_out"}[rest[0]]
+    if head == "input_blocks" and rest[0] == "0":
+        return "conv_in"
+    if head == "middle_block":
+        k, tail = int(rest[0]), rest[1:]
+        block = "mid_block.attentions.0" if k == 1 else f"mid_block.resnets.{k // 2}"
+    else:
+        n, k, tail = int(rest[0]), int(rest[1]), rest[2:]
+        level, j = divmod(n - 1 if head == "input_blocks" else n, per_level)
+        side = "down" if head == "input_blocks" else "up"
+        if tail in (["op"], ["conv"]):  # the resamplers
+            return f"{side}_blocks.{level}.{side}samplers.0.conv"
+        block = f"{side}_blocks.{level}.{'resnets' if k == 0 else 'attentions'}.{j}"
+    tail = ".".join(tail)
+    for compvis, diffusers in RESNET_NAMES.items():
+        if tail == compvis or tail.startswith(compvis + "."):
+            tail = diffusers + tail[len(compvis):]
+    return f"{block}.{tail}"
+
+
+def lora_targets(models: StableDiffusionModels) -> dict[str, nn.Module]:
+    """Every layer a LoRA can change, by the module path a LoRA file names it with (kohya's and
+    diffusers' spellings both, 'lora_unet_down_blocks_0_...' and 'unet.down_blocks.0....')."""
+    targets = {}
+    for net, model in (("unet", models.unet), ("clip", models.clip)):
+        kohya, peft = PREFIXES[net]
+        for path, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                name = diffusers_unet_path(path, model.config) if net == "unet" else path
+                targets[kohya + name.replace(".", "_")] = targets[peft + name] = module
+    return targets
+
+
+@dataclass
+class LoRA:
+    """A LoRA file read: for each layer it changes, (down, up, alpha / r)."""
+
+    path: Path
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    unmatched: list[str] = field(default_factory=list)  # layer names that no layer of the model has
+
+
+def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
+    """A kohya or diffusers/PEFT LoRA file, its layers matched to the model's; refused in one line if it is
+    for another architecture or its shapes do not fit."""
+    path = Path(path)
+    state = read_state_dict(path, what="LoRA")
+    for prefix, family in OTHER_FAMILIES.items():
+        if any(key.startswith(prefix) for key in state):
+            raise InputError(f"{path} is a LoRA for {family} (its keys start {prefix!r}); this is an SD v1 model: use "
+                             f"a LoRA made for SD v1")
+    names = {key[: -len(suffix)] for key in state for suffix in _DOWN if key.endswith(suffix)}
+    if not names:
+        raise InputError(f"{path} holds no LoRA layers (no keys ending in .lora_down.weight or .lora_A.weight); give "
+                         f"a LoRA file")
+    targets = lora_targets(models)
+    layers, unmatched = {}, []
+    for name in sorted(names):
+        down = state[name + _DOWN[0]] if name + _DOWN[0] in state else state[name + _DOWN[1]]
+        up = next((state[name + s] for s in _UP if name + s in state), None)
+        if up is None:
+            raise InputError(f"{path}: {name} has a down matrix but no up matrix; the file is damaged")
+        target = targets.get(name)
+        if target is None:
+            unmatched.append(name)
+            continue
+        rank = down.shape[0]
+        alpha = state.get(name + ".alpha")
+        alpha = float(alpha) if alpha is not None and float(alpha) != 0 else rank
+        delta_shape = (up.shape[0], down.shape[1], *down.shape[2:])
+        if up.shape[1] != rank or delta_shape[:2] != target.weight.shape[:2] or \
+                torch.Size(delta_shape).numel() != target.weight.numel():
+            raise InputError(f"{path}: {name} makes a change of shape {tuple(delta_shape)} for a layer of shape "
+                             f"{tuple(target.weight.shape)}; the LoRA is for another model (SD 2.x?)")
+        layers[name] = (down, up, alpha / rank)
+    if not layers:
+        raise InputError(f"{path}: none of its {len(names)} layers is a layer of this model (e.g. {unmatched[0]}); "
+                         f"the LoRA is for another model")
+    return LoRA(path, layers, unmatched)
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """up @ down in float32, shaped like the weight: (out, in) or (out, in, k, k)."""
+    return (up.float().flatten(1) @ down.float().flatten(1)).reshape(shape)  # (out, in[, k, k])
+
+
+class LoRAMerger:
+    """Merges LoRAs into a model's weights and takes them out again, keeping the original values of the
+    layers touched (and only those)."""
+
+    def __init__(self, models: StableDiffusionModels):
+        self.models = models
+        self.originals: dict[nn.Module, torch.Tensor] = {}
+        self.loaded: list[tuple[LoRA, float]] = []
+
+    def merge(self, lora: LoRA, weight: float) -> None:
+        targets = lora_targets(self.models)
+        with torch.no_grad():
+            for name, (down, up, scale) in lora.layers.items():
+                module = targets[name]
+                if module not in self.originals:
+                    self.originals[module] = module.weight.detach().clone()
+                w = module.weight
+                delta = lora_delta(down.to(w.device), up.to(w.device), w.shape)
+                w.copy_((w.float() + weight * scale * delta).to(w.dtype))
+        self.loaded.append((lora, weight))
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            for module, original in self.originals.items():
+                module.weight.copy_(original)
+        self.originals.clear()
+        self.loaded.clear()
+
+
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # AUTOMATIC1111's <lora:name:weight>
+
+
+def lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
+    """AUTOMATIC1111's `<lora:name:weight>` tags taken out of a prompt: (the prompt without them,
+    [(name, weight text)]); the weight text is '' where none is given."""
+    tags = [(m[1], m[2] or "") for m in LORA_TAG.finditer(prompt)]
+    return LORA_TAG.sub("", prompt), tags

@@ -1,0 +1,266 @@
+"""LoRA files (`sd.lora`) against diffusers' `load_lora_weights` + `fuse_lora` on the full-size random
+model: kohya's layout (with and without alpha, LoCon 3x3 convolutions, resamplers, the text encoder)
+and diffusers/PEFT's; the merged weights, two LoRAs with their weights, the end-to-end latents, and
+unloading bit for bit. Files that do not fit are refused with the model unchanged."""
+
+import copy
+import hashlib
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import save_file
+
+import run_demo
+
+from sd.errors import CheckpointError, InputError, UnsafeCheckpointError
+from sd.lora import diffusers_unet_path, lora_targets
+from sd.pipeline import StableDiffusion
+from tests import reference
+from tests.bad_files import attacks
+from tests.compvis import CLIP_PREFIX, UNET_PREFIX
+from tests.conftest import rel_err
+from tests.pipelines import assert_same, reference_pipeline, run_ours, run_reference
+from tests.tiny import write_tiny_checkpoint
+
+# Every kind of layer a LoRA changes, in a few blocks: attention, feed-forward and proj_in/out of the
+# transformers, res blocks (3x3 LoCon convs, time embedding, shortcut), both resamplers, the text encoder.
+KINDS = re.compile(r"(down_blocks_1|mid_block|up_blocks_0|up_blocks_1_attentions_2|text_model_encoder_layers_(0|11))_")
+
+
+def random_lora(models, seed: int, rank: int = 4, alpha: float | None = 2.0, peft: bool = False) -> dict:
+    """A LoRA for the layers KINDS picks, random, in kohya's layout (or diffusers/PEFT's)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in lora_targets(models).items():
+        if not name.startswith(("unet.", "text_encoder.") if peft else "lora_") or \
+                not KINDS.search(name.replace(".", "_")):
+            continue
+        w = module.weight
+        kernel = w.shape[2:] if w.dim() == 4 else ()
+        down = torch.randn(rank, w.shape[1], *kernel, generator=gen) * 0.05  # (r, in[, k, k])
+        up = torch.randn(w.shape[0], rank, *(1,) * len(kernel), generator=gen) * 0.05  # (out, r[, 1, 1])
+        if peft:
+            state.update({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
+        else:
+            state.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up})
+            if alpha is not None:
+                state[f"{name}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def test_diffusers_names_of_our_unet_layers():
+    from sd.unet import UNetConfig
+    cfg = UNetConfig()
+    assert {path: diffusers_unet_path(path, cfg) for path in [
+        "time_embed.0", "time_embed.2", "input_blocks.0.0", "out.2", "input_blocks.4.1.proj_in",
+        "input_blocks.5.0.in_layers.2", "input_blocks.4.0.skip_connection", "input_blocks.6.0.op",
+        "middle_block.0.emb_layers.1", "middle_block.1.transformer_blocks.0.attn2.to_out.0",
+        "middle_block.2.out_layers.3", "output_blocks.2.1.conv", "output_blocks.5.2.conv",
+        "output_blocks.7.1.transformer_blocks.0.ff.net.0.proj", "output_blocks.11.0.skip_connection"]} == {
+        "time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
+        "input_blocks.0.0": "conv_in", "out.2": "conv_out",
+        "input_blocks.4.1.proj_in": "down_blocks.1.attentions.0.proj_in",
+        "input_blocks.5.0.in_layers.2": "down_blocks.1.resnets.1.conv1",
+        "input_blocks.4.0.skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+        "input_blocks.6.0.op": "down_blocks.1.downsamplers.0.conv",
+        "middle_block.0.emb_layers.1": "mid_block.resnets.0.time_emb_proj",
+        "middle_block.1.transformer_blocks.0.attn2.to_out.0": "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
+        "middle_block.2.out_layers.3": "mid_block.resnets.1.conv2",
+        "output_blocks.2.1.conv": "up_blocks.0.upsamplers.0.conv", "output_blocks.5.2.conv": "up_blocks.1.upsamplers.0.conv",
+        "output_blocks.7.1.transformer_blocks.0.ff.net.0.proj": "up_blocks.2.attentions.1.transformer_blocks.0.ff.net.0.proj",
+        "output_blocks.11.0.skip_connection": "up_blocks.3.resnets.2.conv_shortcut"}
+
+
+def test_every_diffusers_name_is_a_layer_of_diffusers_unet(refs, loaded):
+    """The names our rules give are exactly the diffusers UNet's Linear and Conv2d layers."""
+    ours = {k[len("unet."):] for k in lora_targets(loaded("safetensors")) if k.startswith("unet.")}
+    theirs = {n for n, m in refs.unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    assert ours == theirs
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory, loaded):
+    models = loaded("safetensors")
+    folder = tmp_path_factory.mktemp("loras")
+    files = {"kohya": random_lora(models, 1), "kohya_no_alpha": random_lora(models, 2, alpha=None),
+             "peft": random_lora(models, 3, peft=True)}
+    for name, state in files.items():
+        save_file(state, folder / f"{name}.safetensors")
+    return {name: folder / f"{name}.safetensors" for name in files}
+
+
+def diffusers_fused(refs, loras: list[tuple[str, float]]):
+    """diffusers' pipeline (its own copies of the UNet and CLIP) with the LoRAs loaded, weighted, fused and
+    their adapter layers removed: plain models with the merged weights."""
+    pipe = reference_pipeline(StableDiffusionPipeline, refs, copy.deepcopy(refs.unet), "dpmpp_2m_karras",
+                              text_encoder=copy.deepcopy(refs.clip))
+    names = [f"lora{i}" for i in range(len(loras))]
+    for name, (path, _) in zip(names, loras):
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    pipe.set_adapters(names, [weight for _, weight in loras])
+    pipe.fuse_lora(adapter_names=names)
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def assert_same_weights(ours: StableDiffusion, pipe):
+    for net, ref in (("unet", pipe.unet), ("clip", pipe.text_encoder)):
+        ref_state = reference.to_compvis(net, ref)
+        prefix = UNET_PREFIX if net == "unet" else CLIP_PREFIX
+        for key, value in getattr(ours.models, net).state_dict().items():
+            assert rel_err(value, ref_state[prefix + key]) < 1e-6, key
+
+
+@pytest.mark.parametrize("loras", [[("kohya", 0.8)], [("kohya_no_alpha", 1.0)], [("peft", 1.0)],
+                                   [("kohya", 0.7), ("peft", -0.3)]])
+def test_merged_weights_against_diffusers(refs, loaded, compvis_state, lora_files, loras):
+    ours = StableDiffusion(loaded("safetensors"))
+    try:
+        for name, weight in loras:
+            lora = ours.load_lora(lora_files[name], weight)
+            assert not lora.unmatched and len(lora.layers) == 87
+        assert_same_weights(ours, diffusers_fused(refs, [(lora_files[n], w) for n, w in loras]))
+    finally:
+        ours.unload_lora()
+    for net, prefix in (("unet", UNET_PREFIX), ("clip", CLIP_PREFIX)):  # unloading restores every weight exactly
+        for key, value in getattr(ours.models, net).state_dict().items():
+            assert torch.equal(value, compvis_state[prefix + key]), key
+
+
+def test_lora_end_to_end_against_diffusers(refs, loaded, lora_files):
+    settings = dict(prompt="a red bicycle, golden hour", negative_prompt="blurry", width=96, height=64,
+                    guidance_scale=7.5)
+    ours = StableDiffusion(loaded("safetensors"))
+    ours.load_lora(lora_files["kohya"], 0.8)
+    try:
+        mine = run_ours(ours, "text_to_image", 5, steps=6, sampler="dpmpp_2m_karras", **settings)
+    finally:
+        ours.unload_lora()
+    theirs = run_reference(diffusers_fused(refs, [(lora_files["kohya"], 0.8)]), 5, num_inference_steps=6, **settings)
+    assert_same(mine, theirs)
+
+
+# ---- files that do not fit (on a tiny model) --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.safetensors"))
+
+
+def bad_lora_files(folder, models) -> dict[str, tuple]:
+    good = random_lora(models, 4)
+    key = next(k for k in good if k.startswith("lora_unet") and k.endswith("lora_down.weight"))
+    files = {
+        "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+                  "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, "for SDXL"),
+        "shapes": ({**good, key: torch.zeros(4, 7)}, "for another model"),
+        "nothing_matches": ({"lora_unet_foo.lora_down.weight": torch.zeros(2, 3),
+                             "lora_unet_foo.lora_up.weight": torch.zeros(3, 2)}, "none of its 1 layers"),
+        "no_lora_keys": ({"weight": torch.zeros(2)}, "holds no LoRA layers"),
+        "no_up": ({key: good[key]}, "no up matrix"),
+    }
+    for name, (state, _) in files.items():
+        save_file(state, folder / f"{name}.safetensors")
+    (folder / "empty.safetensors").write_bytes(b"")
+    return {**{name: (folder / f"{name}.safetensors", message) for name, (_, message) in files.items()},
+            "empty": (folder / "empty.safetensors", "not a readable .safetensors"),
+            "missing": (folder / "missing.safetensors", "LoRA file not found")}
+
+
+def test_bad_lora_files_are_refused_and_the_model_is_unchanged(tiny, tmp_path):
+    before = {k: v.clone() for k, v in tiny.models.unet.state_dict().items()}
+    for name, (path, message) in bad_lora_files(tmp_path, tiny.models).items():
+        with pytest.raises((InputError, CheckpointError), match=re.escape(message)):
+            tiny.load_lora(path)
+        assert all(torch.equal(before[k], v) for k, v in tiny.models.unet.state_dict().items()), name
+    with pytest.raises(InputError, match="must be a finite number"):
+        tiny.load_lora(tmp_path / "shapes.safetensors", float("nan"))
+
+
+def test_a_malicious_lora_is_refused(tiny, tmp_path):
+    marker = tmp_path / "ran"
+    for name, payload in attacks(marker).items():
+        torch.save({"lora_unet_x.lora_down.weight": payload}, tmp_path / "evil.pt")
+        with pytest.raises(UnsafeCheckpointError):
+            tiny.load_lora(tmp_path / "evil.pt")
+        assert not marker.exists(), name
+
+
+def test_unmatched_layers_are_reported(tiny, tmp_path):
+    state = {**random_lora(tiny.models, 5), "lora_unet_foo_bar.lora_down.weight": torch.zeros(2, 3),
+             "lora_unet_foo_bar.lora_up.weight": torch.zeros(3, 2)}
+    save_file(state, tmp_path / "extra.safetensors")
+    with pytest.warns(UserWarning, match=r"1 of the \d+ layers of LoRA .* left out: lora_unet_foo_bar"):
+        lora = tiny.load_lora(tmp_path / "extra.safetensors")
+    tiny.unload_lora()
+    assert lora.unmatched == ["lora_unet_foo_bar"]
+
+
+# ---- the command line (in-process, tiny model) ------------------------------------------------------
+
+def run_demo_main(*args) -> int:
+    return run_demo.main(["--no-progress", "--steps", "2", "--width", "64", "--height", "48", "--seed", "3",
+                          *map(str, args)])
+
+
+def png(path):
+    with Image.open(path) as image:
+        return image.text["parameters"], np.asarray(image)
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    checkpoint = write_tiny_checkpoint(folder / "tiny.safetensors")
+    models = StableDiffusion.from_checkpoint(checkpoint).models
+    (folder / "lora").mkdir()
+    save_file(random_lora(models, 6), folder / "lora" / "style.safetensors")
+    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, folder / "xl.safetensors")
+    return folder, checkpoint
+
+
+def test_lora_flag_and_prompt_tag_make_the_same_image(cli_files, tmp_path, monkeypatch, capsys):
+    folder, checkpoint = cli_files
+    lora = folder / "lora" / "style.safetensors"
+    common = ["--checkpoint", checkpoint, "--prompt", "a red circle"]
+    assert run_demo_main(*common, "--output", tmp_path / "plain.png") == 0
+    assert run_demo_main(*common, "--lora", f"{lora}:0.5", "--output", tmp_path / "flag.png") == 0
+    monkeypatch.setattr(run_demo, "LORA_DIR", folder / "lora")
+    assert run_demo_main("--checkpoint", checkpoint, "--prompt", "a red circle <lora:style:0.5>",
+                         "--output", tmp_path / "tag.png") == 0
+    (plain, plain_pixels), (flag, flag_pixels), (tag, tag_pixels) = (png(tmp_path / f"{n}.png")
+                                                                     for n in ("plain", "flag", "tag"))
+    short_hash = hashlib.sha256(lora.read_bytes()).hexdigest()[:12]
+    assert flag.startswith("a red circle <lora:style:0.5>\n") and f'Lora hashes: "style: {short_hash}"' in flag
+    assert flag == tag and np.array_equal(flag_pixels, tag_pixels)
+    assert "Lora" not in plain and not np.array_equal(plain_pixels, flag_pixels)
+    # --from-png finds the LoRA in the LoRA folder, or by --lora (whose weight, when given, wins)
+    assert run_demo_main("--checkpoint", checkpoint, "--from-png", tmp_path / "flag.png", "--output",
+                         tmp_path / "again.png") == 0
+    assert np.array_equal(png(tmp_path / "again.png")[1], flag_pixels)
+    assert run_demo_main("--checkpoint", checkpoint, "--from-png", tmp_path / "flag.png", "--lora", f"{lora}:0.9",
+                         "--output", tmp_path / "heavier.png") == 0
+    heavier, heavier_pixels = png(tmp_path / "heavier.png")
+    assert heavier.startswith("a red circle <lora:style:0.9>\n") and not np.array_equal(heavier_pixels, flag_pixels)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a circle <lora:missing:1>"], "--prompt has <lora:missing>, but there is no missing.safetensors"),
+    (["--prompt", "a circle <lora:style:abc>"], "whose weight 'abc' is not a number"),
+    (["--prompt", "a circle", "--lora", "nowhere.safetensors"], "--lora nowhere.safetensors not found"),
+    (["--prompt", "a circle", "--lora", "XL"], "is a LoRA for SDXL"),
+])
+def test_bad_lora_arguments_are_one_line(cli_files, tmp_path, monkeypatch, capsys, args, message):
+    folder, checkpoint = cli_files
+    monkeypatch.setattr(run_demo, "LORA_DIR", folder / "lora")
+    args = [str(folder / "xl.safetensors") if a == "XL" else a for a in args]
+    assert run_demo_main("--checkpoint", checkpoint, *args, "--output", tmp_path / "out.png") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out.png").exists()
