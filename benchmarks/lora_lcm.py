@@ -99,7 +99,9 @@ def main(argv=None) -> None:
     lora = lora_costs(sd, args.rank)
     images = image_seconds(sd, args.size)
     base = images["dpmpp_2m_karras, 25 steps, guidance 7.5"]
-    lines = [f"# LCM and LoRA on {platform.processor() or platform.machine()}, {args.threads} threads, "
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    lines = [f"# LCM and LoRA on {cpu}, {args.threads} threads, "
              f"torch {torch.__version__}", "", f"Whole {args.size}x{args.size} image (one run each):", "",
              "| run | seconds | speed-up |", "|---|---|---|"]
     lines += [f"| {name} | {s:.1f} | {base / s:.1f}x |" for name, s in images.items()]
