@@ -35,7 +35,7 @@ from sd.errors import CheckpointError, InputError, SettingError
 from sd.files import DATA_DIR, write_atomically
 from sd.lora import lora_tags
 from sd.pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, UPSCALERS, VAE_FACTOR, Settings,
-                         StableDiffusion, check_hires, check_invertible, settle)
+                         StableDiffusion, check_deep_cache_branch, check_hires, check_invertible, settle)
 from sd.prompt import PromptParser, check_clip_skip, names_in
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule, make_sampler
 from sd.tokenizer import CLIPTokenizer
@@ -64,7 +64,8 @@ PNG_FIELDS = {  # settings-line key: (our name, type)
     "Init image": ("image", Path), "Mask": ("mask", Path), "Tiled decode": ("tiled_decode", lambda s: s == "True"),
     "Model": ("model", str), "Model hash": ("model_hash", str), "Clip skip": ("clip_skip", int),
     "Inversion prompt": ("invert", str), "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
-    "Hires upscaler": ("hires_upscaler", str.lower),
+    "Hires upscaler": ("hires_upscaler", str.lower), "Deep cache": ("deep_cache", int),
+    "Deep cache branch": ("deep_cache_branch", int),
     "TI hashes": ("ti_hashes", lambda s: dict(item.rsplit(":", 1) for item in s.split(", "))),
     "Lora hashes": ("lora_hashes", lambda s: dict(item.rsplit(":", 1) for item in s.split(", "))),
 }
@@ -119,6 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hires-steps", type=int, help="steps of the hires fix's redraw (default: --steps)")
     p.add_argument("--hires-upscaler", choices=UPSCALERS, help="latent (bilinear in latent space) or lanczos "
                                                                "(decode, Lanczos, encode) (default: latent)")
+    p.add_argument("--deep-cache", type=int, metavar="N", help="DeepCache: a full UNet call every N steps, only its "
+                                                                "shallow branch in between: faster, a slightly "
+                                                                "different image (default: off)")
+    p.add_argument("--deep-cache-branch", type=int, metavar="B", help="the skip connection DeepCache's shallow branch "
+                                                                      "ends at, 0 the outermost (default: 0)")
     p.add_argument("--num-images", type=int, default=1, help=f"how many images to make, one after another, 1 to "
                                                              f"{MAX_IMAGES} (default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
@@ -172,7 +178,7 @@ def read_parameters(png: Path) -> dict:
 
 
 GENERATION_FLAGS = ("image", "mask", "strength", "steps", "guidance_scale", "sampler", "seed", "width", "height",
-                    "num_images", "clip_skip")
+                    "num_images", "clip_skip", "deep_cache", "deep_cache_branch")
 
 
 def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Settings:
@@ -191,8 +197,7 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Set
     args.text, args.negative_text = lora_tags(args.prompt)[0], lora_tags(args.negative_prompt)[0]  # for the model
     if args.invert is not None:
         check_inversion(args)
-    if args.hires_scale is not None:
-        check_hires_flags(args)
+    check_hires_flags(args)
     args.sampler = args.sampler or DEFAULT_SAMPLER
     args.tiled_decode = bool(args.tiled_decode)
     given = {key: getattr(args, key) for key in GENERATION_FLAGS if getattr(args, key) is not None}
@@ -206,13 +211,20 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int) -> Set
                          f"uses seed+i-1); give a lower --seed")
     if args.invert is not None and not args.inversion_size:
         check_invertible(settings.image)
-    for key in ("strength", "steps", "guidance_scale", "seed", "width", "height", "clip_skip"):
+    for key in ("strength", "steps", "guidance_scale", "seed", "width", "height", "clip_skip", "deep_cache",
+                "deep_cache_branch"):
         setattr(args, key, getattr(settings, key))
     return settings
 
 
 def check_hires_flags(args: argparse.Namespace) -> None:
     """The hires fix is for text-to-image; its settings are checked as the library checks them."""
+    if args.hires_scale is None:
+        extra = [flag for flag in ("hires_strength", "hires_steps", "hires_upscaler") if getattr(args, flag) is not None]
+        if extra:
+            raise InputError(f"--{extra[0].replace('_', '-')} sets the hires fix, which --hires-scale S turns on; "
+                             f"give it too")
+        return
     if args.image is not None:
         raise InputError("--hires-scale upscales a text-to-image result; leave out --image (or --hires-scale)")
     args.hires_strength = 0.55 if args.hires_strength is None else args.hires_strength
@@ -468,6 +480,8 @@ def parameters_text(args: argparse.Namespace, seed: int, checkpoint: Path, short
             settings["Hires steps"] = args.hires_steps
     if args.clip_skip > 1:
         settings["Clip skip"] = args.clip_skip
+    if args.deep_cache is not None:
+        settings.update({"Deep cache": args.deep_cache, "Deep cache branch": args.deep_cache_branch})
     if used:
         settings["TI hashes"] = ", ".join(f"{e.name}: {e.short_hash}" for e in used)
     if lora_hashes:
@@ -536,6 +550,7 @@ def load_and_generate(args: argparse.Namespace) -> None:
     for embedding in embeddings:
         pipe.add_embedding(embedding)
     check_clip_skip(args.clip_skip, pipe.models.clip.config.layers)
+    check_deep_cache_branch(args.deep_cache_branch, pipe.models.unet)
     lora_hashes = {}
     for path, weight in args.loras:
         pipe.load_lora(path, weight)
@@ -583,7 +598,8 @@ def generate(pipe: StableDiffusion, args: argparse.Namespace, settings: Settings
         [picture] = make(args.text, args.negative_text, **start, steps=args.steps,
                                   guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
                                   width=args.width, height=args.height, progress=not args.no_progress,
-                                  tiled_decode=args.tiled_decode, clip_skip=args.clip_skip)
+                                  tiled_decode=args.tiled_decode, clip_skip=args.clip_skip,
+                                  deep_cache=args.deep_cache, deep_cache_branch=args.deep_cache_branch)
         parameters = parameters_text(args, seed, checkpoint, short_hash, path, list(used.values()), lora_hashes)
         written = write_png(picture, path, parameters, args.overwrite)
         print(f"wrote {written} (seed {seed})", flush=True)

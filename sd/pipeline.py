@@ -33,6 +33,7 @@ from sd.prompt import PromptParser, check_clip_skip, encode, parse_emphasis
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 from sd.tokenizer import CLIPTokenizer
+from sd.unet import DeepCache
 
 VAE_FACTOR = 8  # image pixels per latent pixel, each way
 LATENT_DTYPE = torch.float32  # latents and sampler arithmetic stay fp32 whatever the networks run in
@@ -112,6 +113,8 @@ class Settings:
     clip_skip: int
     latents: torch.Tensor | None = None  # (B, 4, h, w): where text-to-image starts instead of fresh noise
     image_latents: torch.Tensor | None = None  # (B, 4, h, w): image-to-image from these instead of an image
+    deep_cache: int | None = None  # DeepCache's interval: a full UNet call every this many steps
+    deep_cache_branch: int = 0
 
     @property
     def redraws(self) -> bool:
@@ -150,8 +153,8 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
            guidance_scale: float = DEFAULT_GUIDANCE, sampler: str | Sampler = DEFAULT_SAMPLER,
            seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
            output_type: str = "pil", clip_skip: int = 1, latents: torch.Tensor | None = None,
-           image_latents: torch.Tensor | None = None, image_size: int = SD_V1_SIZE,
-           inpainting_model: bool = False) -> Settings:
+           image_latents: torch.Tensor | None = None, deep_cache: int | None = None, deep_cache_branch: int = 0,
+           image_size: int = SD_V1_SIZE, inpainting_model: bool = False) -> Settings:
     """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
     any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
     own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
@@ -162,6 +165,12 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     for name, text in [("prompt", p) for p in prompts] + [("negative_prompt", p) for p in negatives]:
         parse_emphasis(text, name)  # a malformed weight is refused before any work
     check_clip_skip(clip_skip)
+    if deep_cache is not None and (not whole(deep_cache) or deep_cache < 1):
+        raise SettingError(lambda n: f"{n('deep_cache')} must be a whole number of steps, at least 1 (1: no "
+                                     f"reuse), got {deep_cache!r}")
+    if not whole(deep_cache_branch) or deep_cache_branch < 0:
+        raise SettingError(lambda n: f"{n('deep_cache_branch')} must be a whole number, at least 0, got "
+                                     f"{deep_cache_branch!r}")
     for name, value in (("image", image), ("mask", mask)):
         if value is not None and not isinstance(value, (Image.Image, str, Path)):
             raise SettingError(lambda n: f"{n(name)} must be a PIL image or the path of an image file, got a "
@@ -215,7 +224,8 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
             raise SettingError(lambda n: f"{n(name)} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
         size[name] = value
     return Settings(prompts, negatives, image, mask, strength, steps, guidance_scale, sampler, seed,
-                    num_images=num_images, output_type=output_type, clip_skip=clip_skip, **given, **size)
+                    num_images=num_images, output_type=output_type, clip_skip=clip_skip, deep_cache=deep_cache,
+                    deep_cache_branch=deep_cache_branch, **given, **size)
 
 
 def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
@@ -229,6 +239,13 @@ def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
                                      f"{steps!r}")
     if upscaler not in UPSCALERS:
         raise SettingError(lambda n: f"{n('hires_upscaler')} must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
+
+
+def check_deep_cache_branch(branch: int, unet) -> None:
+    """DeepCache's branch must be one of the UNet's skip connections."""
+    if branch >= len(unet.input_blocks):
+        raise SettingError(lambda n: f"{n('deep_cache_branch')} must be below {len(unet.input_blocks)}, this UNet's "
+                                     f"skip connections, got {branch}")
 
 
 def check_invertible(image: Image.Image) -> None:
@@ -359,7 +376,7 @@ class StableDiffusion:
                              height=h * VAE_FACTOR, **second)
 
     @torch.inference_mode()
-    def invert(self, image: ImageInput, prompt: str = "", negative_prompt: str = "", *, steps: int = 50,
+    def invert(self, image: ImageInput, prompt: str = "", steps: int = 50, *, negative_prompt: str = "",
                guidance_scale: float = 1.0, width: int | None = None, height: int | None = None, clip_skip: int = 1,
                progress: bool = True) -> torch.Tensor:
         """DDIM inversion: the latents (1, 4, H/8, W/8) from which DDIM sampling with the same prompt, steps
@@ -407,6 +424,9 @@ class StableDiffusion:
         output_type: "pil" (a list of images), "np" (an array (N, H, W, 3) in [0, 1]) or "latent" (the
             final scaled latents (N, 4, H/8, W/8)).
         clip_skip: 1 (the text encoder's output, default) or N: the hidden states of its N-th last layer.
+        deep_cache: DeepCache (`sd.unet.DeepCache`): a full UNet call every this many steps, between them
+            only the shallow branch ending at skip connection `deep_cache_branch` (0: the outermost).
+            Faster, and a slightly different image. Default: off.
         progress: a progress bar; tiled_decode: decode in tiles, bounding the VAE's memory for large
             images; callback: called after every step with (step index, timestep, latents, predicted x0).
         Random numbers come from a CPU generator seeded with `seed`, drawn in diffusers' order.
@@ -424,7 +444,12 @@ class StableDiffusion:
         pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1 if s.image is not None else None  # (1, 3, H, W)
         latents, image_latents, noise = self.starting_latents(s, pixels, generator)
         inpainting = self.prepare_inpainting(s, pixels, image_latents, noise, generator) if s.mask is not None else None
-        latents = self.denoise(latents, context, s.sampler, s.guidance_scale, generator, inpainting, progress, callback)
+        deep_cache = None
+        if s.deep_cache is not None:
+            check_deep_cache_branch(s.deep_cache_branch, self.models.unet)
+            deep_cache = DeepCache(s.deep_cache, s.deep_cache_branch)
+        latents = self.denoise(latents, context, s.sampler, s.guidance_scale, generator, inpainting, progress, callback,
+                               deep_cache)
         return self.decode(latents, s.output_type, tiled_decode)
 
     def starting_latents(self, s: Settings, pixels: torch.Tensor | None,
@@ -480,9 +505,9 @@ class StableDiffusion:
 
     def denoise(self, latents: torch.Tensor, context: torch.Tensor, sampler: Sampler, guidance_scale: float,
                 generator: torch.Generator, inpainting: Inpainting | None, progress: bool,
-                callback: StepCallback | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None, deep_cache: DeepCache | None = None) -> torch.Tensor:
         """The sampling loop from the sampler's begin index: one (batched, when guided) UNet call per
-        timestep, then a sampler step."""
+        timestep, then a sampler step. With `deep_cache`, the calls between full ones are shallow."""
         guided = context.shape[0] != latents.shape[0]
         timesteps = sampler.timesteps[sampler.begin_index:]
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
@@ -490,7 +515,9 @@ class StableDiffusion:
             if inpainting is not None and self.models.is_inpainting:
                 x = torch.cat([x, inpainting.mask, inpainting.masked_image_latents], dim=1)  # (B, 9, h, w)
             x = torch.cat([x, x]) if guided else x  # unconditional half first
-            eps = self.models.unet(x.to(self.dtype), t, context).float()  # (2B or B, 4, h, w)
+            if deep_cache is not None:
+                deep_cache.reuse = i % deep_cache.interval != 0
+            eps = self.models.unet(x.to(self.dtype), t, context, deep_cache).float()  # (2B or B, 4, h, w)
             if guided:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)

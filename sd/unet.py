@@ -6,6 +6,10 @@ highest resolutions and in the middle. latents (B, C, h, w), timesteps (B,) or s
 (B, 77, 768) -> noise prediction (B, 4, h, w); C = 4, or 9 for the inpainting model (noisy
 latents, mask, masked-image latents). Parameter names follow `model.diffusion_model.` of the
 CompVis checkpoint, whose input_blocks / middle_block / output_blocks layout is kept as is.
+
+DeepCache (Ma et al., CVPR 2024) is built in: adjacent denoising steps change the deep features of the
+UNet little, so a step may reuse the up path's features from the last full step and compute only the
+shallow branch around one skip connection (`DeepCache`).
 """
 
 import functools
@@ -185,6 +189,19 @@ class TimestepSequential(nn.Sequential):
         return x
 
 
+@dataclass
+class DeepCache:
+    """What a denoising run reuses between UNet calls. `branch` b names the skip connection the shallow
+    branch ends at: input_blocks[0..b] and output_blocks[-(b+1):] run, and the up path's features
+    entering output_blocks[-(b+1)] come from the last full call (b = 0: only the outermost blocks run,
+    the paper's default). `reuse` says whether the next call is a shallow one."""
+
+    interval: int = 3  # a full call every `interval` steps (the paper's uniform schedule), shallow ones between
+    branch: int = 0
+    reuse: bool = False
+    features: torch.Tensor | None = None  # (B, C, h', w') from the last full call
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
@@ -228,17 +245,26 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch, cfg.res_eps, cfg.norm_groups), nn.SiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
+                deep_cache: DeepCache | None = None) -> torch.Tensor:
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])  # (B,)
         t_emb = timestep_embedding(t, self.config.model_channels, self.config.max_period).to(latents.dtype)
         emb = self.time_embed(t_emb)  # (B, 1280)
 
+        shallow = deep_cache is not None and deep_cache.reuse and deep_cache.features is not None
+        down = self.input_blocks[: deep_cache.branch + 1] if shallow else self.input_blocks
         h, skips = latents, []
-        for block in self.input_blocks:
+        for block in down:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)  # (B, 1280, h/8, w/8)
-        for block in self.output_blocks:
+        up = list(self.output_blocks)
+        if shallow:
+            h, up = deep_cache.features, up[-(deep_cache.branch + 1):]
+        else:
+            h = self.middle_block(h, emb, context)  # (B, 1280, h/8, w/8)
+        for i, block in enumerate(up):
+            if deep_cache is not None and not shallow and i == len(up) - 1 - deep_cache.branch:
+                deep_cache.features = h  # the deep features the next shallow calls reuse
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h', w')
             h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)  # (B, 4, h, w)

@@ -207,10 +207,11 @@ def test_help_documents_every_flag_with_its_default():
     options = result.stdout.split("\noptions:\n")[1]
     entries = [" ".join(entry.split()) for entry in re.split(r"^  (?=-)", options, flags=re.M)[1:]]  # unwrapped
     assert [entry.split()[0].rstrip(",") for entry in entries] == [
-        "-h", "--prompt", "--negative-prompt", "--checkpoint", "--image", "--mask", "--strength", "--steps",
-        "--guidance-scale", "--sampler", "--seed", "--width", "--height", "--clip-skip", "--embedding", "--num-images",
-        "--device", "--dtype",
-        "--output", "--overwrite", "--no-progress", "--tiled-decode", "--from-png"]
+        "-h", "--prompt", "--negative-prompt", "--checkpoint", "--image", "--mask", "--invert", "--strength", "--steps",
+        "--guidance-scale", "--sampler", "--seed", "--width", "--height", "--clip-skip", "--embedding", "--lora",
+        "--hires-scale", "--hires-strength", "--hires-steps", "--hires-upscaler", "--deep-cache", "--deep-cache-branch",
+        "--num-images", "--device", "--dtype", "--output", "--overwrite", "--no-progress", "--tiled-decode",
+        "--from-png"]
     for entry in entries[1:]:
         assert "(default: " in entry, entry
     assert all(name in options for name in SAMPLERS)
