@@ -3,7 +3,7 @@ model: kohya's layout (with and without alpha, LoCon 3x3 convolutions, resampler
 and diffusers/PEFT's; the merged weights, two LoRAs with their weights, the end-to-end latents, and
 unloading bit for bit. Files that do not fit are refused with the model unchanged."""
 
-import copy
+import contextlib
 import hashlib
 import re
 
@@ -19,7 +19,6 @@ import run_demo
 from sd.errors import CheckpointError, InputError, UnsafeCheckpointError
 from sd.lora import diffusers_unet_path, lora_targets
 from sd.pipeline import StableDiffusion
-from tests import reference
 from tests.bad_files import attacks
 from tests.compvis import CLIP_PREFIX, UNET_PREFIX
 from tests.conftest import rel_err
@@ -93,37 +92,63 @@ def lora_files(tmp_path_factory, loaded):
     return {name: folder / f"{name}.safetensors" for name in files}
 
 
-def diffusers_fused(refs, loras: list[tuple[str, float]]):
-    """diffusers' pipeline (its own copies of the UNet and CLIP) with the LoRAs loaded, weighted, fused and
-    their adapter layers removed: plain models with the merged weights."""
-    pipe = reference_pipeline(StableDiffusionPipeline, refs, copy.deepcopy(refs.unet), "dpmpp_2m_karras",
-                              text_encoder=copy.deepcopy(refs.clip))
+def reference_layers(ours_models, refs) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
+    """(our layer, diffusers' / transformers' layer) by the LoRA name (kohya's spelling) of every layer the
+    test LoRAs touch, found through the diffusers spelling of each of our layers."""
+    targets = lora_targets(ours_models)
+    spelled = {}  # our module -> its diffusers path
+    for name, module in targets.items():
+        for prefix, ref in (("unet.", refs.unet), ("text_encoder.text_model.", refs.clip)):
+            if name.startswith(prefix):
+                spelled[module] = ref.get_submodule(name[len(prefix):])
+    return {name: (module, spelled[module]) for name, module in targets.items()
+            if name.startswith("lora_") and KINDS.search(name)}
+
+
+@contextlib.contextmanager
+def diffusers_fused(refs, loras: list[tuple[str, float]], layers):
+    """diffusers' pipeline of the reference models with the LoRAs loaded, weighted, fused and their adapter
+    layers removed: plain models with merged weights. The reference weights of `layers` are put back after
+    (copying only those, not the 4 GB models)."""
+    originals = [(ref, ref.weight.detach().clone()) for _, ref in layers.values()]
+    pipe = reference_pipeline(StableDiffusionPipeline, refs, refs.unet, "dpmpp_2m_karras")
     names = [f"lora{i}" for i in range(len(loras))]
-    for name, (path, _) in zip(names, loras):
-        pipe.load_lora_weights(str(path), adapter_name=name)
-    pipe.set_adapters(names, [weight for _, weight in loras])
-    pipe.fuse_lora(adapter_names=names)
-    pipe.unload_lora_weights()
-    return pipe
+    try:
+        for name, (path, _) in zip(names, loras):
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        pipe.set_adapters(names, [weight for _, weight in loras])
+        pipe.fuse_lora(adapter_names=names)
+        pipe.unload_lora_weights()
+        yield pipe
+    finally:
+        pipe.unload_lora_weights()
+        with torch.no_grad():
+            for ref, original in originals:
+                ref.weight.copy_(original)
 
 
-def assert_same_weights(ours: StableDiffusion, pipe):
-    for net, ref in (("unet", pipe.unet), ("clip", pipe.text_encoder)):
-        ref_state = reference.to_compvis(net, ref)
-        prefix = UNET_PREFIX if net == "unet" else CLIP_PREFIX
-        for key, value in getattr(ours.models, net).state_dict().items():
-            assert rel_err(value, ref_state[prefix + key]) < 1e-6, key
+def assert_merged_like_diffusers(ours: StableDiffusion, layers, compvis_state):
+    """Every layer a LoRA touches has diffusers' merged weight; every other weight is the file's."""
+    for name, (mine, ref) in layers.items():
+        assert rel_err(mine.weight, ref.weight.reshape(mine.weight.shape)) < 1e-6, name
+    touched = {id(mine.weight) for mine, _ in layers.values()}
+    for net, prefix in (("unet", UNET_PREFIX), ("clip", CLIP_PREFIX)):
+        for key, value in getattr(ours.models, net).state_dict(keep_vars=True).items():
+            if id(value) not in touched:
+                assert torch.equal(value, compvis_state[prefix + key]), key
 
 
 @pytest.mark.parametrize("loras", [[("kohya", 0.8)], [("kohya_no_alpha", 1.0)], [("peft", 1.0)],
                                    [("kohya", 0.7), ("peft", -0.3)]])
 def test_merged_weights_against_diffusers(refs, loaded, compvis_state, lora_files, loras):
     ours = StableDiffusion(loaded("safetensors"))
+    layers = reference_layers(ours.models, refs)
     try:
         for name, weight in loras:
             lora = ours.load_lora(lora_files[name], weight)
-            assert not lora.unmatched and len(lora.layers) == 87
-        assert_same_weights(ours, diffusers_fused(refs, [(lora_files[n], w) for n, w in loras]))
+            assert not lora.unmatched and len(lora.layers) == len(layers) == 87
+        with diffusers_fused(refs, [(lora_files[n], w) for n, w in loras], layers):
+            assert_merged_like_diffusers(ours, layers, compvis_state)
     finally:
         ours.unload_lora()
     for net, prefix in (("unet", UNET_PREFIX), ("clip", CLIP_PREFIX)):  # unloading restores every weight exactly
@@ -135,12 +160,14 @@ def test_lora_end_to_end_against_diffusers(refs, loaded, lora_files):
     settings = dict(prompt="a red bicycle, golden hour", negative_prompt="blurry", width=96, height=64,
                     guidance_scale=7.5)
     ours = StableDiffusion(loaded("safetensors"))
+    layers = reference_layers(ours.models, refs)
     ours.load_lora(lora_files["kohya"], 0.8)
     try:
         mine = run_ours(ours, "text_to_image", 5, steps=6, sampler="dpmpp_2m_karras", **settings)
     finally:
         ours.unload_lora()
-    theirs = run_reference(diffusers_fused(refs, [(lora_files["kohya"], 0.8)]), 5, num_inference_steps=6, **settings)
+    with diffusers_fused(refs, [(lora_files["kohya"], 0.8)], layers) as pipe:
+        theirs = run_reference(pipe, 5, num_inference_steps=6, **settings)
     assert_same(mine, theirs)
 
 
