@@ -58,6 +58,13 @@ MAX_IMAGES = 10_000  # per run: each is named (and its name checked) before the 
 NEGATIVE_MARK = "\nNegative prompt: "  # where the prompt ends and the negative prompt begins in "parameters"
 # One "Key: value" of the settings line; values with commas are JSON-quoted (as AUTOMATIC1111 writes them).
 SETTING = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def hashes(text: str) -> dict[str, str]:
+    """AUTOMATIC1111's "name: hash, name: hash" (TI hashes, Lora hashes) as {name: hash}."""
+    return {name.strip(): value.strip() for name, value in (item.rsplit(":", 1) for item in text.split(", "))}
+
+
 PNG_FIELDS = {  # settings-line key: (our name, type)
     "Steps": ("steps", int), "Sampler": ("sampler", lambda s: s.lower().replace("dpm++", "dpmpp").replace(" ", "_")),
     "CFG scale": ("guidance_scale", float), "Seed": ("seed", int), "Denoising strength": ("strength", float),
@@ -66,8 +73,8 @@ PNG_FIELDS = {  # settings-line key: (our name, type)
     "Inversion prompt": ("invert", str), "Hires upscale": ("hires_scale", float), "Hires steps": ("hires_steps", int),
     "Hires upscaler": ("hires_upscaler", str.lower), "Deep cache": ("deep_cache", int),
     "Deep cache branch": ("deep_cache_branch", int),
-    "TI hashes": ("ti_hashes", lambda s: dict(item.rsplit(":", 1) for item in s.split(", "))),
-    "Lora hashes": ("lora_hashes", lambda s: dict(item.rsplit(":", 1) for item in s.split(", "))),
+    "TI hashes": ("ti_hashes", hashes),
+    "Lora hashes": ("lora_hashes", hashes),
 }
 
 
@@ -309,15 +316,15 @@ def read_embeddings(args: argparse.Namespace, stored: dict, tokenizer: CLIPToken
     parser = PromptParser(tokenizer, loaded)
     parser.parse(args.text)
     parser.parse(args.negative_text, "negative_prompt")
-    hashes = {name.strip(): short_hash.strip() for name, short_hash in stored.get("ti_hashes", {}).items()}
+    made_with = stored.get("ti_hashes", {})
     known = {name.lower(): e for name, e in loaded.items()}
-    for name in names_in(texts, hashes):
+    for name in names_in(texts, made_with):
         if name.lower() not in known:
-            raise InputError(f"{args.from_png} was made with the embedding {name} (hash {hashes[name]}), which is "
+            raise InputError(f"{args.from_png} was made with the embedding {name} (hash {made_with[name]}), which is "
                              f"not loaded; put its file in {shown(EMBEDDINGS_DIR)}/ or pass --embedding PATH:{name}")
-        if known[name.lower()].short_hash != hashes[name]:
+        if known[name.lower()].short_hash != made_with[name]:
             e = known[name.lower()]
-            note(f"{args.from_png} was made with the embedding {name} of hash {hashes[name]}, {shown(e.path)} has "
+            note(f"{args.from_png} was made with the embedding {name} of hash {made_with[name]}, {shown(e.path)} has "
                  f"hash {e.short_hash}: the image will differ")
     return list(loaded.values())
 
@@ -555,7 +562,7 @@ def load_and_generate(args: argparse.Namespace) -> None:
     for path, weight in args.loras:
         pipe.load_lora(path, weight)
         lora_hashes[path.stem] = file_hash(path)[:12]
-        stored_hash = stored.get("lora_hashes", {}).get(path.stem, lora_hashes[path.stem]).strip()
+        stored_hash = stored.get("lora_hashes", {}).get(path.stem, lora_hashes[path.stem])
         if stored_hash != lora_hashes[path.stem]:
             note(f"{args.from_png} was made with the LoRA {path.stem} of hash {stored_hash}, {shown(path)} has hash "
                  f"{lora_hashes[path.stem]}: the image will differ")

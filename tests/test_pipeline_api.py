@@ -27,7 +27,7 @@ def sd_inpainting(tmp_path_factory):
 def unet_batches(sd, monkeypatch) -> list[int]:
     """Record the batch size of every UNet call."""
     calls, forward = [], sd.models.unet.forward
-    monkeypatch.setattr(sd.models.unet, "forward", lambda x, t, c: calls.append(x.shape[0]) or forward(x, t, c))
+    monkeypatch.setattr(sd.models.unet, "forward", lambda x, t, c, *rest: calls.append(x.shape[0]) or forward(x, t, c, *rest))
     return calls
 
 

@@ -271,4 +271,5 @@ def test_reads_automatic1111_parameters(tmp_path):
     assert run_demo.read_parameters(tmp_path / "a1111.png") == {
         "prompt": 'masterpiece, a "quoted" word\nsecond line', "negative_prompt": "ugly", "steps": 30,
         "sampler": "dpmpp_2m_karras", "guidance_scale": 6.0, "seed": 42, "width": 512, "height": 768,
-        "model_hash": "abcdef0123", "model": "v1-5-pruned-emaonly"}  # a strength without init image: hires fix
+        "model_hash": "abcdef0123", "model": "v1-5-pruned-emaonly", "lora_hashes": {"a": "1", "b": "2"},
+        "hires_scale": 2.0, "hires_strength": 0.5}  # a strength without init image: the hires fix's
