@@ -36,7 +36,7 @@ from sd.files import DATA_DIR, write_atomically
 from sd.lora import lora_tags
 from sd.pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, UPSCALERS, VAE_FACTOR, Settings,
                          StableDiffusion, check_deep_cache_branch, check_hires, check_invertible, settle)
-from sd.prompt import PromptParser, check_clip_skip, names_in
+from sd.prompt import NUMBER, PromptParser, check_clip_skip, names_in
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule, make_sampler
 from sd.tokenizer import CLIPTokenizer
 
@@ -46,7 +46,6 @@ TINY_MODEL = "tiny-shapes"  # the project's own model (sd/train.py), used when n
 EMBEDDINGS_DIR = DATA_DIR / "embeddings"  # textual-inversion files, used when a prompt names them
 LORA_DIR = DATA_DIR / "lora"  # LoRA files, used when a prompt holds <lora:NAME:WEIGHT>
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Peak memory of SD's VAE decoder, the largest user of memory: about 1100 numbers per output pixel
 # (measured: 4.2 kB per pixel in fp32, at 256x256 and 512x512). Attention needs much less: the fused
@@ -249,12 +248,13 @@ def check_inversion(args: argparse.Namespace) -> None:
     args.sampler = "ddim"
 
 
-def lora_flag(value: str) -> tuple[Path, str | None]:
-    """--lora PATH or PATH:WEIGHT (a PATH that exists as written wins)."""
-    path, colon, weight = value.rpartition(":")
-    if not colon or not path or Path(value).exists() or not NUMBER.fullmatch(weight):
+def path_and_suffix(value: str, is_suffix) -> tuple[Path, str | None]:
+    """A flag's PATH or PATH:SUFFIX, SUFFIX being what `is_suffix` accepts; a PATH that exists as written wins
+    (so C:\\x.pt stays a path)."""
+    path, colon, suffix = value.rpartition(":")
+    if not colon or not path or Path(value).exists() or not is_suffix(suffix):
         return Path(value), None
-    return Path(path), weight
+    return Path(path), suffix
 
 
 def resolve_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
@@ -263,7 +263,7 @@ def resolve_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
     looked up in the --lora files and data/lora/."""
     given = {}
     for value in args.lora:
-        path, weight = lora_flag(value)
+        path, weight = path_and_suffix(value, NUMBER.fullmatch)  # --lora PATH[:WEIGHT]
         if not path.is_file():
             raise InputError(f"--lora {path} not found; check the path")
         given[path.stem.lower()] = path
@@ -286,14 +286,6 @@ def resolve_loras(args: argparse.Namespace) -> list[tuple[Path, float]]:
     return loras
 
 
-def embedding_flag(value: str) -> tuple[Path, str | None]:
-    """--embedding PATH or PATH:NAME (a PATH that exists as written wins, so C:\\x.pt stays a path)."""
-    path, colon, name = value.rpartition(":")
-    if not colon or not path or Path(value).exists() or any(c in name for c in "/\\"):
-        return Path(value), None
-    return Path(path), name
-
-
 def read_embeddings(args: argparse.Namespace, stored: dict, tokenizer: CLIPTokenizer) -> list[Embedding]:
     """The --embedding files, and those in data/embeddings/ that the prompts name (by file name, as
     AUTOMATIC1111 names them), read and their names checked; then the prompts are parsed with them
@@ -306,7 +298,7 @@ def read_embeddings(args: argparse.Namespace, stored: dict, tokenizer: CLIPToken
         loaded[embedding.name] = embedding
 
     for value in args.embedding:
-        add(read_embedding(*embedding_flag(value)))
+        add(read_embedding(*path_and_suffix(value, lambda name: not any(c in name for c in "/\\"))))
     texts = f"{args.text}\n{args.negative_text}"
     folder = {path.stem: path for path in sorted(EMBEDDINGS_DIR.glob("*"))
               if path.suffix.lower() in EMBEDDING_SUFFIXES} if EMBEDDINGS_DIR.is_dir() else {}

@@ -40,7 +40,7 @@ _SYNTAX = re.compile(r"""
     | (?P<close>[)\]])
     | (?P<text>[^\\()\[\]:]+|:)
 """, re.VERBOSE)
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)")  # a weight as AUTOMATIC1111 writes one
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 Run = tuple[str, float] | None  # (text, weight), or BREAK
@@ -60,7 +60,7 @@ def parse_emphasis(prompt: str, what: str = "prompt") -> list[Run]:
 
     for m in _SYNTAX.finditer(prompt):
         if m["weight"] is not None and opened["("]:
-            if not _NUMBER.fullmatch(m["weight"]):
+            if not NUMBER.fullmatch(m["weight"]):
                 raise SettingError(lambda n, w=m["weight"]: f"{n(what)} has (...:{w}), whose weight {w!r} is not "
                                    f"a number; write (text:1.2), or \\( \\) for brackets in the text")
             scale_from(opened["("].pop(), float(m["weight"]))
