@@ -41,7 +41,10 @@ class SettingError(InputError):
 
     def for_flags(self) -> InputError:
         """The same message naming `--flag-names` instead of `parameter_names`."""
-        return InputError(self.describe(lambda name: "--" + name.replace("_", "-")))
+        return InputError(self.describe(lambda name: SHORT_FLAGS.get(name, "--" + name.replace("_", "-"))))
+
+
+SHORT_FLAGS = {"token_merging": "--tome"}  # parameters whose flag is not their name
 
 
 class GenerationError(SDError):

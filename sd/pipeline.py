@@ -33,6 +33,7 @@ from sd.prompt import PromptParser, check_clip_skip, encode, parse_emphasis
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 from sd.tokenizer import CLIPTokenizer
+from sd.token_merging import MAX_RATIO, TokenMerging
 from sd.unet import DeepCache
 
 VAE_FACTOR = 8  # image pixels per latent pixel, each way
@@ -115,6 +116,7 @@ class Settings:
     image_latents: torch.Tensor | None = None  # (B, 4, h, w): image-to-image from these instead of an image
     deep_cache: int | None = None  # DeepCache's interval: a full UNet call every this many steps
     deep_cache_branch: int = 0
+    token_merging: TokenMerging | None = None
 
     @property
     def redraws(self) -> bool:
@@ -154,7 +156,7 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
            seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
            output_type: str = "pil", clip_skip: int = 1, latents: torch.Tensor | None = None,
            image_latents: torch.Tensor | None = None, deep_cache: int | None = None, deep_cache_branch: int = 0,
-           image_size: int = SD_V1_SIZE, inpainting_model: bool = False) -> Settings:
+           token_merging: float | TokenMerging | None = None, image_size: int = SD_V1_SIZE, inpainting_model: bool = False) -> Settings:
     """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
     any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
     own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
@@ -171,6 +173,7 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     if not whole(deep_cache_branch) or deep_cache_branch < 0:
         raise SettingError(lambda n: f"{n('deep_cache_branch')} must be a whole number, at least 0, got "
                                      f"{deep_cache_branch!r}")
+    token_merging = check_token_merging(token_merging)
     for name, value in (("image", image), ("mask", mask)):
         if value is not None and not isinstance(value, (Image.Image, str, Path)):
             raise SettingError(lambda n: f"{n(name)} must be a PIL image or the path of an image file, got a "
@@ -225,7 +228,16 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
         size[name] = value
     return Settings(prompts, negatives, image, mask, strength, steps, guidance_scale, sampler, seed,
                     num_images=num_images, output_type=output_type, clip_skip=clip_skip, deep_cache=deep_cache,
-                    deep_cache_branch=deep_cache_branch, **given, **size)
+                    deep_cache_branch=deep_cache_branch, token_merging=token_merging, **given, **size)
+
+
+def check_token_merging(value: float | TokenMerging | None) -> TokenMerging | None:
+    """A ratio (or a `TokenMerging`) checked; None (or ratio 0) for no merging."""
+    merging = value if isinstance(value, TokenMerging) else TokenMerging(value) if finite(value) else None
+    if value is not None and (merging is None or not 0.0 <= merging.ratio <= MAX_RATIO):
+        raise SettingError(lambda n: f"{n('token_merging')} must be a share of the tokens between 0 and {MAX_RATIO}, "
+                                     f"got {value!r}")
+    return merging if merging is not None and merging.ratio > 0 else None
 
 
 def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
@@ -427,6 +439,9 @@ class StableDiffusion:
         deep_cache: DeepCache (`sd.unet.DeepCache`): a full UNet call every this many steps, between them
             only the shallow branch ending at skip connection `deep_cache_branch` (0: the outermost).
             Faster, and a slightly different image. Default: off.
+        token_merging: merge this share of the image tokens (0 to 0.75) before the self-attention of the
+            highest-resolution blocks (`sd.token_merging`, tomesd's defaults; or a `TokenMerging`).
+            Faster, and a slightly different image. Default: off.
         progress: a progress bar; tiled_decode: decode in tiles, bounding the VAE's memory for large
             images; callback: called after every step with (step index, timestep, latents, predicted x0).
         Random numbers come from a CPU generator seeded with `seed`, drawn in diffusers' order.
@@ -449,7 +464,7 @@ class StableDiffusion:
             check_deep_cache_branch(s.deep_cache_branch, self.models.unet)
             deep_cache = DeepCache(s.deep_cache, s.deep_cache_branch)
         latents = self.denoise(latents, context, s.sampler, s.guidance_scale, generator, inpainting, progress, callback,
-                               deep_cache)
+                               deep_cache, s.token_merging)
         return self.decode(latents, s.output_type, tiled_decode)
 
     def starting_latents(self, s: Settings, pixels: torch.Tensor | None,
@@ -505,9 +520,11 @@ class StableDiffusion:
 
     def denoise(self, latents: torch.Tensor, context: torch.Tensor, sampler: Sampler, guidance_scale: float,
                 generator: torch.Generator, inpainting: Inpainting | None, progress: bool,
-                callback: StepCallback | None = None, deep_cache: DeepCache | None = None) -> torch.Tensor:
+                callback: StepCallback | None = None, deep_cache: DeepCache | None = None,
+                token_merging: TokenMerging | None = None) -> torch.Tensor:
         """The sampling loop from the sampler's begin index: one (batched, when guided) UNet call per
-        timestep, then a sampler step. With `deep_cache`, the calls between full ones are shallow."""
+        timestep, then a sampler step. With `deep_cache`, the calls between full ones are shallow; with
+        `token_merging`, the UNet merges tokens."""
         guided = context.shape[0] != latents.shape[0]
         timesteps = sampler.timesteps[sampler.begin_index:]
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
@@ -517,7 +534,7 @@ class StableDiffusion:
             x = torch.cat([x, x]) if guided else x  # unconditional half first
             if deep_cache is not None:
                 deep_cache.reuse = i % deep_cache.interval != 0
-            eps = self.models.unet(x.to(self.dtype), t, context, deep_cache).float()  # (2B or B, 4, h, w)
+            eps = self.models.unet(x.to(self.dtype), t, context, deep_cache, token_merging).float()  # (2B or B, 4, h, w)
             if guided:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)

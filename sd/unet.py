@@ -9,7 +9,7 @@ CompVis checkpoint, whose input_blocks / middle_block / output_blocks layout is 
 
 DeepCache (Ma et al., CVPR 2024) is built in: adjacent denoising steps change the deep features of the
 UNet little, so a step may reuse the up path's features from the last full step and compute only the
-shallow branch around one skip connection (`DeepCache`).
+shallow branch around one skip connection (`DeepCache`). Token merging (`sd.token_merging`) is too.
 """
 
 import functools
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd.attention import Attention, group_norm
+from sd.token_merging import TokenMerge, TokenMerging
 
 
 @dataclass(frozen=True)
@@ -125,28 +126,34 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))  # (B, hw, C)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, merge: TokenMerge | None = None) -> torch.Tensor:
+        """With `merge`, self-attention runs over the merged tokens (token merging)."""
+        h = self.norm1(x)  # (B, hw, C)
+        x = x + (merge.unmerge(self.attn1(merge.merge(h))) if merge is not None else self.attn1(h))  # (B, hw, C)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm and a 1x1 conv in, transformer blocks over the h*w positions, a 1x1 conv out, residual."""
+    """GroupNorm and a 1x1 conv in, transformer blocks over the h*w positions, a 1x1 conv out, residual.
+    `downsample`: how many times smaller than the latents its grid is (token merging's bound)."""
 
-    def __init__(self, channels: int, cfg: UNetConfig):
+    def __init__(self, channels: int, cfg: UNetConfig, downsample: int):
         super().__init__()
+        self.downsample = downsample
         self.norm = group_norm(channels, cfg.transformer_norm_eps, cfg.norm_groups)
         self.proj_in = nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, cfg)
                                                 for _ in range(cfg.transformer_depth))
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                token_merging: TokenMerging | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
+        merges = token_merging is not None and self.downsample <= token_merging.max_downsample
         y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, hw, C)
         for block in self.transformer_blocks:
-            y = block(y, context)
+            y = block(y, context, token_merging.matching(y, h, w) if merges else None)
         y = y.transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
         return x + self.proj_out(y)
 
@@ -173,15 +180,15 @@ class Upsample(nn.Module):
 
 class TimestepSequential(nn.Sequential):
     """A sequence of layers, each given what it needs: ResBlocks the time embedding, transformers the
-    text, upsamplers the size of the skip connection they lead to."""
+    text (and token merging), upsamplers the size of the skip connection they lead to."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-                skip_size: torch.Size | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, skip_size: torch.Size | None = None,
+                token_merging: TokenMerging | None = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, token_merging)
             elif isinstance(layer, Upsample):
                 x = layer(x, skip_size)
             else:
@@ -220,14 +227,14 @@ class UNet(nn.Module):
                 layers = [ResBlock(cur, mult * ch, cfg)]
                 cur = mult * ch
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cur, cfg))
+                    layers.append(SpatialTransformer(cur, cfg, 2 ** level))
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_channels.append(cur)
             if level != last:
                 self.input_blocks.append(TimestepSequential(Downsample(cur)))
                 skip_channels.append(cur)
 
-        self.middle_block = TimestepSequential(ResBlock(cur, cur, cfg), SpatialTransformer(cur, cfg),
+        self.middle_block = TimestepSequential(ResBlock(cur, cur, cfg), SpatialTransformer(cur, cfg, 2 ** last),
                                                ResBlock(cur, cur, cfg))
 
         # Up path: mirror image, one more res block per level, each consuming one skip connection.
@@ -237,7 +244,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(cur + skip_channels.pop(), mult * ch, cfg)]
                 cur = mult * ch
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cur, cfg))
+                    layers.append(SpatialTransformer(cur, cfg, 2 ** level))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(cur))
                 self.output_blocks.append(TimestepSequential(*layers))
@@ -246,7 +253,9 @@ class UNet(nn.Module):
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                deep_cache: DeepCache | None = None) -> torch.Tensor:
+                deep_cache: DeepCache | None = None, token_merging: TokenMerging | None = None) -> torch.Tensor:
+        """`deep_cache`: the state of a DeepCache run (this call is full or shallow); `token_merging`: merge
+        tokens before self-attention (`sd.token_merging`)."""
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])  # (B,)
         t_emb = timestep_embedding(t, self.config.model_channels, self.config.max_period).to(latents.dtype)
         emb = self.time_embed(t_emb)  # (B, 1280)
@@ -255,16 +264,16 @@ class UNet(nn.Module):
         down = self.input_blocks[: deep_cache.branch + 1] if shallow else self.input_blocks
         h, skips = latents, []
         for block in down:
-            h = block(h, emb, context)
+            h = block(h, emb, context, token_merging=token_merging)
             skips.append(h)
         up = list(self.output_blocks)
         if shallow:
             h, up = deep_cache.features, up[-(deep_cache.branch + 1):]
         else:
-            h = self.middle_block(h, emb, context)  # (B, 1280, h/8, w/8)
+            h = self.middle_block(h, emb, context, token_merging=token_merging)  # (B, 1280, h/8, w/8)
         for i, block in enumerate(up):
             if deep_cache is not None and not shallow and i == len(up) - 1 - deep_cache.branch:
                 deep_cache.features = h  # the deep features the next shallow calls reuse
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h', w')
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None, token_merging)
         return self.out(h)  # (B, 4, h, w)
