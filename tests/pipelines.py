@@ -4,10 +4,12 @@ import numpy as np
 import torch
 import transformers
 
+import run_demo
 from sd.files import DATA_DIR
 from sd.pipeline import StableDiffusion
 from tests.conftest import rel_err
 from tests.reference import reference_scheduler
+from tests.tiny import write_tiny_checkpoint
 
 
 def reference_tokenizer() -> transformers.CLIPTokenizer:
@@ -53,3 +55,22 @@ def assert_same(ours, theirs):
     errors = [rel_err(a, b) for a, b in zip(steps, ref_steps)]
     assert max(errors) < 1e-3, f"worst step {errors.index(max(errors))} of {len(errors)}: {max(errors):.2e}"
     assert np.abs(images - ref_images).mean() < 1 / 255
+
+
+def assert_flag_round_trip(tmp_path, capsys, flags: list[str], stored: dict, refused: list[tuple[list[str], str]]):
+    """The command line with `flags` on a tiny model writes the PNG parameters `stored`, `--from-png` remakes
+    the same file, and each of `refused` (flags, message) is one line `error: ...` with no file written."""
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    common = ["--checkpoint", str(checkpoint), "--no-progress", "--steps", "4", "--width", "64", "--height", "48"]
+    first, again, bad = (tmp_path / name for name in ("first.png", "again.png", "bad.png"))
+    assert run_demo.main([*common, "--prompt", "a cat", *flags, "--seed", "1", "--output", str(first)]) == 0
+    assert run_demo.main([*common, "--from-png", str(first), "--output", str(again)]) == 0
+    assert again.read_bytes() == first.read_bytes()
+    parameters = run_demo.read_parameters(first)
+    assert {key: parameters[key] for key in stored} == stored
+    capsys.readouterr()
+    for extra, message in refused:
+        assert run_demo.main([*common, "--prompt", "a cat", *extra, "--output", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+        assert not bad.exists()

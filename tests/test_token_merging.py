@@ -10,12 +10,11 @@ import tomesd
 from diffusers import StableDiffusionPipeline
 from tomesd.merge import bipartite_soft_matching_random2d
 
-import run_demo
 from sd.attention import plain_attention
 from sd.errors import SettingError
 from sd.pipeline import StableDiffusion
 from sd.token_merging import TokenMerging, bipartite_soft_matching
-from tests.pipelines import assert_same, reference_pipeline, run_ours, run_reference
+from tests.pipelines import assert_flag_round_trip, assert_same, reference_pipeline, run_ours, run_reference
 from tests.tiny import write_tiny_checkpoint
 
 
@@ -103,16 +102,6 @@ def test_ratio_zero_is_the_full_computation_and_bad_ratios_are_refused(tiny):
 
 
 def test_the_command_line_stores_the_ratio_and_remakes_the_image(tmp_path, capsys):
-    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
-    common = ["--checkpoint", str(checkpoint), "--no-progress", "--steps", "3", "--width", "64", "--height", "48"]
-    assert run_demo.main([*common, "--prompt", "a cat", "--tome", "0.5", "--seed", "1", "--output",
-                          str(tmp_path / "merged.png")]) == 0
-    assert run_demo.main([*common, "--from-png", str(tmp_path / "merged.png"), "--output", str(tmp_path / "again.png")]) == 0
-    assert (tmp_path / "again.png").read_bytes() == (tmp_path / "merged.png").read_bytes()
-    assert run_demo.read_parameters(tmp_path / "merged.png")["token_merging"] == 0.5
-    capsys.readouterr()
-    for value in ("1.5", "-1", "0.9"):
-        assert run_demo.main([*common, "--prompt", "a cat", "--tome", value, "--output", str(tmp_path / "bad.png")]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: --tome must be a share of the tokens between 0 and 0.75") and err.count("\n") == 1, err
-        assert not (tmp_path / "bad.png").exists()
+    message = "--tome must be a share of the tokens between 0 and 0.75"
+    assert_flag_round_trip(tmp_path, capsys, ["--tome", "0.5"], {"token_merging": 0.5},
+                           [(["--tome", value], message) for value in ("1.5", "-1", "0.9")])
