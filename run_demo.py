@@ -135,6 +135,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="token merging: merge this share of the image tokens (0 to 0.75, e.g. 0.5) before the "
                         "self-attention of the highest-resolution blocks: faster, a slightly different image "
                         "(default: off)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder: the first "
+                   "image takes minutes longer (compiling), later ones and later steps run faster; without a working "
+                   "compiler a warning and the uncompiled path (default: off)")
     p.add_argument("--num-images", type=int, default=1, help=f"how many images to make, one after another, 1 to "
                                                              f"{MAX_IMAGES} (default: 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
@@ -565,6 +568,9 @@ def load_and_generate(args: argparse.Namespace) -> None:
         if stored_hash != lora_hashes[path.stem]:
             note(f"{args.from_png} was made with the LoRA {path.stem} of hash {stored_hash}, {shown(path)} has hash "
                  f"{lora_hashes[path.stem]}: the image will differ")
+    if args.compile and pipe.compile():
+        note("--compile: the UNet and the VAE decoder compile during the first image (minutes on a CPU), and "
+             "again when the size changes")
     short_hash = model_hash(checkpoint)
     unseen = pipe.unseen_words(args.text + " " + args.negative_text)
     if unseen:
@@ -601,6 +607,7 @@ def generate(pipe: StableDiffusion, args: argparse.Namespace, settings: Settings
                                  hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler)
     for i, path in enumerate(paths):
         seed = args.seed + i
+        began = time.perf_counter()
         [picture] = make(args.text, args.negative_text, **start, steps=args.steps,
                          guidance_scale=args.guidance_scale, sampler=args.sampler, seed=seed,
                          width=args.width, height=args.height, progress=not args.no_progress,
@@ -609,7 +616,8 @@ def generate(pipe: StableDiffusion, args: argparse.Namespace, settings: Settings
                          token_merging=args.token_merging)
         parameters = parameters_text(args, seed, checkpoint, short_hash, path, list(used.values()), lora_hashes)
         written = write_png(picture, path, parameters, args.overwrite)
-        print(f"wrote {written} (seed {seed})", flush=True)
+        took = f", {time.perf_counter() - began:.1f} s" if args.compile else ""  # the first one includes compiling
+        print(f"wrote {written} (seed {seed}{took})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

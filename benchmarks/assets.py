@@ -15,6 +15,8 @@ that matches our default sampler. Pass it as `config=` with `local_files_only=Tr
 
 import json
 import os
+import platform
+import re
 from pathlib import Path
 
 import torch
@@ -41,6 +43,16 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def cpu_name() -> str:
+    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), platform.processor() or "unknown CPU")
+
+
+def rss_bytes() -> int:
+    """The process's resident memory now (Linux)."""
+    return int(re.search(r"^VmRSS:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) * 1024
+
+
 def checkpoint_paths() -> dict[str, Path]:
     return {variant: CHECKPOINT_DIR / f"sd15-random.{variant}" for variant in VARIANTS}
 
@@ -61,9 +73,9 @@ def save(state: dict[str, torch.Tensor], path: Path) -> None:
     save_checkpoint(state, partial).rename(path)
 
 
-def ensure_checkpoints(log=print) -> dict[str, Path]:
-    """The four checkpoint files, built and written on the first call (about 13 GB, a minute or two)."""
-    paths = checkpoint_paths()
+def ensure_checkpoints(log=print, variants: tuple[str, ...] = VARIANTS) -> dict[str, Path]:
+    """The checkpoint files (all four: about 13 GB), built and written on the first call (a minute or two)."""
+    paths = {variant: path for variant, path in checkpoint_paths().items() if variant in variants}
     missing = [variant for variant, path in paths.items() if not path.is_file()]
     if missing:
         log(f"writing the random SD v1.5 checkpoint ({', '.join(missing)}) to {CHECKPOINT_DIR} ...")

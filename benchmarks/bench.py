@@ -253,7 +253,9 @@ def bigdecode_rows(path: Path, args, size: int = 1024) -> list[list[str]]:
 def gpu_rows(path: Path, device: str = "cuda", dtype: torch.dtype = torch.float16, unet_calls: int = 50,
              image_steps: int = 50, image_repeats: int = 3) -> list[list[str]]:
     """On the GPU, fp16 and SDPA on both sides: UNet calls per second at batch 2 (one guided 512x512 step),
-    and whole images with their peak allocated memory. (device="cpu" only smoke-tests this code.)"""
+    and whole images with their peak allocated memory; then the same with the UNet and the VAE decoder of
+    both compiled (torch.compile), with the seconds of the first compiled call (the compile's warm-up).
+    (device="cpu" only smoke-tests this code.)"""
     from sd.pipeline import StableDiffusion
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -262,19 +264,30 @@ def gpu_rows(path: Path, device: str = "cuda", dtype: torch.dtype = torch.float1
     gen = torch.Generator().manual_seed(0)
     latents, context = (torch.randn(shape, generator=gen).to(device, dtype) for shape in ((2, 4, 64, 64), (2, 77, 768)))
     t = torch.tensor(500, device=device)
+    calls = {"ours": lambda: sd.models.unet(latents, t, context),
+             "diffusers": lambda: pipe.unet(latents, t, encoder_hidden_states=context)}
     rows = []
     with torch.inference_mode():
-        unet = time_alternating({"ours": lambda: sd.models.unet(latents, t, context),
-                                 "diffusers": lambda: pipe.unet(latents, t, encoder_hidden_states=context)},
-                                repeats=unet_calls, warmup=min(5, unet_calls), sync=sync)
-        for impl, model in (("ours", sd), ("diffusers", pipe)):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            image = time_alternating({impl: lambda: text_to_image(impl, model, image_steps)}, repeats=image_repeats,
-                                     warmup=1, sync=sync)[impl]
-            peak = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
-            rows.append([impl, f"{1 / unet[impl].median:.1f}", str(image_steps), f"{image.median:.2f}",
-                         f"{image_steps / image.median:.1f}", f"{peak:.2f}"])
+        for mode in ("eager", "compiled"):
+            warmups = {}
+            if mode == "compiled":
+                sd.compile()
+                pipe.unet.compile()
+                pipe.vae.decoder.compile()
+                for impl, call in calls.items():
+                    start = time.perf_counter()
+                    call()
+                    sync()
+                    warmups[impl] = f"{time.perf_counter() - start:.0f}"
+            unet = time_alternating(calls, repeats=unet_calls, warmup=min(5, unet_calls), sync=sync)
+            for impl, model in (("ours", sd), ("diffusers", pipe)):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                image = time_alternating({impl: lambda: text_to_image(impl, model, image_steps)},
+                                         repeats=image_repeats, warmup=1, sync=sync)[impl]
+                peak = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
+                rows.append([impl, mode, f"{1 / unet[impl].median:.1f}", str(image_steps), f"{image.median:.2f}",
+                             f"{image_steps / image.median:.1f}", f"{peak:.2f}", warmups.get(impl, "")])
     return rows
 
 
@@ -286,8 +299,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def machine_header(args, checkpoint: str) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    cpu = assets.cpu_name()
     ram = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
                if line.startswith("MemTotal")) * 1024 / GIB
     import diffusers
@@ -327,9 +339,11 @@ RUN_NOTE = "fp32 load and one 512x512 image with guidance, each in a fresh proce
 BIGDECODE_HEADERS = ["image", "decode", "decode s", "peak RSS GiB", "RSS of the loaded model GiB"]
 BIGDECODE_NOTE = ("Our fp32 VAE decoding one image from random latents in a fresh process, after loading the whole "
                   "checkpoint; peak RSS includes the loaded weights (all three networks).")
-GPU_HEADERS = ["implementation", "UNet it/s (batch 2)", "steps", "image s", "image it/s", "peak allocated GiB"]
+GPU_HEADERS = ["implementation", "mode", "UNet it/s (batch 2)", "steps", "image s", "image it/s", "peak allocated GiB",
+               "first compiled UNet call s"]
 GPU_NOTE = ("fp16 on CUDA, scaled_dot_product_attention on both sides, 512x512, batch 1 with guidance (UNet batch 2). "
-            "UNet it/s: median of 50 calls; image: median of 3, decode included; peak allocated during the images.")
+            "UNet it/s: median of 50 calls; image: median of 3, decode included; peak allocated during the images. "
+            "Compiled: torch.compile of the UNet and the VAE decoder of both, default mode.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

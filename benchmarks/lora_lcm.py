@@ -14,7 +14,6 @@ Writes the table to benchmarks/out/lora_lcm.md and prints it.
 """
 
 import argparse
-import platform
 import re
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from benchmarks.assets import cpu_name, rss_bytes
 from sd.checkpoint import StableDiffusionModels
 from sd.clip import CLIPTextModel
 from sd.lora import lora_targets
@@ -33,11 +33,6 @@ from sd.vae import AutoencoderKL
 OUT = Path(__file__).resolve().parent / "out" / "lora_lcm.md"
 PROMPT = "a photograph of an astronaut riding a horse on the moon, 4k"
 TRAINED = re.compile(r"(transformer_blocks_\d+_(attn\d|ff)|proj_(in|out)|lora_te_)")  # what common LoRAs train
-
-
-def rss_bytes() -> int:
-    """The process's resident memory now (Linux)."""
-    return int(re.search(r"^VmRSS:\s*(\d+) kB", Path("/proc/self/status").read_text(), re.M)[1]) * 1024
 
 
 def random_models(seed: int = 0) -> StableDiffusionModels:
@@ -99,9 +94,7 @@ def main(argv=None) -> None:
     lora = lora_costs(sd, args.rank)
     images = image_seconds(sd, args.size)
     base = images["dpmpp_2m_karras, 25 steps, guidance 7.5"]
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    lines = [f"# LCM and LoRA on {cpu}, {args.threads} threads, "
+    lines = [f"# LCM and LoRA on {cpu_name()}, {args.threads} threads, "
              f"torch {torch.__version__}", "", f"Whole {args.size}x{args.size} image (one run each):", "",
              "| run | seconds | speed-up |", "|---|---|---|"]
     lines += [f"| {name} | {s:.1f} | {base / s:.1f}x |" for name, s in images.items()]

@@ -282,6 +282,15 @@ def check_latents(latents, name: str, batch: int) -> torch.Tensor:
     return latents.to(LATENT_DTYPE).expand(batch, -1, -1, -1)
 
 
+def compiler_missing(device: torch.device) -> str | None:
+    """Why `torch.compile` cannot run on `device`, found by compiling a one-line function; None if it can."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(4, device=device))
+    except Exception as e:  # noqa: BLE001 - a missing compiler shows up as errors of many kinds
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+    return None
+
+
 class StableDiffusion:
     """The three networks of a checkpoint, the tokenizer, the textual-inversion embeddings loaded, and the
     methods that make images with them."""
@@ -306,6 +315,21 @@ class StableDiffusion:
         written out (`sd.attention.plain_attention`)."""
         for net in (self.models.clip, self.models.unet, self.models.vae):
             configure_attention(net, query_slice=query_slice, fused=fused)
+
+    def compile(self) -> bool:
+        """Compile the UNet and the VAE decoder with `torch.compile` (TorchInductor), in place. Each compiles on
+        its first call, and again for each new image size or speed-up setting (minutes on a CPU: the cost is
+        in `benchmarks/RESULTS.md`); the images equal the eager ones within float rounding. Where torch cannot
+        compile on this device (no C++ compiler, no Triton for the GPU), a warning says why, nothing changes,
+        and the result is False."""
+        reason = compiler_missing(self.device)
+        if reason is not None:
+            warnings.warn(f"torch.compile cannot run on {self.device} here ({reason}); the models stay uncompiled "
+                          f"(to compile: a C++ compiler such as g++ for the CPU, Triton for CUDA)")
+            return False
+        self.models.unet.compile()
+        self.models.vae.decoder.compile()
+        return True
 
     def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
         """Load a textual-inversion embedding (AUTOMATIC1111, kohya or diffusers file): prompts then use it

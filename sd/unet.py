@@ -12,7 +12,6 @@ UNet little, so a step may reuse the up path's features from the last full step 
 shallow branch around one skip connection (`DeepCache`). Token merging (`sd.token_merging`) is too.
 """
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -45,7 +44,6 @@ class UNetConfig:
         return 4 * self.model_channels
 
 
-@functools.cache
 def frequencies(dim: int, max_period: float, device: torch.device) -> torch.Tensor:
     """The dim/2 frequencies of the sinusoidal timestep embedding, from 1 down to ~1/max_period."""
     half = dim // 2

@@ -1,0 +1,62 @@
+"""torch.compile (`StableDiffusion.compile`, `--compile`): the compiled UNet and VAE decoder give the eager
+images within float rounding, DeepCache and token merging included; where no C++ compiler works, one
+line `warning: ...` and the uncompiled image."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sd.pipeline import StableDiffusion
+from tests.tiny import write_tiny_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The same image in both tests, so that one compile serves both (Inductor's disk cache); DeepCache and token
+# merging make the UNet's full and shallow calls, merging tokens.
+OPTIONS = dict(steps=3, seed=1, width=64, height=48, deep_cache=2, token_merging=0.5)
+FLAGS = ["--steps", "3", "--seed", "1", "--width", "64", "--height", "48", "--deep-cache", "2", "--tome", "0.5"]
+
+
+def graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_compiled_equals_eager(tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    expected = StableDiffusion.from_checkpoint(path).text_to_image("a cat", output_type="np", progress=False, **OPTIONS)
+    compiled = StableDiffusion.from_checkpoint(path)
+    assert compiled.compile()
+    before = graphs()
+    images = compiled.text_to_image("a cat", output_type="np", progress=False, **OPTIONS)
+    assert graphs() >= before + 3  # compiled code ran: the UNet's full and shallow calls and the decoder
+    assert np.abs(images - expected).max() < 1e-4, np.abs(images - expected).max()
+
+
+def run_cli(tmp_path, name: str, *flags: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run_demo.py", "--checkpoint", str(tmp_path / "tiny.safetensors"),
+                           "--prompt", "a cat", "--no-progress", "--output", str(tmp_path / name),
+                           *FLAGS, *flags],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_the_command_line_compiles_or_warns_and_runs_uncompiled(tmp_path):
+    write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    eager = run_cli(tmp_path, "eager.png")
+    compiled = run_cli(tmp_path, "compiled.png", "--compile")
+    assert eager.returncode == compiled.returncode == 0, (eager.stderr, compiled.stderr)
+    assert "note: --compile: the UNet and the VAE decoder compile during the first image" in compiled.stderr
+    assert compiled.stdout.splitlines()[-1].startswith(f"wrote {tmp_path / 'compiled.png'} (seed 1, ")
+    pixels = {name: np.asarray(Image.open(tmp_path / name), dtype=int) for name in ("eager.png", "compiled.png")}
+    assert np.abs(pixels["compiled.png"] - pixels["eager.png"]).max() <= 1
+
+    cache = tmp_path / "inductor-cache"  # empty: nothing compiled before can stand in for the compiler
+    missing = run_cli(tmp_path, "uncompiled.png", "--compile", CXX="/nonexistent/c++", TORCHINDUCTOR_CACHE_DIR=str(cache))
+    assert missing.returncode == 0, missing.stderr
+    warnings = [line for line in missing.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: torch.compile cannot run on cpu here (") and \
+        "the models stay uncompiled" in warnings[0], missing.stderr
+    assert "Traceback" not in missing.stderr
+    assert (tmp_path / "uncompiled.png").read_bytes() == (tmp_path / "eager.png").read_bytes()
