@@ -212,7 +212,10 @@ def test_output_folder_not_writable(tmp_path, checkpoints):
 def test_ctrl_c_leaves_no_file(out_dir, checkpoints):
     process = subprocess.Popen(command("--prompt", "a cat", "--checkpoint", checkpoints[4], "--steps", "1000",
                                        "--width", "64", "--height", "64", "--output", out_dir / "image.png"),
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # Ctrl-C as in a terminal, also when the test run itself was started in the
+                               # background (`cmd &` without job control ignores SIGINT, and children inherit it)
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert process.stdout.readline().startswith("text-to-image, 64x64, 1000 steps")  # generating now
         process.send_signal(signal.SIGINT)
