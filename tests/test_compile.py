@@ -11,9 +11,16 @@ import torch
 from PIL import Image
 
 from sd.pipeline import StableDiffusion
-from tests.tiny import write_tiny_checkpoint
+from sd.unet import UNetConfig
+from sd.vae import VAEConfig
+from tests.tiny import TINY_CLIP, write_tiny_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The smallest networks with every kind of block (compiling costs time per block, not per weight): a UNet of
+# two levels, attention on the first, one res block each; a VAE of the four levels its factor 8 needs.
+SMALL = dict(unet=UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0,),
+                             context_dim=TINY_CLIP.width),
+             vae=VAEConfig(base_channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1))
 # The same image in both tests, so that one compile serves both (Inductor's disk cache); DeepCache and token
 # merging make the UNet's full and shallow calls, merging tokens.
 OPTIONS = dict(steps=3, seed=1, width=64, height=48, deep_cache=2, token_merging=0.5)
@@ -25,7 +32,7 @@ def graphs() -> int:
 
 
 def test_compiled_equals_eager(tmp_path):
-    path = write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    path = write_tiny_checkpoint(tmp_path / "tiny.safetensors", **SMALL)
     expected = StableDiffusion.from_checkpoint(path).text_to_image("a cat", output_type="np", progress=False, **OPTIONS)
     compiled = StableDiffusion.from_checkpoint(path)
     assert compiled.compile()
@@ -43,7 +50,7 @@ def run_cli(tmp_path, name: str, *flags: str, **env: str) -> subprocess.Complete
 
 
 def test_the_command_line_compiles_or_warns_and_runs_uncompiled(tmp_path):
-    write_tiny_checkpoint(tmp_path / "tiny.safetensors")
+    write_tiny_checkpoint(tmp_path / "tiny.safetensors", **SMALL)
     eager = run_cli(tmp_path, "eager.png")
     compiled = run_cli(tmp_path, "compiled.png", "--compile")
     assert eager.returncode == compiled.returncode == 0, (eager.stderr, compiled.stderr)

@@ -52,8 +52,8 @@ def random_weights(model: nn.Module, gen: torch.Generator) -> dict[str, torch.Te
     return state
 
 
-def tiny_compvis_state(in_channels: int = 4, seed: int = 0, ema: bool = False,
-                       buffers: bool = True) -> dict[str, torch.Tensor]:
+def tiny_compvis_state(in_channels: int = 4, seed: int = 0, ema: bool = False, buffers: bool = True,
+                       unet: UNetConfig = TINY_UNET, vae: VAEConfig = TINY_VAE) -> dict[str, torch.Tensor]:
     """A tiny SD v1 checkpoint's state dict in the CompVis layout; the same for the same arguments.
 
     in_channels: 4 for a text-to-image UNet, 9 for an inpainting one.
@@ -61,12 +61,12 @@ def tiny_compvis_state(in_channels: int = 4, seed: int = 0, ema: bool = False,
          `model_ema.*` copies and the `model.diffusion_model.*` keys hold decoys (the weights
          halved), so loading with EMA (the default) gives the same models as `ema=False`.
     buffers: add the training buffers (betas, alphas_cumprod, ...) that real files carry.
+    unet, vae: the networks' shapes (the loader reads them back from the weights).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
-        models = {UNET_PREFIX: UNet(TINY_UNET if in_channels == 4 else
-                                    UNetConfig(**{**TINY_UNET.__dict__, "in_channels": in_channels})),
-                  VAE_PREFIX: AutoencoderKL(TINY_VAE), CLIP_PREFIX: CLIPTextModel(TINY_CLIP)}
+        models = {UNET_PREFIX: UNet(UNetConfig(**{**unet.__dict__, "in_channels": in_channels})),
+                  VAE_PREFIX: AutoencoderKL(vae), CLIP_PREFIX: CLIPTextModel(TINY_CLIP)}
     state = {prefix + k: v for prefix, model in models.items() for k, v in random_weights(model, gen).items()}
     if buffers:
         state.update(training_buffers())
