@@ -23,7 +23,6 @@ Writes benchmarks/out/speedups.md (the parts run) and prints it.
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 
 from benchmarks.assets import cpu_name, ensure_checkpoints, rss_bytes
+from benchmarks.bench import time_alternating
 from sd.pipeline import StableDiffusion
 from sd.token_merging import TokenMerging
 from tests.shapes_checker import adherence, scenes
@@ -95,13 +95,14 @@ def images(sd: StableDiffusion, size: int, steps: int) -> list[str]:
 
 def call_seconds(call, repeats: int) -> float:
     """Median seconds of `call()` over `repeats` calls, after one untimed call."""
-    call()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return time_alternating({"call": call}, repeats, warmup=1)["call"].median
+
+
+def first_call(call) -> tuple[float, torch.Tensor]:
+    """Seconds of one call (with torch.compile: the compiling), and its output."""
+    start = time.perf_counter()
+    output = call()
+    return time.perf_counter() - start, output
 
 
 def unet_call(sd: StableDiffusion, size: int, **options):
@@ -136,16 +137,12 @@ def compiled(sd: StableDiffusion, size: int) -> list[str]:
     unet.to(memory_format=torch.contiguous_format)
     unet.compile()
     log("compile: compiling")
-    start = time.perf_counter()
-    out = call()
-    warmup = time.perf_counter() - start
+    warmup, out = first_call(call)
     error = float((out - expected).abs().max() / expected.abs().max())
     fast = call_seconds(call, 3)
     unet.to(memory_format=torch.channels_last)
     log("compile: compiled channels-last")
-    start = time.perf_counter()
-    call()
-    warmup_last = time.perf_counter() - start
+    warmup_last, _ = first_call(call)
     fast_last = call_seconds(call, 3)
     return [f"One guided UNet call (batch 2) at {size}x{size}, seconds (median of 3 after a warm-up):", "",
             "| UNet | s per call | speed-up | first call (compiling) |", "|---|---|---|---|",

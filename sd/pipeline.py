@@ -156,7 +156,8 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
            seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
            output_type: str = "pil", clip_skip: int = 1, latents: torch.Tensor | None = None,
            image_latents: torch.Tensor | None = None, deep_cache: int | None = None, deep_cache_branch: int = 0,
-           token_merging: float | TokenMerging | None = None, image_size: int = SD_V1_SIZE, inpainting_model: bool = False) -> Settings:
+           token_merging: float | TokenMerging | None = None, image_size: int = SD_V1_SIZE,
+           inpainting_model: bool = False) -> Settings:
     """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
     any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
     own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
