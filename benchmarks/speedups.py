@@ -34,6 +34,7 @@ from benchmarks.assets import cpu_name, ensure_checkpoints, rss_bytes
 from benchmarks.bench import time_alternating
 from sd.pipeline import StableDiffusion
 from sd.token_merging import TokenMerging
+from sd.unet import Speedups
 from tests.shapes_checker import adherence, scenes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,12 +106,12 @@ def first_call(call) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, output
 
 
-def unet_call(sd: StableDiffusion, size: int, **options):
+def unet_call(sd: StableDiffusion, size: int, speedups: Speedups | None = None):
     """One guided UNet call (batch 2) on `size` px latents, as a function of no arguments."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, size // 8, size // 8, generator=generator)  # (2, 4, h, w)
     context = torch.randn(2, 77, 768, generator=generator)  # (2, 77, 768)
-    return torch.inference_mode()(lambda: sd.models.unet(x, 500, context, **options))
+    return torch.inference_mode()(lambda: sd.models.unet(x, 500, context, speedups=speedups))
 
 
 def sizes(sd: StableDiffusion) -> list[str]:
@@ -119,7 +120,7 @@ def sizes(sd: StableDiffusion) -> list[str]:
     for size, repeats in ((512, 3), (768, 2), (1024, 1)):
         log(f"sizes: {size}")
         full = call_seconds(unet_call(sd, size), repeats)
-        merged = call_seconds(unet_call(sd, size, token_merging=TokenMerging(0.5)), repeats)
+        merged = call_seconds(unet_call(sd, size, Speedups(token_merging=TokenMerging(0.5))), repeats)
         rows.append(f"| {size}x{size} | {full:.2f} | {merged:.2f} | {full / merged:.2f}x |")
     return rows
 

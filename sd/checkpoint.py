@@ -1,16 +1,23 @@
-"""Load an original CompVis Stable Diffusion v1 checkpoint into the models of `sd`.
+"""Load an original single-file Stable Diffusion checkpoint (CompVis layout) into the models of `sd`.
 
-Our modules are named like the checkpoint's keys, so the mapping is a few rules:
-- one prefix per network (the table `PREFIXES`);
+The file's family (`sd.families`: SD v1, SD v1 inpainting; SD 2.x and SDXL are recognised and refused) is
+detected from its keys and shapes, and its record says how to read it. Our modules are named like the
+checkpoint's keys, so the mapping is a few rules:
+- one prefix per network (the family's `prefixes`; `PREFIXES` are SD v1's), and a rename step for
+  layouts whose names differ from ours (the family's `renames`; SD v1 has none);
 - full checkpoints carry EMA copies of the UNet as `model_ema.<UNet key without dots>`, which
   replace the UNet weights unless `use_ema=False`;
 - the training buffers in `IGNORED_KEYS` (and any `...position_ids`) are not weights and are dropped;
-- `scale_factor`, the latent scale LDM's `scale_by_std` measured, is read when present (else SD v1's).
+- `scale_factor`, the latent scale LDM's `scale_by_std` measured, is read when present (else the family's).
 Sizes are read off the tensors, so the same code loads the full model and tiny test models; files
 written by `save_checkpoint` (the models this project trains) also carry their exact configurations,
 image size and caption vocabulary as JSON in the safetensors metadata (`METADATA_KEY`). The
 models are built on the meta device and take the file's tensors as they are (`assign=True`), so
 the weights are never held twice in memory.
+
+The public steps of `load_checkpoint`, for tools that work on the tensors (`weights_converter`):
+`read_state_dict`, `read_metadata`, `detect_family`, `has_ema` and `apply_ema`, `split_checkpoint`,
+`build_network`.
 """
 
 import dataclasses
@@ -24,20 +31,15 @@ from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.errors import CheckpointError, UnsupportedModelError, checkpoint_not_found
+from sd.families import FAMILIES, SD1, SD_V1_SCALE, SD_V1_SIZE, UNET_PREFIX, Family, missing_networks
 from sd.files import write_atomically
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 from sd.safe_pickle import LEGACY_MAGIC, ZIP_MAGIC, load_pickle_checkpoint
 
-PREFIXES = {
-    "unet": ("model.diffusion_model.",),
-    "vae": ("first_stage_model.",),
-    "clip": ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
-}
+PREFIXES = SD1.prefixes
 EMA_PREFIX = "model_ema."
 SCALE_KEY = "scale_factor"  # LDM's buffer for the measured latent scale
-SD_V1_SCALE = 0.18215  # SD v1's latent scale, for files without SCALE_KEY
-SD_V1_SIZE = 512
 METADATA_KEY = "sd"  # safetensors metadata: {"configs": {net: config}, "image_size": int, "vocabulary": [...]}
 IGNORED_KEYS = re.compile(
     r"^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
@@ -56,6 +58,7 @@ class StableDiffusionModels:
     scale_factor: float = SD_V1_SCALE  # latents = scale_factor * VAE latents: about unit variance
     image_size: int = SD_V1_SIZE  # the size the model was trained at: the default width and height
     vocabulary: tuple[str, ...] | None = None  # the words of its training captions, when known
+    family: Family = SD1  # the model family (`sd.families`): its text encoders, prediction type, file layout
 
     @property
     def is_inpainting(self) -> bool:
@@ -131,61 +134,55 @@ def ema_key(unet_key: str) -> str:
     return EMA_PREFIX + "".join(unet_key.split(".")[1:])
 
 
+def has_ema(state: dict[str, torch.Tensor]) -> bool:
+    """Whether the file carries EMA copies (`model_ema.*`) of every UNet weight (a full, not "emaonly", file)."""
+    return all(ema_key(k) in state for k in state if k.startswith(UNET_PREFIX))
+
+
 def apply_ema(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Replace the UNet weights by their EMA copies when the file carries them; without them, `state` itself."""
-    unet_keys = [k for k in state if k.startswith(PREFIXES["unet"][0])]
-    if not all(ema_key(k) in state for k in unet_keys):
+    if not has_ema(state):
         return state
-    return {**state, **{k: state[ema_key(k)] for k in unet_keys}}
+    return {**state, **{k: state[ema_key(k)] for k in state if k.startswith(UNET_PREFIX)}}
 
 
-def check_family(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """Refuse, with a clear reason, files of SD 2.x, SDXL or no Stable Diffusion at all."""
-    if any(k.startswith("conditioner.embedders.") for k in state):
-        raise UnsupportedModelError(f"{path} is an SDXL checkpoint; this project runs Stable Diffusion v1.x "
-                                    f"only. Use an SD v1.x checkpoint such as v1-5-pruned-emaonly.safetensors.")
-    if any(k.startswith("cond_stage_model.model.") for k in state):
-        raise UnsupportedModelError(f"{path} is an SD 2.x checkpoint (OpenCLIP text encoder); this project runs "
-                                    f"Stable Diffusion v1.x only. Use an SD v1.x checkpoint.")
-    missing = [net for net, prefixes in PREFIXES.items() if not any(k.startswith(prefixes) for k in state)]
-    if missing:
+def detect_family(path: Path, state: dict[str, torch.Tensor]) -> Family:
+    """The family of a checkpoint's state dict (`sd.families.FAMILIES`, first match); a family this project
+    does not run yet, or a file of no Stable Diffusion at all, is refused with the reason."""
+    family = next((f for f in FAMILIES.values() if f.detect(state)), None)
+    if family is None:
+        missing = missing_networks(state, PREFIXES)
         raise CheckpointError(f"{path} is not a Stable Diffusion v1 checkpoint: it has no weights for the "
                               f"{', '.join(missing)} (keys starting with "
                               f"{', '.join(PREFIXES[n][0] for n in missing)}).")
+    if not family.supported:
+        raise UnsupportedModelError(f"{path} is an {family.title} checkpoint (family {family.name}); this project "
+                                    f"runs Stable Diffusion v1.x only: {family.title} is not supported yet. Use an "
+                                    f"SD v1.x checkpoint such as v1-5-pruned-emaonly.safetensors.")
+    return family
 
 
-def split_networks(path: Path, state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{'unet': {...}, 'vae': {...}, 'clip': {...}} with the prefixes removed; unknown keys are an error."""
-    parts: dict[str, dict[str, torch.Tensor]] = {net: {} for net in PREFIXES}
+def split_checkpoint(path: Path, state: dict[str, torch.Tensor], family: Family,
+                     use_ema: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """The weights of each network of `family` ({'unet': {...}, 'vae': {...}, 'clip': {...}} for SD v1) under
+    our module names: with the EMA UNet when the file has one and `use_ema`, without the training buffers,
+    prefixes removed and the family's renames applied; keys of no network are an error."""
+    state = apply_ema(state) if use_ema else state
+    parts: dict[str, dict[str, torch.Tensor]] = {net: {} for net in family.prefixes}
     unexpected = []
     for key, tensor in state.items():
         if IGNORED_KEYS.search(key) or key == SCALE_KEY:  # SCALE_KEY is read by `scale_of`
             continue
-        net, prefix = next(((n, p) for n, ps in PREFIXES.items() for p in ps if key.startswith(p)), (None, None))
+        net, prefix = next(((n, p) for n, ps in family.prefixes.items() for p in ps if key.startswith(p)),
+                           (None, None))
         if net is None:
             unexpected.append(key)
         else:
             parts[net][key[len(prefix):]] = tensor
     if unexpected:
-        raise CheckpointError(f"{path} has {len(unexpected)} keys that are not part of SD v1: "
+        raise CheckpointError(f"{path} has {len(unexpected)} keys that are not part of {family.title}: "
                               f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    return parts
-
-
-def unet_config(s: dict[str, torch.Tensor]) -> UNetConfig:
-    ch = s["input_blocks.0.0.weight"].shape[0]
-    n_levels = 1 + sum(1 for k in s if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))  # downsamplers + 1
-    n_res = len({k.split(".")[1] for k in s if k.startswith("input_blocks.")}) // n_levels - 1
-    first_block = [1 + level * (n_res + 1) for level in range(n_levels)]  # input_blocks index per level
-    return UNetConfig(
-        in_channels=s["input_blocks.0.0.weight"].shape[1],
-        out_channels=s["out.2.weight"].shape[0],
-        model_channels=ch,
-        channel_mult=tuple(s[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // ch for i in first_block),
-        attention_levels=tuple(lv for lv, i in enumerate(first_block) if f"input_blocks.{i}.1.norm.weight" in s),
-        context_dim=s["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
-        num_res_blocks=n_res,
-    )
+    return {net: family.renames[net](weights) if net in family.renames else weights for net, weights in parts.items()}
 
 
 def vae_config(s: dict[str, torch.Tensor]) -> VAEConfig:
@@ -209,9 +206,6 @@ def clip_config(s: dict[str, torch.Tensor]) -> CLIPConfig:
     )
 
 
-BUILDERS = {"unet": (UNet, unet_config), "vae": (AutoencoderKL, vae_config), "clip": (CLIPTextModel, clip_config)}
-
-
 CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig}
 
 
@@ -220,10 +214,14 @@ def config_from_json(net: str, values: dict) -> UNetConfig | VAEConfig | CLIPCon
     return CONFIGS[net](**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype, stored: dict | None = None) -> nn.Module:
-    """Build one network on the meta device, configured as `stored` says or sized from its weights, then give
-    it those weights."""
-    cls, config_of = BUILDERS[net]
+def build_network(path: Path, family: Family, net: str, weights: dict[str, torch.Tensor], device, dtype,
+                  stored: dict | None = None) -> nn.Module:
+    """Network `net` of `split_checkpoint`: built on the meta device, configured as `stored` (a config's JSON
+    form) says or as the family reads it off the weights' shapes, then given those weights (popped from
+    `weights`) on `device` in `dtype` (None: as they are)."""
+    cls, config_of = {"unet": (UNet, family.unet_config), "vae": (AutoencoderKL, vae_config),
+                      "clip": (CLIPTextModel, clip_config)}[net]
+    prefix = family.prefixes[net][0]
     try:
         cfg = config_from_json(net, stored) if stored else config_of(weights)
         with torch.device("meta"):
@@ -232,21 +230,21 @@ def build(path: Path, net: str, weights: dict[str, torch.Tensor], device, dtype,
         raise CheckpointError(f"{path}: the {net} configuration in its metadata is not valid ({e}); the file "
                               f"is damaged: write it again.") from None
     except KeyError as e:
-        raise CheckpointError(f"{path}: the {net} weights lack {PREFIXES[net][0]}{e.args[0]}; the file is "
-                              f"incomplete or not an SD v1 checkpoint.") from None
+        raise CheckpointError(f"{path}: the {net} weights lack {prefix}{e.args[0]}; the file is "
+                              f"incomplete or not an {family.title} checkpoint.") from None
     expected = model.state_dict().keys()
     missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
     if missing or unexpected:
-        listing = "; ".join(f"{what}: {', '.join(PREFIXES[net][0] + k for k in keys[:5])}"
+        listing = "; ".join(f"{what}: {', '.join(prefix + k for k in keys[:5])}"
                             f"{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
                             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
-        raise CheckpointError(f"{path}: the {net} weights do not fit SD v1: {listing}")
+        raise CheckpointError(f"{path}: the {net} weights do not fit {family.title}: {listing}")
     for key, param in model.state_dict().items():
         if weights[key].shape != param.shape:
-            raise CheckpointError(f"{path}: {PREFIXES[net][0]}{key} has shape {tuple(weights[key].shape)}, "
-                                  f"expected {tuple(param.shape)}; the file is not an SD v1 checkpoint.")
+            raise CheckpointError(f"{path}: {prefix}{key} has shape {tuple(weights[key].shape)}, "
+                                  f"expected {tuple(param.shape)}; the file is not an {family.title} checkpoint.")
         if param.is_floating_point() and not weights[key].is_floating_point():
-            raise CheckpointError(f"{path}: {PREFIXES[net][0]}{key} holds {str(weights[key].dtype)[6:]} numbers "
+            raise CheckpointError(f"{path}: {prefix}{key} holds {str(weights[key].dtype)[6:]} numbers "
                                   f"where weights are floating point; the file is damaged or not a checkpoint.")
     # Convert tensor by tensor, dropping each source as we go, so at most one extra tensor is held.
     model.load_state_dict({k: weights.pop(k).to(device=device, dtype=dtype) for k in list(weights)}, assign=True)
@@ -270,11 +268,11 @@ def read_metadata(path: Path) -> dict:
     return stored
 
 
-def scale_of(path: Path, state: dict[str, torch.Tensor]) -> float:
-    """The latent scale stored under SCALE_KEY, or SD v1's."""
+def scale_of(path: Path, state: dict[str, torch.Tensor], family: Family) -> float:
+    """The latent scale stored under SCALE_KEY, or the family's."""
     value = state.get(SCALE_KEY)
     if value is None:
-        return SD_V1_SCALE
+        return family.scale_factor
     if value.numel() != 1 or not torch.isfinite(value).all() or float(value) <= 0:
         raise CheckpointError(f"{path}: {SCALE_KEY} must be one positive number, got {value.flatten()[:4].tolist()}; "
                               f"the file is damaged.")
@@ -283,18 +281,18 @@ def scale_of(path: Path, state: dict[str, torch.Tensor]) -> float:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     use_ema: bool = True) -> StableDiffusionModels:
-    """Load the CLIP text encoder, VAE and UNet of a CompVis SD v1 checkpoint (.ckpt or .safetensors)."""
+    """Load the CLIP text encoder, VAE and UNet of a CompVis SD v1 checkpoint (.ckpt or .safetensors), as its
+    family (`detect_family`) says."""
     path = Path(path)
     state = read_state_dict(path, dtype)
     stored = read_metadata(path)
-    check_family(path, state)
-    scale_factor = scale_of(path, state)
-    if use_ema:
-        state = apply_ema(state)
-    parts = split_networks(path, state)
+    family = detect_family(path, state)
+    scale_factor = scale_of(path, state, family)
+    parts = split_checkpoint(path, state, family, use_ema)
     del state
     configs = stored.get("configs", {})
-    models = {net: build(path, net, parts.pop(net), device, dtype, configs.get(net)) for net in list(parts)}
+    models = {net: build_network(path, family, net, parts.pop(net), device, dtype, configs.get(net))
+              for net in list(parts)}
     in_channels = models["unet"].config.in_channels
     if in_channels not in (4, 9):
         raise UnsupportedModelError(f"{path}: its UNet takes {in_channels} input channels (8 is InstructPix2Pix); "
@@ -302,22 +300,22 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if models["unet"].config.context_dim != models["clip"].config.width:
         raise CheckpointError(f"{path}: the UNet expects {models['unet'].config.context_dim}-wide text features "
                               f"but the text encoder gives {models['clip'].config.width}; the file mixes models.")
-    kind = "inpainting" if in_channels == 9 else "text-to-image"
     vocabulary = stored.get("vocabulary")
-    return StableDiffusionModels(**models, kind=kind, scale_factor=scale_factor,
-                                 image_size=int(stored.get("image_size", SD_V1_SIZE)),
-                                 vocabulary=tuple(vocabulary) if isinstance(vocabulary, list) else None)
+    return StableDiffusionModels(**models, kind=family.kind, scale_factor=scale_factor,
+                                 image_size=int(stored.get("image_size", family.image_size)),
+                                 vocabulary=tuple(vocabulary) if isinstance(vocabulary, list) else None, family=family)
 
 
 def save_checkpoint(models: StableDiffusionModels, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write `models` as a CompVis-layout .safetensors file (atomically) that `load_checkpoint` reads back:
-    the weights under PREFIXES, the latent scale under SCALE_KEY, the configurations, image size and
-    vocabulary in the metadata. `dtype`: store floating-point weights in this type (default: as they are)."""
+    the weights under their family's prefixes, the latent scale under SCALE_KEY, the configurations, image
+    size and vocabulary in the metadata. `dtype`: store floating-point weights in this type (default: as they are)."""
     from safetensors.torch import save_file
-    state = {PREFIXES[net][0] + k: v.detach().to("cpu", dtype if v.is_floating_point() else None).contiguous()
-             for net in PREFIXES for k, v in getattr(models, net).state_dict().items()}
+    prefixes = models.family.prefixes
+    state = {prefixes[net][0] + k: v.detach().to("cpu", dtype if v.is_floating_point() else None).contiguous()
+             for net in prefixes for k, v in getattr(models, net).state_dict().items()}
     state[SCALE_KEY] = torch.tensor(models.scale_factor, dtype=torch.float32)
-    stored = {"configs": {net: dataclasses.asdict(getattr(models, net).config) for net in PREFIXES},
+    stored = {"configs": {net: dataclasses.asdict(getattr(models, net).config) for net in prefixes},
               "image_size": models.image_size}
     if models.vocabulary is not None:
         stored["vocabulary"] = list(models.vocabulary)

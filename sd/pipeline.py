@@ -1,16 +1,17 @@
 """Text-to-image, image-to-image and inpainting with Stable Diffusion v1 (Rombach et al., 2022).
 
 Latent diffusion: the prompt is encoded by CLIP, a sampler denoises random latents (B, 4, H/8, W/8)
-with the UNet, steered by classifier-free guidance (Ho & Salimans, 2022), and the VAE decodes the
-result. Image-to-image starts from the noised latents of an image (SDEdit, Meng et al., 2021);
+with the UNet, steered by classifier-free guidance (Ho & Salimans, 2022; `sd.guidance`), and the VAE
+decodes the result. Image-to-image starts from the noised latents of an image (SDEdit, Meng et al., 2021);
 inpainting keeps the unmasked region, either by blending it back after every step (any checkpoint)
-or by giving the 9-channel inpainting UNet the mask and the masked image as extra input.
+or by giving the 9-channel inpainting UNet the mask and the masked image as extra input
+(`Conditioning.concat`). The UNet's prediction becomes noise in `sd.parameterization`; the arguments
+are checked, before any weights are needed, in `sd.settings`.
 Random numbers come from a CPU generator seeded with `seed`, drawn in the order diffusers draws
 them (image latents, initial noise, masked-image latents, per-step noise), so a seed gives the
 same image on every device and the same image as diffusers.
 """
 
-import math
 import random
 import warnings
 from collections.abc import Callable
@@ -24,27 +25,24 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sd.attention import configure_attention
-from sd.checkpoint import SD_V1_SIZE, StableDiffusionModels, load_checkpoint
+from sd.checkpoint import StableDiffusionModels, load_checkpoint
+from sd.conditioning import Conditioning
 from sd.datasets import words
 from sd.embeddings import Embedding, check_name, check_width, read_embedding
+from sd.guidance import ClassifierFreeGuidance
 from sd.lora import LoRA, LoRAMerger, read_lora
-from sd.errors import GenerationError, InputError, SettingError
-from sd.prompt import PromptParser, check_clip_skip, encode, parse_emphasis
+from sd.errors import GenerationError, SettingError
+from sd.parameterization import to_epsilon
+from sd.prompt import PromptParser, check_clip_skip, encode
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
+# also what the command line imports from here: the defaults, `settle` and the checks it runs before loading
+from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, UPSCALERS,  # noqa: F401
+                         VAE_FACTOR, ImageInput, Settings, check_deep_cache_branch, check_hires, check_invertible,
+                         is_finite_number, settle)
 from sd.tokenizer import CLIPTokenizer
-from sd.token_merging import MAX_RATIO, TokenMerging
-from sd.unet import DeepCache
+from sd.unet import DeepCache, Speedups
 
-VAE_FACTOR = 8  # image pixels per latent pixel, each way
-LATENT_DTYPE = torch.float32  # latents and sampler arithmetic stay fp32 whatever the networks run in
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 7.5
-OUTPUT_TYPES = ("pil", "np", "latent")
-UPSCALERS = ("latent", "lanczos")  # of hires_fix
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
-
-ImageInput = Image.Image | str | Path
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (i, t, latents, predicted x0)
 
 
@@ -57,26 +55,10 @@ class Inpainting:
     image_latents: torch.Tensor | None  # (B, 4, h, w), blended back by the 4-channel UNet
     noise: torch.Tensor  # (B, 4, h, w), the noise the image latents are brought to each level with
 
-
-def open_image(image: ImageInput, what: str, mode: str) -> Image.Image:
-    """A PIL image in `mode` ("RGB" or "L") from an image or a path; errors name the file."""
-    if not isinstance(image, Image.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise InputError(f"{what} not found: {path}; check the path.")
-        try:
-            with Image.open(path) as opened:
-                image = opened.copy()
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # a bomb: over PIL's pixel limit
-            raise InputError(f"cannot read {what} {path}: {e}; give a PNG or JPEG file.") from None
-    try:
-        if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")  # composite transparency onto white rather than black
-            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-        return image.convert(mode)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot convert {what} ({image.mode}, {image.width}x{image.height}) to {mode}: {e}; "
-                         f"save it as an RGB PNG or JPEG") from None
+    @property
+    def concat(self) -> torch.Tensor:
+        """The 9-channel UNet's extra input channels: the mask and the masked image's latents, (B, 5, h, w)."""
+        return torch.cat([self.mask, self.masked_image_latents], dim=1)
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -92,195 +74,6 @@ def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> None:
         cause = (f"most likely an overflow in {dtype}: run again in float32 (or bfloat16)"
                  if dtype != torch.float32 else "in float32 that means damaged weights: download the checkpoint again")
         raise GenerationError(f"the {what} contain NaN or inf values, {cause}")
-
-
-@dataclass
-class Settings:
-    """What one generation asks for, defaults filled in and checked (see `settle`)."""
-
-    prompts: list[str]
-    negatives: list[str]
-    image: Image.Image | None
-    mask: Image.Image | None
-    strength: float
-    steps: int
-    guidance_scale: float
-    sampler: Sampler
-    seed: int
-    width: int
-    height: int
-    num_images: int
-    output_type: str
-    clip_skip: int
-    latents: torch.Tensor | None = None  # (B, 4, h, w): where text-to-image starts instead of fresh noise
-    image_latents: torch.Tensor | None = None  # (B, 4, h, w): image-to-image from these instead of an image
-    deep_cache: int | None = None  # DeepCache's interval: a full UNet call every this many steps
-    deep_cache_branch: int = 0
-    token_merging: TokenMerging | None = None
-
-    @property
-    def redraws(self) -> bool:
-        """Image-to-image or inpainting: the run starts part-way, from an image."""
-        return self.image is not None or self.image_latents is not None
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.num_images
-
-
-def whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def texts(name: str, value) -> list[str]:
-    """A text or a non-empty list of texts, as a list."""
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) for v in values):
-        raise SettingError(lambda n: f"{n(name)} must be a text or a non-empty list of texts, got {value!r:.60}")
-    for text in values:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # e.g. bytes a shell passed on that are not UTF-8
-            raise SettingError(lambda n: f"{n(name)} holds characters that are not valid Unicode "
-                                         f"({text!r:.60}); give UTF-8 text") from None
-    return list(values)
-
-
-def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, image: ImageInput | None = None,
-           mask: ImageInput | None = None, strength: float | None = None, steps: int = DEFAULT_STEPS,
-           guidance_scale: float = DEFAULT_GUIDANCE, sampler: str | Sampler = DEFAULT_SAMPLER,
-           seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
-           output_type: str = "pil", clip_skip: int = 1, latents: torch.Tensor | None = None,
-           image_latents: torch.Tensor | None = None, deep_cache: int | None = None, deep_cache_branch: int = 0,
-           token_merging: float | TokenMerging | None = None, image_size: int = SD_V1_SIZE,
-           inpainting_model: bool = False) -> Settings:
-    """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
-    any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
-    own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
-    `SettingError`, whose message can name the parameters as command-line flags."""
-    prompts = texts("prompt", prompt)
-    negatives = texts("negative_prompt", negative_prompt)
-    negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
-    for name, text in [("prompt", p) for p in prompts] + [("negative_prompt", p) for p in negatives]:
-        parse_emphasis(text, name)  # a malformed weight is refused before any work
-    check_clip_skip(clip_skip)
-    if deep_cache is not None and (not whole(deep_cache) or deep_cache < 1):
-        raise SettingError(lambda n: f"{n('deep_cache')} must be a whole number of steps, at least 1 (1: no "
-                                     f"reuse), got {deep_cache!r}")
-    if not whole(deep_cache_branch) or deep_cache_branch < 0:
-        raise SettingError(lambda n: f"{n('deep_cache_branch')} must be a whole number, at least 0, got "
-                                     f"{deep_cache_branch!r}")
-    token_merging = check_token_merging(token_merging)
-    for name, value in (("image", image), ("mask", mask)):
-        if value is not None and not isinstance(value, (Image.Image, str, Path)):
-            raise SettingError(lambda n: f"{n(name)} must be a PIL image or the path of an image file, got a "
-                                         f"{type(value).__name__}")
-    if not isinstance(sampler, (str, Sampler)):
-        raise SettingError(lambda n: f"{n('sampler')} must be a sampler's name or a Sampler, got {sampler!r}")
-    if not finite(guidance_scale):
-        raise SettingError(lambda n: f"{n('guidance_scale')} must be a finite number, got {guidance_scale!r}")
-    if len(negatives) != len(prompts):
-        raise SettingError(lambda n: f"got {len(negatives)} values of {n('negative_prompt')} for {len(prompts)} "
-                                     f"prompts; give one each")
-    if mask is not None and image is None:
-        raise SettingError(lambda n: f"{n('mask')} needs {n('image')}: the image to inpaint")
-    if sum(x is not None for x in (image, latents, image_latents)) > 1:
-        raise SettingError(lambda n: f"give one of {n('image')}, {n('latents')} (where text-to-image starts) and "
-                                     f"{n('image_latents')} (an image's latents to redraw)")
-    if image_latents is not None and mask is not None:
-        raise SettingError(lambda n: f"{n('mask')} needs {n('image')}, not {n('image_latents')}")
-    if strength is not None and image is None and image_latents is None:
-        raise SettingError(lambda n: f"{n('strength')} {strength} needs {n('image')}: it says how much of that "
-                                     f"image is redrawn")
-    if inpainting_model and mask is None:
-        raise SettingError(lambda n: f"this is an inpainting checkpoint: give {n('image')} and {n('mask')}")
-    strength = (0.75 if mask is None else 1.0) if strength is None else strength  # with neither image: unused
-    if not finite(strength) or not 0.0 <= strength <= 1.0:
-        raise SettingError(lambda n: f"{n('strength')} must be between 0 and 1, got {strength!r}")
-    sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
-    max_steps = sampler.max_steps  # no run has more steps than training had timesteps (lcm: 50)
-    if not whole(steps) or not 1 <= steps <= max_steps:
-        raise SettingError(lambda n: f"{n('steps')} must be a whole number between 1 and {max_steps}, got {steps!r}")
-    if not whole(num_images) or num_images < 1:
-        raise SettingError(lambda n: f"{n('num_images')} must be at least 1, got {num_images!r}")
-    seed = random.randrange(2**32) if seed is None else seed
-    if not whole(seed) or not 0 <= seed <= MAX_SEED:
-        raise SettingError(lambda n: f"{n('seed')} must be between 0 and 2**64-1, got {seed!r}")
-    if output_type not in OUTPUT_TYPES:
-        raise SettingError(lambda n: f"{n('output_type')} must be one of {', '.join(OUTPUT_TYPES)}, "
-                                     f"got {output_type!r}")
-    image = open_image(image, "init image", "RGB") if image is not None else None
-    mask = open_image(mask, "mask", "L") if mask is not None else None
-    given = {key: check_latents(value, key, len(prompts) * num_images)
-             for key, value in (("latents", latents), ("image_latents", image_latents)) if value is not None}
-    size = {}
-    for name, value in (("width", width), ("height", height)):  # default: the image's own, rounded down
-        own = ([x.shape[-1 if name == "width" else -2] * VAE_FACTOR for x in given.values()] or
-               [getattr(image, name) // VAE_FACTOR * VAE_FACTOR if image else image_size])[0]
-        if given and value not in (None, own):
-            raise SettingError(lambda n: f"{n(name)} {value} is not that of the latents, {own}; leave it out")
-        value = own if value is None else value
-        if not whole(value) or value < VAE_FACTOR or value % VAE_FACTOR:
-            raise SettingError(lambda n: f"{n(name)} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
-        size[name] = value
-    return Settings(prompts, negatives, image, mask, strength, steps, guidance_scale, sampler, seed,
-                    num_images=num_images, output_type=output_type, clip_skip=clip_skip, deep_cache=deep_cache,
-                    deep_cache_branch=deep_cache_branch, token_merging=token_merging, **given, **size)
-
-
-def check_token_merging(value: float | TokenMerging | None) -> TokenMerging | None:
-    """A ratio (or a `TokenMerging`) checked; None (or ratio 0) for no merging."""
-    merging = value if isinstance(value, TokenMerging) else TokenMerging(value) if finite(value) else None
-    if value is not None and (merging is None or not 0.0 <= merging.ratio <= MAX_RATIO):
-        raise SettingError(lambda n: f"{n('token_merging')} must be a share of the tokens between 0 and {MAX_RATIO}, "
-                                     f"got {value!r}")
-    return merging if merging is not None and merging.ratio > 0 else None
-
-
-def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
-    """The settings of `StableDiffusion.hires_fix`, before its first pass."""
-    if not finite(scale) or scale <= 1:
-        raise SettingError(lambda n: f"{n('hires_scale')} must be a number above 1, got {scale!r}")
-    if not finite(strength) or not 0 <= strength <= 1:
-        raise SettingError(lambda n: f"{n('hires_strength')} must be between 0 and 1, got {strength!r}")
-    if steps is not None and (not whole(steps) or not 1 <= steps <= max_steps):
-        raise SettingError(lambda n: f"{n('hires_steps')} must be a whole number between 1 and {max_steps}, got "
-                                     f"{steps!r}")
-    if upscaler not in UPSCALERS:
-        raise SettingError(lambda n: f"{n('hires_upscaler')} must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
-
-
-def check_deep_cache_branch(branch: int, unet) -> None:
-    """DeepCache's branch must be one of the UNet's skip connections."""
-    if branch >= len(unet.input_blocks):
-        raise SettingError(lambda n: f"{n('deep_cache_branch')} must be below {len(unet.input_blocks)}, this UNet's "
-                                     f"skip connections, got {branch}")
-
-
-def check_invertible(image: Image.Image) -> None:
-    """An image inverted at its own size must have sides that are multiples of 8."""
-    if image.width % VAE_FACTOR or image.height % VAE_FACTOR:
-        raise SettingError(lambda n: f"the image to invert is {image.width}x{image.height}, not a multiple of "
-                                     f"{VAE_FACTOR} each way; crop it, or give {n('width')} and {n('height')} to resize "
-                                     f"it to")
-
-
-def check_latents(latents, name: str, batch: int) -> torch.Tensor:
-    """Latents (4, h, w), (1, 4, h, w) or (batch, 4, h, w), finite, as (batch, 4, h, w) float32."""
-    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-        raise SettingError(lambda n: f"{n(name)} must be a float tensor (4, h, w) or (N, 4, h, w), got "
-                                     f"{type(latents).__name__}")
-    latents = latents[None] if latents.dim() == 3 else latents
-    if latents.dim() != 4 or latents.shape[1] != 4 or latents.shape[0] not in (1, batch):
-        raise SettingError(lambda n: f"{n(name)} must have the shape (4, h, w), (1, 4, h, w) or ({batch}, 4, h, w), "
-                                     f"got {tuple(latents.shape)}")
-    if not torch.isfinite(latents).all():
-        raise SettingError(lambda n: f"{n(name)} hold NaN or inf values")
-    return latents.to(LATENT_DTYPE).expand(batch, -1, -1, -1)
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -341,7 +134,7 @@ class StableDiffusion:
         """Merge a LoRA file (kohya's or diffusers/PEFT's layout) into the weights, scaled by `weight`;
         several LoRAs add up. Layers of the file that this model lacks are named in a warning. A file that
         does not fit is refused before any weight changes. Returns the LoRA read."""
-        if not finite(weight):
+        if not is_finite_number(weight):
             raise SettingError(lambda n: f"the weight of LoRA {path} must be a finite number, got {weight!r}")
         lora = read_lora(path, self.models)
         if lora.unmatched:
@@ -395,8 +188,8 @@ class StableDiffusion:
         upscaler: "latent" (bilinear in latent space, as AUTOMATIC1111's "Latent") or "lanczos" (decode,
         Lanczos, encode). Options: those of `generate` but image, mask and latents."""
         sampler = options.get("sampler", DEFAULT_SAMPLER)
-        check_hires(hires_scale, hires_strength, hires_steps, hires_upscaler,
-                    (make_sampler(sampler) if isinstance(sampler, str) else sampler).max_steps)
+        check_hires(scale=hires_scale, strength=hires_strength, steps=hires_steps, upscaler=hires_upscaler,
+                    max_steps=(make_sampler(sampler) if isinstance(sampler, str) else sampler).max_steps)
         if hires_upscaler == "lanczos" and (not isinstance(prompt, str) or options.get("num_images", 1) != 1):
             raise SettingError(lambda n: f"{n('hires_upscaler')} lanczos redraws one image at a time; make one image "
                                          f"per call, or use the latent upscaler")
@@ -432,10 +225,11 @@ class StableDiffusion:
         pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1  # (1, 3, H, W)
         mean, _ = self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype))
         latents = mean.float() * self.models.scale_factor  # (1, 4, h, w)
-        guided = s.guidance_scale > 1.0
-        context = self.encode_prompts(s.prompts, s.negatives if guided else None, 1, s.clip_skip)
+        guidance = ClassifierFreeGuidance(s.guidance_scale)
+        context = self.encode_prompts(s.prompts, s.negatives if guidance.guided else None, 1, s.clip_skip)
         s.sampler.set_timesteps(s.steps, self.device)
-        return self.denoise(latents, context, s.sampler, s.guidance_scale, None, None, progress)
+        return self.denoise(latents, self.conditioning(context, guidance), sampler=s.sampler, guidance=guidance,
+                            generator=None, progress=progress)
 
     # ---- the shared machinery ----------------------------------------------------------------------
 
@@ -474,9 +268,9 @@ class StableDiffusion:
         s = settle(prompt, negative_prompt, image_size=self.models.image_size,
                    inpainting_model=self.models.is_inpainting, **settings)
         generator = torch.Generator("cpu").manual_seed(s.seed)
-        guided = s.guidance_scale > 1.0
+        guidance = ClassifierFreeGuidance(s.guidance_scale)
         check_clip_skip(s.clip_skip, self.models.clip.config.layers)
-        context = self.encode_prompts(s.prompts, s.negatives if guided else None, s.num_images,
+        context = self.encode_prompts(s.prompts, s.negatives if guidance.guided else None, s.num_images,
                                       s.clip_skip)  # (2B or B, 77·k, 768)
         s.sampler.set_timesteps(s.steps, self.device)
         if s.redraws:
@@ -484,12 +278,15 @@ class StableDiffusion:
         pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1 if s.image is not None else None  # (1, 3, H, W)
         latents, image_latents, noise = self.starting_latents(s, pixels, generator)
         inpainting = self.prepare_inpainting(s, pixels, image_latents, noise, generator) if s.mask is not None else None
+        concat = inpainting.concat.to(self.dtype) if inpainting is not None and self.models.is_inpainting else None
         deep_cache = None
         if s.deep_cache is not None:
             check_deep_cache_branch(s.deep_cache_branch, self.models.unet)
             deep_cache = DeepCache(s.deep_cache, s.deep_cache_branch)
-        latents = self.denoise(latents, context, s.sampler, s.guidance_scale, generator, inpainting, progress, callback,
-                               deep_cache, s.token_merging)
+        latents = self.denoise(latents, self.conditioning(context, guidance, concat), sampler=s.sampler,
+                               guidance=guidance, generator=generator, inpainting=inpainting, progress=progress,
+                               callback=callback,
+                               speedups=Speedups(deep_cache=deep_cache, token_merging=s.token_merging))
         return self.decode(latents, s.output_type, tiled_decode)
 
     def starting_latents(self, s: Settings, pixels: torch.Tensor | None,
@@ -543,26 +340,38 @@ class StableDiffusion:
             return images
         return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
-    def denoise(self, latents: torch.Tensor, context: torch.Tensor, sampler: Sampler, guidance_scale: float,
-                generator: torch.Generator, inpainting: Inpainting | None, progress: bool,
-                callback: StepCallback | None = None, deep_cache: DeepCache | None = None,
-                token_merging: TokenMerging | None = None) -> torch.Tensor:
+    @staticmethod
+    def conditioning(context: torch.Tensor, guidance: ClassifierFreeGuidance,
+                     concat: torch.Tensor | None = None) -> Conditioning:
+        """What the UNet is conditioned on, batched for `guidance`, from the prompts' hidden states
+        (2B or B, 77·k, 768; the negative prompts' first when guided) and the inpainting UNet's extra input
+        channels (B, 5, h, w)."""
+        uncond, cond = context.chunk(2) if guidance.guided else (None, context)  # (B, 77·k, 768) each
+        return guidance.conditioning(Conditioning(cond, concat=concat),
+                                     None if uncond is None else Conditioning(uncond, concat=concat))
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts (`sd.parameterization`): its family's prediction type."""
+        return self.models.family.prediction_type
+
+    def denoise(self, latents: torch.Tensor, cond: Conditioning, *, sampler: Sampler,
+                guidance: ClassifierFreeGuidance, generator: torch.Generator | None,
+                inpainting: Inpainting | None = None, progress: bool = True, callback: StepCallback | None = None,
+                speedups: Speedups | None = None) -> torch.Tensor:
         """The sampling loop from the sampler's begin index: one (batched, when guided) UNet call per
-        timestep, then a sampler step. With `deep_cache`, the calls between full ones are shallow; with
-        `token_merging`, the UNet merges tokens."""
-        guided = context.shape[0] != latents.shape[0]
+        timestep, its prediction turned into noise, then a sampler step; with `inpainting` for a 4-channel
+        UNet, the known region is blended back after each step. `speedups`: DeepCache (the calls between
+        full ones are shallow) and token merging."""
+        deep_cache = speedups.deep_cache if speedups is not None else None
+        prediction_type = self.prediction_type
         timesteps = sampler.timesteps[sampler.begin_index:]
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
-            x = sampler.scale_model_input(latents, t)  # (B, 4, h, w)
-            if inpainting is not None and self.models.is_inpainting:
-                x = torch.cat([x, inpainting.mask, inpainting.masked_image_latents], dim=1)  # (B, 9, h, w)
-            x = torch.cat([x, x]) if guided else x  # unconditional half first
+            x = sampler.scale_model_input(latents, t)  # (B, 4, h, w): x_t
             if deep_cache is not None:
                 deep_cache.reuse = i % deep_cache.interval != 0
-            eps = self.models.unet(x.to(self.dtype), t, context, deep_cache, token_merging).float()  # (2B or B, 4, h, w)
-            if guided:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+            output = self.models.unet(guidance.inputs(x).to(self.dtype), t, cond, speedups=speedups)  # (2B or B, ...)
+            eps = to_epsilon(prediction_type, guidance.combine(output.float()), x, *sampler.input_scales(t, x))
             x0 = sampler.predicted_original(eps, t, latents) if callback is not None else None
             latents = sampler.step(eps, t, latents, generator)
             if inpainting is not None and inpainting.image_latents is not None:

@@ -1,15 +1,21 @@
-"""The denoising UNet of Stable Diffusion v1 (Rombach et al., 2022, sec. 3.3 and appendix).
+"""The denoising UNet of Stable Diffusion (Rombach et al., 2022, sec. 3.3 and appendix).
 
 A convolutional UNet (Ronneberger et al., 2015) over latents, predicting the noise epsilon added at
 timestep t, conditioned on the text through cross-attention "spatial transformers" at the three
-highest resolutions and in the middle. latents (B, C, h, w), timesteps (B,) or scalar, context
-(B, 77, 768) -> noise prediction (B, 4, h, w); C = 4, or 9 for the inpainting model (noisy
-latents, mask, masked-image latents). Parameter names follow `model.diffusion_model.` of the
-CompVis checkpoint, whose input_blocks / middle_block / output_blocks layout is kept as is.
+highest resolutions and in the middle. latents (B, 4, h, w), timesteps (B,) or scalar, and a
+`Conditioning`: context (B, 77, 768) -> noise prediction (B, 4, h, w). The inpainting model takes
+the mask and the masked image's latents as 5 more input channels (`Conditioning.concat`); SDXL adds
+a global vector to the timestep embedding through `label_emb` (`Conditioning.vector`). Parameter
+names follow `model.diffusion_model.` of the CompVis checkpoint, whose input_blocks / middle_block /
+output_blocks layout is kept as is.
+
+What SD 2.x and SDXL change is configuration (`UNetConfig`): the transformer depth per level, heads
+of 64 channels instead of a head count, Linear instead of 1x1-conv `proj_in`/`proj_out`, `label_emb`.
 
 DeepCache (Ma et al., CVPR 2024) is built in: adjacent denoising steps change the deep features of the
 UNet little, so a step may reuse the up path's features from the last full step and compute only the
-shallow branch around one skip connection (`DeepCache`). Token merging (`sd.token_merging`) is too.
+shallow branch around one skip connection (`DeepCache`). Token merging (`sd.token_merging`) is too;
+both travel in one `Speedups`.
 """
 
 import math
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd.attention import Attention, group_norm
+from sd.conditioning import Conditioning
 from sd.token_merging import TokenMerge, TokenMerging
 
 
@@ -32,8 +39,12 @@ class UNetConfig:
     num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels with cross-attention (and the middle block)
     num_heads: int = 8
+    head_channels: int | None = None  # heads of this many channels instead of `num_heads` (SD 2.x, SDXL: 64)
     context_dim: int = 768
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # blocks per spatial transformer: one for all, or one per level
+    transformer_depth_middle: int | None = None  # the middle block's; None: the largest of the levels'
+    linear_proj: bool = False  # proj_in/proj_out as Linear layers (SD 2.x, SDXL) instead of 1x1 convolutions
+    adm_in_channels: int | None = None  # width of the vector `label_emb` adds to the time embedding (SDXL: 2816)
     max_period: float = 10000.0
     res_eps: float = 1e-5
     transformer_norm_eps: float = 1e-6
@@ -42,6 +53,20 @@ class UNetConfig:
     @property
     def time_embed_dim(self) -> int:
         return 4 * self.model_channels
+
+    def depth(self, level: int) -> int:
+        """Transformer blocks in each spatial transformer of `level`."""
+        return self.transformer_depth if isinstance(self.transformer_depth, int) else self.transformer_depth[level]
+
+    @property
+    def middle_depth(self) -> int:
+        if self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        return max(self.depth(level) for level in range(len(self.channel_mult)))
+
+    def heads(self, channels: int) -> int:
+        """Attention heads of a transformer `channels` wide."""
+        return channels // self.head_channels if self.head_channels else self.num_heads
 
 
 def frequencies(dim: int, max_period: float, device: torch.device) -> torch.Tensor:
@@ -117,9 +142,9 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, cfg: UNetConfig):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, cfg.num_heads)
+        self.attn1 = CrossAttention(dim, dim, cfg.heads(dim))
         self.ff = FeedForward(dim)
-        self.attn2 = CrossAttention(dim, cfg.context_dim, cfg.num_heads)
+        self.attn2 = CrossAttention(dim, cfg.context_dim, cfg.heads(dim))
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
@@ -133,27 +158,39 @@ class BasicTransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """GroupNorm and a 1x1 conv in, transformer blocks over the h*w positions, a 1x1 conv out, residual.
-    `downsample`: how many times smaller than the latents its grid is (token merging's bound)."""
+    """GroupNorm and a projection in (a 1x1 conv, or a Linear layer on the tokens), `depth` transformer
+    blocks over the h*w positions, a projection out, residual. `downsample`: how many times smaller than
+    the latents its grid is (token merging's bound)."""
 
-    def __init__(self, channels: int, cfg: UNetConfig, downsample: int):
+    def __init__(self, channels: int, cfg: UNetConfig, downsample: int, depth: int):
         super().__init__()
         self.downsample = downsample
+        self.linear_proj = cfg.linear_proj
         self.norm = group_norm(channels, cfg.transformer_norm_eps, cfg.norm_groups)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, cfg)
-                                                for _ in range(cfg.transformer_depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if cfg.linear_proj else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, cfg) for _ in range(depth))
+        self.proj_out = nn.Linear(channels, channels) if cfg.linear_proj else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
                 token_merging: TokenMerging | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         merges = token_merging is not None and self.downsample <= token_merging.max_downsample
-        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)  # (B, hw, C)
+        y = self.norm(x)  # (B, C, h, w)
+        y = self.proj_in(tokens(y)) if self.linear_proj else tokens(self.proj_in(y))  # (B, hw, C)
         for block in self.transformer_blocks:
             y = block(y, context, token_merging.matching(y, h, w) if merges else None)
-        y = y.transpose(1, 2).reshape(b, c, h, w)  # (B, C, h, w)
-        return x + self.proj_out(y)
+        y = grid(self.proj_out(y), h, w) if self.linear_proj else self.proj_out(grid(y, h, w))  # (B, C, h, w)
+        return x + y
+
+
+def tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, hw, C), positions in raster order."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def grid(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, hw, C) -> (B, C, h, w): the inverse of `tokens`."""
+    return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
 
 
 class Downsample(nn.Module):
@@ -207,12 +244,23 @@ class DeepCache:
     features: torch.Tensor | None = None  # (B, C, h', w') from the last full call
 
 
+@dataclass(frozen=True)
+class Speedups:
+    """Approximations a UNet call may take to run faster; None: that one is off."""
+
+    deep_cache: DeepCache | None = None  # the state of a DeepCache run (this call is full or shallow)
+    token_merging: TokenMerging | None = None  # merge tokens before self-attention (`sd.token_merging`)
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
         self.config = cfg
         ch, temb = cfg.model_channels, cfg.time_embed_dim
         self.time_embed = nn.Sequential(nn.Linear(ch, temb), nn.SiLU(), nn.Linear(temb, temb))
+        # SDXL's vector conditioning, embedded like the timestep (CompVis keys label_emb.0.0 / label_emb.0.2)
+        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, temb), nn.SiLU(),
+                                                     nn.Linear(temb, temb))) if cfg.adm_in_channels else None
 
         # Down path: after the input conv, each level has res blocks (with attention on attention_levels)
         # and, except the last, a downsampler. Every entry's output is kept as a skip for the up path.
@@ -225,14 +273,15 @@ class UNet(nn.Module):
                 layers = [ResBlock(cur, mult * ch, cfg)]
                 cur = mult * ch
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cur, cfg, 2 ** level))
+                    layers.append(SpatialTransformer(cur, cfg, 2 ** level, cfg.depth(level)))
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_channels.append(cur)
             if level != last:
                 self.input_blocks.append(TimestepSequential(Downsample(cur)))
                 skip_channels.append(cur)
 
-        self.middle_block = TimestepSequential(ResBlock(cur, cur, cfg), SpatialTransformer(cur, cfg, 2 ** last),
+        self.middle_block = TimestepSequential(ResBlock(cur, cur, cfg),
+                                               SpatialTransformer(cur, cfg, 2 ** last, cfg.middle_depth),
                                                ResBlock(cur, cur, cfg))
 
         # Up path: mirror image, one more res block per level, each consuming one skip connection.
@@ -242,7 +291,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(cur + skip_channels.pop(), mult * ch, cfg)]
                 cur = mult * ch
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cur, cfg, 2 ** level))
+                    layers.append(SpatialTransformer(cur, cfg, 2 ** level, cfg.depth(level)))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(cur))
                 self.output_blocks.append(TimestepSequential(*layers))
@@ -250,13 +299,25 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch, cfg.res_eps, cfg.norm_groups), nn.SiLU(),
                                  nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor,
-                deep_cache: DeepCache | None = None, token_merging: TokenMerging | None = None) -> torch.Tensor:
-        """`deep_cache`: the state of a DeepCache run (this call is full or shallow); `token_merging`: merge
-        tokens before self-attention (`sd.token_merging`)."""
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor | float, cond: Conditioning | torch.Tensor, *,
+                speedups: Speedups | None = None) -> torch.Tensor:
+        """`cond`: what the UNet is conditioned on, or its context tensor alone (`Conditioning(context)`);
+        `speedups`: DeepCache and token merging, when a run uses them."""
+        cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
+        speedups = speedups or Speedups()
+        deep_cache, token_merging = speedups.deep_cache, speedups.token_merging
+        context = cond.context  # (B, 77, 768)
+        if cond.concat is not None:
+            latents = torch.cat([latents, cond.concat], dim=1)  # (B, 4 + c, h, w)
         t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(latents.shape[0])  # (B,)
         t_emb = timestep_embedding(t, self.config.model_channels, self.config.max_period).to(latents.dtype)
         emb = self.time_embed(t_emb)  # (B, 1280)
+        if (cond.vector is None) != (self.label_emb is None):
+            raise ValueError(f"this UNet (adm_in_channels={self.config.adm_in_channels}) takes "
+                             f"{'a' if self.label_emb is not None else 'no'} conditioning vector, and the "
+                             f"Conditioning has {'none' if cond.vector is None else 'one'}")
+        if cond.vector is not None:
+            emb = emb + self.label_emb(cond.vector)  # + (B, 1280)
 
         shallow = deep_cache is not None and deep_cache.reuse and deep_cache.features is not None
         down = self.input_blocks[: deep_cache.branch + 1] if shallow else self.input_blocks

@@ -1,13 +1,18 @@
 """The pipeline's API on a tiny checkpoint: guidance batching, outputs, inputs and argument checks."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from sd.conditioning import Conditioning
 from sd.errors import InputError, SettingError
+from sd.guidance import ClassifierFreeGuidance
 from sd.pipeline import StableDiffusion, settle
-from sd.samplers import make_sampler
+from sd.samplers import NoiseSchedule, make_sampler
+from tests.conftest import rel_err
 from tests.tiny import write_tiny_checkpoint
 
 SMALL = dict(steps=2, width=64, height=48, progress=False)
@@ -27,7 +32,7 @@ def sd_inpainting(tmp_path_factory):
 def unet_batches(sd, monkeypatch) -> list[int]:
     """Record the batch size of every UNet call."""
     calls, forward = [], sd.models.unet.forward
-    monkeypatch.setattr(sd.models.unet, "forward", lambda x, t, c, *rest: calls.append(x.shape[0]) or forward(x, t, c, *rest))
+    monkeypatch.setattr(sd.models.unet, "forward", lambda x, t, c, **kw: calls.append(x.shape[0]) or forward(x, t, c, **kw))
     return calls
 
 
@@ -36,6 +41,52 @@ def test_guidance_is_one_batched_call_and_skipped_at_scale_one(sd, monkeypatch, 
     calls = unet_batches(sd, monkeypatch)
     sd.text_to_image("a cat", guidance_scale=guidance, sampler="euler", seed=0, **SMALL)
     assert calls == [expected, expected]
+
+
+def test_guidance_batches_every_field_unconditional_first():
+    cond = Conditioning(torch.ones(2, 3, 4), vector=torch.ones(2, 5), concat=torch.ones(2, 5, 2, 2))
+    uncond = cond.map(torch.zeros_like)
+    guidance = ClassifierFreeGuidance(3.0)
+    both = guidance.conditioning(cond, uncond)
+    for field in (both.context, both.vector, both.concat):
+        assert field.shape[0] == 4 and not field[:2].any() and field[2:].all()
+    x = torch.randn(2, 4, 2, 2)
+    assert torch.equal(guidance.inputs(x), torch.cat([x, x]))
+    assert torch.equal(guidance.combine(torch.cat([torch.zeros(2, 4), torch.ones(2, 4)])), torch.full((2, 4), 3.0))
+    off = ClassifierFreeGuidance(1.0)
+    assert not off.guided and off.conditioning(cond, None) is cond and off.inputs(x) is x and off.combine(x) is x
+
+
+def test_the_inpainting_unet_gets_mask_and_masked_image_as_conditioning(sd_inpainting, monkeypatch):
+    """The 9-channel UNet is called with the 4-channel sample and the 5 extra channels in `Conditioning.concat`,
+    batched with the unconditional half like the text."""
+    calls, forward = [], sd_inpainting.models.unet.forward
+    monkeypatch.setattr(sd_inpainting.models.unet, "forward", lambda x, t, c, **kw: calls.append(
+        (x.shape, c.context.shape[0], c.concat.shape)) or forward(x, t, c, **kw))
+    sd_inpainting.inpaint("a cat", Image.new("RGB", (64, 48)), Image.new("L", (64, 48), 255), seed=0, **SMALL)
+    assert calls == [((2, 4, 6, 8), 2, (2, 5, 6, 8))] * 2
+
+
+def test_the_prediction_type_of_the_family_decides_how_the_unet_output_is_read(sd, monkeypatch):
+    """A model that predicts the eps (or the v) of fixed clean latents at every step lands on them when the
+    pipeline reads its output as that prediction type, and not when it reads it as the other."""
+    x0 = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+    alphas_cumprod = NoiseSchedule().alphas_cumprod
+
+    def unet(kind):
+        def forward(x, t, cond, **kw):
+            alpha, s = alphas_cumprod[int(t)] ** 0.5, (1 - alphas_cumprod[int(t)]) ** 0.5
+            eps = (x - alpha * x0) / s
+            return eps if kind == "epsilon" else alpha * eps - s * x0
+        return forward
+
+    for predicts in ("epsilon", "v_prediction"):
+        monkeypatch.setattr(sd.models.unet, "forward", unet(predicts))
+        for read_as in ("epsilon", "v_prediction"):
+            monkeypatch.setattr(sd.models, "family", SimpleNamespace(prediction_type=read_as), raising=False)
+            latents = sd.text_to_image("a cat", sampler="dpmpp_2m", guidance_scale=1, seed=0, output_type="latent",
+                                       **SMALL)
+            assert (rel_err(latents, x0) < 1e-4) == (predicts == read_as), (predicts, read_as)
 
 
 def test_output_types_and_batch(sd):

@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from sd.errors import InputError
-from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, make_sampler
+from sd.parameterization import noised, scales, target, to_epsilon
+from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
+from sd.samplers import spacing
+from sd.samplers.spacing import karras
 from tests.conftest import rel_err
 from tests.reference import reference_scheduler, set_reference_timesteps
 
@@ -162,7 +165,7 @@ def test_timesteps_and_sigmas_match_diffusers_for_every_step_count(name, options
     for steps in range(2, min(61, ours.max_steps + 1)):
         ours.set_timesteps(steps)
         set_reference_timesteps(ref, name, options, steps)
-        if ours.timesteps.is_floating_point() and ours.karras:  # fractional timesteps of Karras sigmas
+        if ours.timesteps.is_floating_point() and ours.spacing is karras:  # fractional timesteps of Karras sigmas
             torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=1e-4)
         else:
             assert torch.equal(ours.timesteps, ref.timesteps), steps
@@ -264,3 +267,98 @@ def test_ddim_inversion_matches_diffusers(steps):
     assert torch.equal(ours.timesteps, ref.timesteps) and ours.timesteps[0] < ours.timesteps[-1]
     expected = run(reference_step(ref, {}), ref.scale_model_input, ref.timesteps, noise(0))
     assert_same_trajectory(run(ours.step, ours.scale_model_input, ours.timesteps, noise(0)), expected, 1)
+
+
+# diffusers' PNDM turns the combined multistep output into eps with the sample of the transfer, another method
+V_CASES = [(name, options) for name, options in CASES if name != "plms"]
+
+
+@pytest.mark.parametrize(("name", "options"), V_CASES, ids=[name + "".join(f"-{k}={v}" for k, v in o.items()) for name, o in V_CASES])
+def test_v_prediction_matches_diffusers(name, options):
+    """A v-predicting model through the pipeline's one conversion (`to_epsilon` at the sampler's `input_scales`)
+    and our eps samplers, against diffusers' schedulers configured with prediction_type="v_prediction"."""
+    ours = make_sampler(name, **options)
+    ref, step_kwargs = reference_scheduler(name, options)
+    ref = type(ref).from_config(ref.config, prediction_type="v_prediction")
+    ours.set_timesteps(10)
+    set_reference_timesteps(ref, name, options, 10)
+
+    def step(v, t, x, generator):
+        x_t = ours.scale_model_input(x, t)
+        return ours.step(to_epsilon("v_prediction", v, x_t, *ours.input_scales(t, x_t)), t, x, generator)
+
+    expected = run(reference_step(ref, step_kwargs), ref.scale_model_input, ref.timesteps,
+                   noise(0) * ref.init_noise_sigma)
+    assert_same_trajectory(run(step, ours.scale_model_input, ours.timesteps, noise(0) * ours.init_noise_sigma),
+                           expected, ours.order)
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+def test_ddim_inversion_of_a_v_prediction_model_matches_diffusers(steps):
+    ours = DDIMInverseSampler()
+    ref, _ = reference_scheduler("ddim_inverse", {})
+    ref = type(ref).from_config(ref.config, prediction_type="v_prediction")
+    ours.set_timesteps(steps)
+    ref.set_timesteps(steps)
+
+    def step(v, t, x, generator):
+        return ours.step(to_epsilon("v_prediction", v, x, *ours.input_scales(t, x)), t, x, generator)
+
+    expected = run(reference_step(ref, {}), ref.scale_model_input, ref.timesteps, noise(0))
+    assert_same_trajectory(run(step, ours.scale_model_input, ours.timesteps, noise(0)), expected, 1)
+
+
+def test_training_target_and_forward_process_match_diffusers():
+    """`noised` and `target` (what training uses) against diffusers' add_noise and get_velocity; eps comes back."""
+    ref, _ = reference_scheduler("ddpm", {})
+    x0, eps, t = noise(1), noise(2), torch.tensor([3, 990])
+    alpha, s = scales(NoiseSchedule().alphas_cumprod, t, x0)  # (2, 1, 1, 1) each
+    x_t = noised(x0, eps, alpha, s)
+    assert torch.equal(x_t, ref.add_noise(x0, eps, t))
+    assert torch.equal(target("epsilon", x0, eps, alpha, s), eps)
+    v = target("v_prediction", x0, eps, alpha, s)
+    assert rel_err(v, ref.get_velocity(x0, eps, t)) < TOL
+    assert rel_err(to_epsilon("v_prediction", v, x_t, alpha, s), eps) < TOL
+    with pytest.raises(InputError, match="sample"):
+        target("sample", x0, eps, alpha, s)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "lms", "dpmpp_2m"])
+def test_exponential_spacing_matches_diffusers(name):
+    """spacing="exponential" against diffusers' use_exponential_sigmas=True: timesteps, sigmas and a run.
+    Deviation: DPM-Solver++ rounds the timesteps of these sigmas as it does those of Karras sigmas, where
+    diffusers truncates them (and rounds Karras ones); the run is compared on our timesteps."""
+    ours = make_sampler(name, spacing="exponential")
+    ref, step_kwargs = reference_scheduler(name, {})
+    ref = type(ref).from_config(ref.config, use_exponential_sigmas=True)
+    for steps in (10, 25, 13):
+        ours.set_timesteps(steps)
+        ref.set_timesteps(steps)
+        assert ours.timesteps.dtype == ref.timesteps.dtype
+        torch.testing.assert_close(ours.timesteps.double(), ref.timesteps.double(), rtol=0,
+                                   atol=1 if ours.integer_timesteps else 1e-4)
+        torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=1e-6, atol=0)
+    ref.timesteps = ours.timesteps.clone()
+    expected = run(reference_step(ref, step_kwargs), ref.scale_model_input, ref.timesteps,
+                   noise(0) * ref.init_noise_sigma)
+    assert_same_trajectory(run(ours.step, ours.scale_model_input, ours.timesteps, noise(0) * ours.init_noise_sigma),
+                           expected, ours.order)
+
+
+def test_spacings_are_functions_any_sigma_sampler_takes():
+    """A spacing is a function (schedule, n) -> (timesteps, sigmas); `karras=True` is the Karras one; making a run
+    changes nothing but what set_timesteps keeps."""
+    def halves(schedule, n):
+        return spacing.at_sigmas(schedule, schedule.sigmas[-1].double() / 2 ** torch.arange(n, dtype=torch.float64))
+
+    sampler = make_sampler("euler", spacing=halves)
+    sampler.set_timesteps(4)
+    assert torch.equal(sampler.sigmas[1:4] / sampler.sigmas[:3], torch.full((3,), 0.5)) and sampler.sigmas[-1] == 0
+    before = sampler.sigmas.clone()
+    timesteps, sigmas = sampler._make_timesteps(7)
+    assert len(timesteps) == 7 and len(sigmas) == 8 and torch.equal(sampler.sigmas, before)
+    assert make_sampler("heun", karras=True).spacing is karras is make_sampler("dpmpp_2m_karras").spacing
+    with pytest.raises(InputError, match="spacing 'cosine'"):
+        make_sampler("euler", spacing="cosine")
+    with pytest.raises(InputError, match="not both"):
+        make_sampler("euler", spacing="exponential", karras=True)

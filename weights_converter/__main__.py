@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from sd.checkpoint import (EMA_PREFIX, METADATA_KEY, apply_ema, build, check_family, read_metadata, read_state_dict,
-                           split_networks)
+from sd.checkpoint import (EMA_PREFIX, METADATA_KEY, apply_ema, build_network, detect_family, has_ema, read_metadata,
+                           read_state_dict, split_checkpoint)
 from sd.cli import CommandParser, run_command
 from sd.errors import CheckpointError, InputError
+from sd.families import Family
 from sd.files import write_atomically
 
 PROG = "python -m weights_converter"
@@ -58,11 +59,10 @@ def check_output(args) -> None:
 def convert(path: Path, state: dict[str, torch.Tensor], ema_only: bool, half: bool) -> dict[str, torch.Tensor]:
     """The tensors to write: EMA baked in / fp16 as asked, contiguous, and no two sharing memory."""
     if ema_only:
-        with_ema = apply_ema(state)
-        if with_ema is state:  # apply_ema found no EMA copies of the UNet
+        if not has_ema(state):
             raise CheckpointError(f"{path} has no EMA weights (model_ema.*) for its UNet: it is already an "
                                   f"EMA-only file; convert it without --ema-only.")
-        state = {k: v for k, v in with_ema.items() if not k.startswith(EMA_PREFIX)}
+        state = {k: v for k, v in apply_ema(state).items() if not k.startswith(EMA_PREFIX)}
     out, seen = {}, set()
     for key, tensor in state.items():
         if half and tensor.is_floating_point():
@@ -75,11 +75,11 @@ def convert(path: Path, state: dict[str, torch.Tensor], ema_only: bool, half: bo
     return out
 
 
-def check_loadable(path: Path, state: dict[str, torch.Tensor], configs: dict) -> None:
-    """What `load_checkpoint` does with these tensors after `check_family`, on the meta device (no memory,
+def check_loadable(path: Path, family: Family, state: dict[str, torch.Tensor], configs: dict) -> None:
+    """What `load_checkpoint` does with these tensors after `detect_family`, on the meta device (no memory,
     no compute): they must load, with the configurations the file's metadata stores (if any)."""
-    for net, weights in split_networks(path, apply_ema(state)).items():
-        build(path, net, weights, "meta", None, configs.get(net))
+    for net, weights in split_checkpoint(path, state, family).items():
+        build_network(path, family, net, weights, "meta", None, configs.get(net))
 
 
 def human_size(n: int) -> str:
@@ -92,11 +92,11 @@ def human_size(n: int) -> str:
 def convert_file(args: argparse.Namespace) -> None:
     check_output(args)
     state = read_state_dict(args.input)
-    check_family(args.input, state)
-    has_ema = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
+    family = detect_family(args.input, state)
+    ema_copies = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
     state = convert(args.input, state, args.ema_only, args.half)
     stored = read_metadata(args.input)
-    check_loadable(args.input, state, stored.get("configs", {}))
+    check_loadable(args.input, family, state, stored.get("configs", {}))
     from safetensors.torch import save_file
     metadata = {"format": "pt", **({METADATA_KEY: json.dumps(stored)} if stored else {})}
     try:
@@ -107,7 +107,7 @@ def convert_file(args: argparse.Namespace) -> None:
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()})
     print(f"wrote {args.output} ({human_size(args.output.stat().st_size)}, {len(state)} tensors, "
           f"{'/'.join(dtypes)}{', EMA weights as the UNet' if args.ema_only else ''})")
-    if has_ema and not args.ema_only:
+    if ema_copies and not args.ema_only:
         print("note: the file keeps the EMA copies of the UNet (model_ema.*), which are the weights used for "
               "images; --ema-only writes only those, in about half the size")
 

@@ -2,11 +2,11 @@
 
     sampler = make_sampler("dpmpp_2m_karras")
     sampler = make_sampler("ddim", eta=0.5)
-    sampler = make_sampler("euler", karras=True)
+    sampler = make_sampler("euler", spacing="exponential")   # or spacing=sd.samplers.spacing.karras
 
-Every sampler has the interface of `base.Sampler`. Options: `eta` for ddim; `karras` for the
-sigma-space samplers (euler, euler_a, heun, lms, dpmpp_2m); `original_steps` for lcm; `schedule` (a
-`NoiseSchedule`) for all.
+Every sampler has the interface of `base.Sampler`. Options: `eta` for ddim; `spacing` (a function or a
+name of `spacing.SPACINGS`; `karras=True` is short for spacing="karras") for the sigma-space samplers
+(euler, euler_a, heun, lms, dpmpp_2m); `original_steps` for lcm; `schedule` (a `NoiseSchedule`) for all.
 """
 
 import inspect
@@ -22,6 +22,7 @@ from sd.samplers.k_diffusion import EulerAncestralSampler, EulerSampler, HeunSam
 from sd.samplers.lcm import LCMSampler
 from sd.samplers.plms import PLMSSampler
 from sd.samplers.schedule import NoiseSchedule
+from sd.samplers.spacing import SPACINGS, karras
 
 SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "ddpm": DDPMSampler,
@@ -32,7 +33,7 @@ SAMPLERS: dict[str, Callable[..., Sampler]] = {
     "heun": HeunSampler,
     "lms": LMSSampler,
     "dpmpp_2m": DPMSolverPP2MSampler,
-    "dpmpp_2m_karras": partial(DPMSolverPP2MSampler, karras=True),
+    "dpmpp_2m_karras": partial(DPMSolverPP2MSampler, spacing=karras),
     "lcm": LCMSampler,  # for LCM-distilled models and LCM-LoRAs only: 2 to 8 steps, guidance 1 to 2
 }
 
@@ -52,4 +53,4 @@ def make_sampler(name: str, **options) -> Sampler:
     return constructor(**options)
 
 
-__all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "NoiseSchedule", "Sampler", "make_sampler"]
+__all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "SPACINGS", "NoiseSchedule", "Sampler", "make_sampler"]

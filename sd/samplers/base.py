@@ -21,21 +21,25 @@ timestep is the correction), so `timesteps` is longer than the number of steps, 
 much, and a caller must make exactly one `step` call per entry. Parity with diffusers, step by step,
 rests on keeping this interface.
 
+The model output is the noise eps; a model that predicts something else has it turned into eps first
+(`sd.parameterization.to_epsilon`, at the `input_scales` of the step).
+
 Two families, both in the variable x_t = alpha x0 + s eps of the training process (alpha =
-sqrt(a_bar_t), s = sqrt(1 - a_bar_t)), which `add_noise` and `predicted_original` implement once from
-the (alpha, s) a subclass gives in `_scales`:
+sqrt(a_bar_t), s = sqrt(1 - a_bar_t)), which `add_noise` and `predicted_original` implement once
+(`sd.parameterization`) from the (alpha, s) a subclass gives in `_scales`:
 - `AlphaSampler`: integer timesteps of the training schedule, read in a_bar (DDPM, DDIM, PLMS);
-- `SigmaSampler`: a run chosen in the noise level sigma = s / alpha (Karras et al., 2022), evenly spaced
-  in timestep or on EDM's Karras schedule (DPM-Solver++ as it is; the k-diffusion samplers change the
-  variable to x_t / alpha, see k_diffusion.py).
+- `SigmaSampler`: a run chosen in the noise level sigma = s / alpha (Karras et al., 2022) by a sigma
+  spacing (`spacing.py`: evenly in timestep, Karras, exponential) (DPM-Solver++ as it is; the
+  k-diffusion samplers change the variable to x_t / alpha, where (alpha, s) = (1, sigma), see
+  k_diffusion.py).
 """
 
 import torch
 
 from sd.errors import InputError
-from sd.samplers.schedule import NoiseSchedule, linspace
-
-KARRAS_RHO = 7.0  # EDM eq. 5: rho = 7 spaces the steps well for images
+from sd.parameterization import Scales, clean_latents, noised, scales
+from sd.samplers.schedule import NoiseSchedule
+from sd.samplers.spacing import SPACINGS, Spacing, linspace
 
 
 def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -43,29 +47,6 @@ def draw_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.T
     device, then moved, so that a CPU generator gives the same numbers whatever device runs the model."""
     device = generator.device if generator is not None else like.device
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = KARRAS_RHO) -> torch.Tensor:
-    """n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho) (float64)."""
-    ramp = linspace(0, 1, n)  # (n,)
-    max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def interpolate(values: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """values (T,) given at the timesteps 0..T-1, linearly interpolated at fractional timesteps t (float64)."""
-    low = t.floor().long().clamp(max=len(values) - 2)  # (n,)
-    values = values.double()
-    return values[low] + (t - low) * (values[low + 1] - values[low])
-
-
-def sigma_to_t(sigmas: torch.Tensor, training_sigmas: torch.Tensor) -> torch.Tensor:
-    """The fractional timestep of each sigma, interpolating log sigma between training timesteps."""
-    log_training = training_sigmas.log().double()  # (T,) increasing
-    log_sigmas = sigmas.log()  # (n,)
-    low = (torch.searchsorted(log_training, log_sigmas, right=True) - 1).clamp(0, len(log_training) - 2)
-    w = (log_training[low] - log_sigmas) / (log_training[low] - log_training[low + 1])
-    return low + w.clamp(0, 1)
 
 
 def signal_and_noise_scales(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +78,12 @@ class Sampler:
         if not 1 <= num_inference_steps <= self.max_steps:
             raise InputError(f"steps must be between 1 and {self.max_steps}, got {num_inference_steps}")
         self.num_inference_steps = num_inference_steps
-        self.timesteps = self._make_timesteps(num_inference_steps).to(device)
+        self._start(self._make_timesteps(num_inference_steps), device)
         self.set_begin_index(0)
+
+    def _start(self, run, device: torch.device | str | None) -> None:
+        """Take the run `_make_timesteps` made: here, its timesteps."""
+        self.timesteps = run.to(device)
 
     def set_begin_index(self, index: int) -> None:
         """(Re)start the run at `timesteps[index]`, forgetting the history multistep methods keep."""
@@ -134,19 +119,24 @@ class Sampler:
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Noise clean latents (B, 4, h, w) to the level of `timesteps` (B,) or (1,), as training did."""
-        alpha, s = self._scales(timesteps, original)  # (B, 1, 1, 1) each
-        return alpha * original + s * noise  # (B, 4, h, w)
+        return noised(original, noise, *self._scales(timesteps, original))  # (B, 4, h, w)
 
     def predicted_original(self, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The clean latents x0 that the model's noise prediction at (x, t) implies."""
-        alpha, s = self._scales(t, x)
-        return (x - s * eps) / alpha
+        return clean_latents(eps, x, *self._scales(t, x))
 
-    def _scales(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, s) of each timestep, shaped (B, 1, 1, 1) on `like`'s device and dtype."""
+    def input_scales(self, t: torch.Tensor, like: torch.Tensor) -> Scales:
+        """(alpha, s) of x_t, the sample the model sees at the next step (timestep t), shaped (1, 1, 1, 1): what
+        `sd.parameterization.to_epsilon` needs to turn another prediction than eps into eps."""
+        return self._scales(t, like)
+
+    def _scales(self, timesteps: torch.Tensor, like: torch.Tensor) -> Scales:
+        """(alpha, s) of each timestep in the variable x = alpha x0 + s eps this sampler steps in, shaped
+        (B, 1, 1, 1) on `like`'s device and dtype."""
         raise NotImplementedError
 
-    def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
+    def _make_timesteps(self, num_inference_steps: int):
+        """The run of n steps (its timesteps, and for samplers in sigma their sigmas), without side effects."""
         raise NotImplementedError
 
     def _step(self, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor, i: int,
@@ -178,41 +168,41 @@ class AlphaSampler(Sampler):
         return self.schedule.leading_timesteps(num_inference_steps)
 
     def _scales(self, timesteps, like):
-        alphas_cumprod = self.schedule.alphas_cumprod.to(like.device, like.dtype)
-        alpha_bar = alphas_cumprod[timesteps.to(like.device)].reshape(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+        return scales(self.schedule.alphas_cumprod, timesteps, like)
 
 
 class SigmaSampler(Sampler):
     """Base of the samplers whose run is chosen in sigma: beside the model timesteps it builds `sigmas`
-    (len(timesteps) + 1,), the last one 0, on the CPU. The sigmas are those of n evenly spaced, possibly
-    fractional timesteps from 999 down to 0 ("linspace"), or with `karras=True` EDM's eq. 5 schedule,
-    which spends more steps at low noise; each Karras sigma then gets the fractional timestep with
-    that sigma."""
+    (len(timesteps) + 1,), the last one 0, on the CPU, with a sigma spacing (`sd.samplers.spacing`, or its
+    name): by default n evenly spaced, possibly fractional timesteps from 999 down to 0 ("linspace");
+    `karras=True` is short for `spacing=karras`, EDM's eq. 5 schedule, which spends more steps at low noise."""
 
     integer_timesteps: bool = False  # round the model timesteps, keeping the sigmas (diffusers' DPM-Solver++)
+    default_spacing: Spacing = linspace
 
-    def __init__(self, schedule: NoiseSchedule | None = None, *, karras: bool = False):
+    def __init__(self, schedule: NoiseSchedule | None = None, *, spacing: Spacing | str | None = None,
+                 karras: bool = False):
         super().__init__(schedule)
-        self.karras = karras
+        if karras and spacing is not None:
+            raise InputError(f"give either karras=True or spacing={spacing!r}, not both")
+        spacing = "karras" if karras else spacing
+        if isinstance(spacing, str) and spacing not in SPACINGS:
+            raise InputError(f"unknown sigma spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+        self.spacing = SPACINGS[spacing] if isinstance(spacing, str) else spacing or type(self).default_spacing
         self.sigmas = torch.empty(0)
 
-    def _spaced_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        return self.schedule.linspace_timesteps(num_inference_steps)
-
     def _make_timesteps(self, num_inference_steps):
-        training_sigmas = self.schedule.sigmas  # (T,)
-        if self.karras:
-            sigmas = karras_sigmas(float(training_sigmas[0]), float(training_sigmas[-1]), num_inference_steps)
-            timesteps = sigma_to_t(sigmas, training_sigmas)  # (n,)
-        else:
-            timesteps = self._spaced_timesteps(num_inference_steps).float()  # (n,)
-            sigmas = interpolate(training_sigmas, timesteps.double())
-        self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (n + 1,)
-        return timesteps.round().long() if self.integer_timesteps else timesteps.float()
+        timesteps, sigmas = self.spacing(self.schedule, num_inference_steps)  # (n,) each
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # (n + 1,)
+        return (timesteps.round().long() if self.integer_timesteps else timesteps.float()), sigmas
 
-    def _sigmas_at(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """The sigma of each timestep (B,), looked up in `timesteps` from the begin index on."""
+    def _start(self, run, device):
+        timesteps, self.sigmas = run
+        self.timesteps = timesteps.to(device)
+
+    def _sigmas_at(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The sigma of each timestep (B,), looked up in `timesteps` from the begin index on, shaped (B, 1, 1, 1)
+        on `like`'s device and dtype."""
         candidates = self.timesteps[self._begin_index:].cpu()
         indices = []
         for t in timesteps.reshape(-1).cpu():
@@ -220,8 +210,11 @@ class SigmaSampler(Sampler):
             if len(matches) == 0:
                 raise ValueError(f"timestep {float(t)} is not among this run's timesteps from the begin index on")
             indices.append(self._begin_index + int(matches[0]))
-        return self.sigmas[indices]
+        return self.sigmas[indices].to(like.device, like.dtype).reshape(-1, 1, 1, 1)
 
     def _scales(self, timesteps, like):
-        sigma = self._sigmas_at(timesteps).to(like.device, like.dtype).reshape(-1, 1, 1, 1)
+        return signal_and_noise_scales(self._sigmas_at(timesteps, like))
+
+    def input_scales(self, t, like):
+        sigma = self.sigmas[self._step_index].to(like.device, like.dtype).reshape(1, 1, 1, 1)
         return signal_and_noise_scales(sigma)

@@ -10,6 +10,7 @@ A non-Markovian process with the same marginals as DDPM lets a step jump straigh
 eta = 0 gives the deterministic DDIM sampler (an ODE solver, good in 20-50 steps); eta = 1 is DDPM.
 """
 
+from sd.parameterization import clean_latents, noised
 from sd.samplers.base import AlphaSampler, draw_noise
 from sd.samplers.schedule import NoiseSchedule
 
@@ -23,7 +24,7 @@ class DDIMSampler(AlphaSampler):
         t = int(t)
         t_prev = t - self.schedule.num_train_timesteps // self.num_inference_steps
         a, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
-        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5  # (B, 4, h, w)
+        x0 = clean_latents(eps, x, a**0.5, (1 - a) ** 0.5)  # (B, 4, h, w)
         variance = (1 - a_prev) / (1 - a) * (1 - a / a_prev)
         s = self.eta * variance**0.5
         x_prev = a_prev**0.5 * x0 + (1 - a_prev - s**2) ** 0.5 * eps
@@ -40,9 +41,17 @@ class DDIMInverseSampler(AlphaSampler):
     def _make_timesteps(self, num_inference_steps):
         return self.schedule.leading_timesteps(num_inference_steps).flip(0)  # (n,) rising
 
+    def _start_of_step(self, t: int) -> int:
+        """The timestep t - T/n the step to t starts from, where the sample is."""
+        steps = self.schedule.num_train_timesteps
+        return min(t - steps // self.num_inference_steps, steps - 1)
+
+    def input_scales(self, t, like):
+        a_from = self.alpha_bar(self._start_of_step(int(t))).to(like.device, like.dtype)
+        return a_from**0.5, (1 - a_from) ** 0.5
+
     def _step(self, eps, t, x, i, generator):
         t = int(t)
-        t_from = min(t - self.schedule.num_train_timesteps // self.num_inference_steps, self.schedule.num_train_timesteps - 1)
-        a_from, a_to = self.alpha_bar(t_from), self.alpha_bar(t)
-        x0 = (x - (1 - a_from) ** 0.5 * eps) / a_from**0.5  # (B, 4, h, w)
-        return a_to**0.5 * x0 + (1 - a_to) ** 0.5 * eps
+        a_from, a_to = self.alpha_bar(self._start_of_step(t)), self.alpha_bar(t)
+        x0 = clean_latents(eps, x, a_from**0.5, (1 - a_from) ** 0.5)  # (B, 4, h, w)
+        return noised(x0, eps, a_to**0.5, (1 - a_to) ** 0.5)

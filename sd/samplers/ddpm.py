@@ -14,6 +14,7 @@ needs many steps (hundreds) for a good image.
 
 import torch
 
+from sd.parameterization import clean_latents
 from sd.samplers.base import AlphaSampler, draw_noise
 
 MIN_VARIANCE = 1e-20  # keeps the last step's variance (exactly 0) away from 0, as diffusers does
@@ -28,7 +29,7 @@ class DDPMSampler(AlphaSampler):
         a, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
         alpha = a / a_prev
         beta = 1 - alpha
-        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5  # (B, 4, h, w)
+        x0 = clean_latents(eps, x, a**0.5, (1 - a) ** 0.5)  # (B, 4, h, w)
         mean = (a_prev**0.5 * beta / (1 - a)) * x0 + (alpha**0.5 * (1 - a_prev) / (1 - a)) * x
         if t == 0:
             return mean

@@ -10,9 +10,9 @@ s = sqrt(1 - a_bar). Each step from lambda to lambda_next = lambda + h reads
 with D the model's clean-latent estimate x0 = (x - s eps) / alpha (first order, which is DDIM), or, when
 the previous step's estimate is at hand, D = x0 + (x0 - x0_prev) / (2 r) with r = h_prev / h, a
 second-order multistep correction. The first step of a run and the last one (to sigma = 0) are first
-order. Sigmas and timesteps come from `SigmaSampler` (Karras sigmas with `karras=True`, model timesteps
-rounded as diffusers does); x is x_t itself, so the run starts from unit noise and the model input is
-not scaled.
+order. Sigmas and timesteps come from `SigmaSampler` (any spacing; Karras sigmas with `karras=True`;
+model timesteps rounded as diffusers does); x is x_t itself, so the run starts from unit noise and the
+model input is not scaled.
 
 Where rounding gives two equal timesteps (1000 steps: two at 500), that step has h = 0 and moves
 nothing, and it is not kept as the "previous" estimate: r is measured from the last estimate taken at
@@ -21,15 +21,14 @@ another lambda, so no step divides by zero (diffusers' scheduler makes NaN there
 
 import torch
 
+from sd.parameterization import clean_latents
 from sd.samplers.base import SigmaSampler, signal_and_noise_scales
+from sd.samplers.spacing import rounded_linspace
 
 
 class DPMSolverPP2MSampler(SigmaSampler):
     integer_timesteps = True
-
-    def _spaced_timesteps(self, num_inference_steps):
-        """n + 1 evenly spaced integer timesteps from 999 to 0, without the last, as diffusers spaces them."""
-        return self.schedule.linspace_timesteps(num_inference_steps + 1)[:-1].round()
+    default_spacing = rounded_linspace  # n + 1 evenly spaced integer timesteps from 999 to 0, without the last
 
     def _reset(self):
         self._previous = None  # (x0, lambda) of the last step that moved
@@ -45,7 +44,7 @@ class DPMSolverPP2MSampler(SigmaSampler):
             return x
         alpha, s = signal_and_noise_scales(self.sigmas[i])
         alpha_next, s_next = signal_and_noise_scales(self.sigmas[i + 1])
-        x0 = (x - s * eps) / alpha  # shaped like x
+        x0 = clean_latents(eps, x, alpha, s)  # shaped like x
         phi = alpha_next * (torch.exp(-h) - 1.0)
         x_next = (s_next / s) * x - phi * x0  # first order
         if self._previous is not None and i < len(self.timesteps) - 1:

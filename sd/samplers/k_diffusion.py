@@ -8,9 +8,9 @@ to 0, where D = x - sigma eps is the model's estimate of the clean latents (EDM 
 starts from sigma_max * noise, the model sees x / sqrt(sigma^2 + 1) (which is x_t itself) and the
 timestep whose sigma that is, and the last step lands on sigma = 0.
 
-The sigmas of a run come from `SigmaSampler` (base.py): linspace or Karras. Samplers: Euler (EDM Alg. 1
-without its second-order correction), Euler ancestral, Heun (EDM Alg. 1) and LMS (k-diffusion's
-linear multistep). DPM-Solver++ (dpm_solver.py) shares the sigmas but stays in x_t.
+The sigmas of a run come from `SigmaSampler` (base.py) and its spacing (spacing.py). Samplers: Euler
+(EDM Alg. 1 without its second-order correction), Euler ancestral, Heun (EDM Alg. 1) and LMS
+(k-diffusion's linear multistep). DPM-Solver++ (dpm_solver.py) shares the sigmas but stays in x_t.
 """
 
 import math
@@ -34,12 +34,10 @@ class KDiffusionSampler(SigmaSampler):
         sigma = self.sigmas[self._step_index]
         return x / (sigma**2 + 1) ** 0.5
 
-    def add_noise(self, original, noise, timesteps):
-        sigma = self._sigmas_at(timesteps).to(original.device, original.dtype).reshape(-1, 1, 1, 1)
-        return original + noise * sigma  # (B, 4, h, w)
-
-    def predicted_original(self, eps, t, x):
-        return x - self._sigmas_at(t).to(x.device, x.dtype) * eps  # D(x; sigma)
+    def _scales(self, timesteps, like):
+        """(1, sigma): x = x0 + sigma eps, so `add_noise` and `predicted_original` (D(x; sigma)) hold here too."""
+        sigma = self._sigmas_at(timesteps, like)  # (B, 1, 1, 1)
+        return torch.ones_like(sigma), sigma
 
     @staticmethod
     def _derivative(eps: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -75,9 +73,9 @@ class HeunSampler(KDiffusionSampler):
     order = 2
 
     def _make_timesteps(self, num_inference_steps):
-        timesteps = super()._make_timesteps(num_inference_steps)  # (n,)
-        self.sigmas = torch.cat([self.sigmas[:1], self.sigmas[1:-1].repeat_interleave(2), self.sigmas[-1:]])
-        return torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])  # (2n - 1,)
+        timesteps, sigmas = super()._make_timesteps(num_inference_steps)  # (n,), (n + 1,)
+        return (torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]),  # (2n - 1,)
+                torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]))  # (2n,)
 
     def _reset(self):
         self._predictor = None  # (x, slope, dsigma) of an Euler step awaiting its correction

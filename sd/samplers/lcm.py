@@ -15,6 +15,7 @@ LCM-distilled UNet or an LCM-LoRA merged into an SD v1 model, with guidance arou
 
 import torch
 
+from sd.parameterization import clean_latents, noised
 from sd.samplers.base import AlphaSampler, draw_noise
 from sd.samplers.schedule import NoiseSchedule
 
@@ -44,8 +45,8 @@ class LCMSampler(AlphaSampler):
         scaled = int(t) * TIMESTEP_SCALING
         c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
         c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
-        x0 = (x - (1 - a) ** 0.5 * eps) / a**0.5  # (B, 4, h, w)
+        x0 = clean_latents(eps, x, a**0.5, (1 - a) ** 0.5)  # (B, 4, h, w)
         denoised = c_out * x0 + c_skip * x
         if last:
             return denoised
-        return a_next**0.5 * denoised + (1 - a_next) ** 0.5 * draw_noise(eps, generator)
+        return noised(denoised, draw_noise(eps, generator), a_next**0.5, (1 - a_next) ** 0.5)

@@ -1,0 +1,131 @@
+"""Stable Diffusion model families as data: how a single-file checkpoint of each is recognised and read.
+
+Every family keeps the latent-diffusion layout of its original single file (CompVis `ldm` for SD 1.x
+and 2.x, Stability's `sgm` for SDXL): the UNet under `model.diffusion_model.`, the KL autoencoder under
+`first_stage_model.`, the text encoders under their own prefixes. A `Family` says how to recognise its
+files (`detect`, on the state dict's keys and shapes), where each network's weights are (`prefixes`),
+how a layout whose names are not our module names is renamed (`renames`; SD v1 needs none), which text
+encoders condition it, its latent scale, image size and prediction type, and how its UNet's
+configuration is read off the weights' shapes (`unet_config`). SD 2.x and SDXL are recognised and
+refused (`supported=False`) until their networks exist. `FAMILIES` is in detection order: the first
+family whose `detect` holds is the file's.
+"""
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import partial
+
+import torch
+
+from sd.text_encoders import TextEncoderSpec
+from sd.unet import UNetConfig
+
+StateDict = Mapping[str, torch.Tensor]
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+SD_V1_SCALE = 0.18215  # SD v1's latent scale, for files without a stored scale_factor
+SD_V1_SIZE = 512
+
+
+def transformer_blocks(s: StateDict, block: str) -> int:
+    """How many transformer blocks the spatial transformer `block` ("input_blocks.1.1") holds; 0 if none."""
+    pattern = re.compile(re.escape(block) + r"\.transformer_blocks\.(\d+)\.")
+    return len({m[1] for k in s if (m := pattern.match(k))})
+
+
+def unet_config_from_shapes(s: StateDict, **fixed) -> UNetConfig:
+    """The UNet's configuration from its weights (keys without the prefix); `fixed`: what shapes cannot tell
+    (the head count or width)."""
+    ch = s["input_blocks.0.0.weight"].shape[0]
+    n_levels = 1 + sum(1 for k in s if re.fullmatch(r"input_blocks\.\d+\.0\.op\.weight", k))  # downsamplers + 1
+    n_res = len({k.split(".")[1] for k in s if k.startswith("input_blocks.")}) // n_levels - 1
+    first_block = [1 + level * (n_res + 1) for level in range(n_levels)]  # input_blocks index per level
+    attention_levels = tuple(lv for lv, i in enumerate(first_block) if f"input_blocks.{i}.1.norm.weight" in s)
+    per_level = tuple(transformer_blocks(s, f"input_blocks.{i}.1") for i in first_block)  # (0 without attention)
+    middle = transformer_blocks(s, "middle_block.1")
+    depths = {per_level[level] for level in attention_levels}
+    cfg = UNetConfig(
+        in_channels=s["input_blocks.0.0.weight"].shape[1],
+        out_channels=s["out.2.weight"].shape[0],
+        model_channels=ch,
+        channel_mult=tuple(s[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // ch for i in first_block),
+        attention_levels=attention_levels,
+        context_dim=s["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        num_res_blocks=n_res,
+        transformer_depth=per_level if len(depths) > 1 else next(iter(depths), middle),
+        linear_proj=any(w.dim() == 2 for k, w in s.items() if k.endswith(".proj_in.weight")),  # Linear, not 1x1 conv
+        adm_in_channels=s["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in s else None,
+        **fixed,
+    )
+    return cfg if cfg.middle_depth == middle else replace(cfg, transformer_depth_middle=middle)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # "sd1", "sdxl", ...: how code and metadata name it
+    title: str  # how messages name it: "SD v1", "SDXL"
+    detect: Callable[[StateDict], bool]  # whether a checkpoint's full state dict is of this family
+    prefixes: Mapping[str, tuple[str, ...]]  # network -> its key prefixes in the file (the first is written)
+    text_encoders: tuple[TextEncoderSpec, ...]
+    unet_config: Callable[[StateDict], UNetConfig]  # from the UNet's weights, keys without the prefix
+    renames: Mapping[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = field(default_factory=dict)
+    # network -> file keys (prefix removed) to our module names, where they differ
+    kind: str = "text-to-image"  # or "inpainting" (the UNet takes the mask and masked latents too)
+    scale_factor: float = SD_V1_SCALE  # the latent scale, for files that do not store one
+    image_size: int = SD_V1_SIZE  # the size it was trained at: the default width and height
+    prediction_type: str = "epsilon"  # what the UNet predicts (`sd.parameterization.PREDICTION_TYPES`)
+    supported: bool = True  # False: recognised, and refused until its networks exist
+
+
+def has_prefix(s: StateDict, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in s)
+
+
+def missing_networks(s: StateDict, prefixes: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """The networks of `prefixes` that `s` holds no weights for."""
+    return [net for net, ps in prefixes.items() if not any(k.startswith(ps) for k in s)]
+
+
+def unet_in_channels(s: StateDict) -> int | None:
+    weight = s.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    return weight.shape[1] if weight is not None and weight.dim() == 4 else None
+
+
+SD1_PREFIXES = {
+    "unet": (UNET_PREFIX,),
+    "vae": (VAE_PREFIX,),
+    "clip": ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
+}
+SD1 = Family(name="sd1", title="SD v1", detect=lambda s: not missing_networks(s, SD1_PREFIXES),
+             prefixes=SD1_PREFIXES, text_encoders=(TextEncoderSpec(),), unet_config=unet_config_from_shapes)
+SD1_INPAINTING = replace(SD1, name="sd1-inpainting", kind="inpainting",
+                         detect=lambda s: SD1.detect(s) and unet_in_channels(s) == 9)
+
+# SD 2.x: OpenCLIP ViT-H, conditioning on its penultimate layer then ln_final, padded with id 0; UNet heads of
+# 64 channels, Linear projections. 512-base (epsilon) and 768-v (v) files have the same keys and shapes.
+SD2 = Family(name="sd2", title="SD 2.x", detect=lambda s: has_prefix(s, "cond_stage_model.model."),
+             prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,), "clip": ("cond_stage_model.model.",)},
+             text_encoders=(TextEncoderSpec(pad_id=0, hidden_layer=-2),),
+             unet_config=partial(unet_config_from_shapes, head_channels=64), supported=False)
+SD2_INPAINTING = replace(SD2, name="sd2-inpainting", title="SD 2.x inpainting", kind="inpainting",
+                         detect=lambda s: SD2.detect(s) and unet_in_channels(s) == 9)
+
+# SDXL: CLIP ViT-L and OpenCLIP bigG, both on their penultimate layer without the final norm; bigG's pooled
+# output and the size embeddings form the vector label_emb takes (2816 wide; the refiner's: 2560, bigG alone).
+BIG_G = TextEncoderSpec(name="clip_g", pad_id=0, hidden_layer=-2, final_norm=False, pooled=True)
+SDXL = Family(name="sdxl", title="SDXL", detect=lambda s: has_prefix(s, "conditioner.embedders."),
+              prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),
+                        "clip": ("conditioner.embedders.0.transformer.text_model.",),
+                        "clip_g": ("conditioner.embedders.1.model.",)},
+              text_encoders=(TextEncoderSpec(hidden_layer=-2, final_norm=False), BIG_G),
+              unet_config=partial(unet_config_from_shapes, head_channels=64), scale_factor=0.13025,
+              image_size=1024, supported=False)
+SDXL_REFINER = replace(SDXL, name="sdxl-refiner", title="SDXL refiner", text_encoders=(BIG_G,),
+                       prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),
+                                 "clip_g": ("conditioner.embedders.0.model.",)},
+                       detect=lambda s: has_prefix(s, "conditioner.embedders.0.model.")
+                       and not has_prefix(s, "conditioner.embedders.1."))
+
+FAMILIES = {f.name: f for f in (SDXL_REFINER, SDXL, SD2_INPAINTING, SD2, SD1_INPAINTING, SD1)}  # detection order

@@ -1,0 +1,243 @@
+"""The arguments of a generation, checked, opened and completed with their defaults, without any weights.
+
+`settle` is what `StableDiffusion.generate` runs first and what a command line runs before it loads a model;
+a bad value raises a `SettingError`, whose message can name the parameters as command-line flags. Images
+are opened here (`open_image`), so an unreadable file is refused before any work.
+"""
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sd.checkpoint import SD_V1_SIZE
+from sd.errors import InputError, SettingError
+from sd.prompt import check_clip_skip, parse_emphasis
+from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
+from sd.token_merging import MAX_RATIO, TokenMerging
+
+VAE_FACTOR = 8  # image pixels per latent pixel, each way
+LATENT_DTYPE = torch.float32  # latents and sampler arithmetic stay fp32 whatever the networks run in
+DEFAULT_STEPS = 25
+DEFAULT_GUIDANCE = 7.5
+OUTPUT_TYPES = ("pil", "np", "latent")
+UPSCALERS = ("latent", "lanczos")  # of hires_fix
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+ImageInput = Image.Image | str | Path
+
+
+def open_image(image: ImageInput, what: str, mode: str) -> Image.Image:
+    """A PIL image in `mode` ("RGB" or "L") from an image or a path; errors name the file."""
+    if not isinstance(image, Image.Image):
+        path = Path(image)
+        if not path.is_file():
+            raise InputError(f"{what} not found: {path}; check the path.")
+        try:
+            with Image.open(path) as opened:
+                image = opened.copy()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # a bomb: over PIL's pixel limit
+            raise InputError(f"cannot read {what} {path}: {e}; give a PNG or JPEG file.") from None
+    try:
+        if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")  # composite transparency onto white rather than black
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+        return image.convert(mode)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot convert {what} ({image.mode}, {image.width}x{image.height}) to {mode}: {e}; "
+                         f"save it as an RGB PNG or JPEG") from None
+
+
+@dataclass
+class Settings:
+    """What one generation asks for, defaults filled in and checked (see `settle`)."""
+
+    prompts: list[str]
+    negatives: list[str]
+    image: Image.Image | None
+    mask: Image.Image | None
+    strength: float
+    steps: int
+    guidance_scale: float
+    sampler: Sampler
+    seed: int
+    width: int
+    height: int
+    num_images: int
+    output_type: str
+    clip_skip: int
+    latents: torch.Tensor | None = None  # (B, 4, h, w): where text-to-image starts instead of fresh noise
+    image_latents: torch.Tensor | None = None  # (B, 4, h, w): image-to-image from these instead of an image
+    deep_cache: int | None = None  # DeepCache's interval: a full UNet call every this many steps
+    deep_cache_branch: int = 0
+    token_merging: TokenMerging | None = None
+
+    @property
+    def redraws(self) -> bool:
+        """Image-to-image or inpainting: the run starts part-way, from an image."""
+        return self.image is not None or self.image_latents is not None
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+
+def is_int(value) -> bool:
+    """A whole number (int), not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool) that is neither infinite nor NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def texts(name: str, value) -> list[str]:
+    """A text or a non-empty list of texts, as a list."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values or not all(isinstance(v, str) for v in values):
+        raise SettingError(lambda n: f"{n(name)} must be a text or a non-empty list of texts, got {value!r:.60}")
+    for text in values:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # e.g. bytes a shell passed on that are not UTF-8
+            raise SettingError(lambda n: f"{n(name)} holds characters that are not valid Unicode "
+                                         f"({text!r:.60}); give UTF-8 text") from None
+    return list(values)
+
+
+def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, image: ImageInput | None = None,
+           mask: ImageInput | None = None, strength: float | None = None, steps: int = DEFAULT_STEPS,
+           guidance_scale: float = DEFAULT_GUIDANCE, sampler: str | Sampler = DEFAULT_SAMPLER,
+           seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
+           output_type: str = "pil", clip_skip: int = 1, latents: torch.Tensor | None = None,
+           image_latents: torch.Tensor | None = None, deep_cache: int | None = None, deep_cache_branch: int = 0,
+           token_merging: float | TokenMerging | None = None, image_size: int = SD_V1_SIZE,
+           inpainting_model: bool = False) -> Settings:
+    """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
+    any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
+    own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
+    `SettingError`, whose message can name the parameters as command-line flags."""
+    prompts = texts("prompt", prompt)
+    negatives = texts("negative_prompt", negative_prompt)
+    negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
+    for name, text in [("prompt", p) for p in prompts] + [("negative_prompt", p) for p in negatives]:
+        parse_emphasis(text, name)  # a malformed weight is refused before any work
+    check_clip_skip(clip_skip)
+    if deep_cache is not None and (not is_int(deep_cache) or deep_cache < 1):
+        raise SettingError(lambda n: f"{n('deep_cache')} must be a whole number of steps, at least 1 (1: no "
+                                     f"reuse), got {deep_cache!r}")
+    if not is_int(deep_cache_branch) or deep_cache_branch < 0:
+        raise SettingError(lambda n: f"{n('deep_cache_branch')} must be a whole number, at least 0, got "
+                                     f"{deep_cache_branch!r}")
+    token_merging = check_token_merging(token_merging)
+    for name, value in (("image", image), ("mask", mask)):
+        if value is not None and not isinstance(value, (Image.Image, str, Path)):
+            raise SettingError(lambda n: f"{n(name)} must be a PIL image or the path of an image file, got a "
+                                         f"{type(value).__name__}")
+    if not isinstance(sampler, (str, Sampler)):
+        raise SettingError(lambda n: f"{n('sampler')} must be a sampler's name or a Sampler, got {sampler!r}")
+    if not is_finite_number(guidance_scale):
+        raise SettingError(lambda n: f"{n('guidance_scale')} must be a finite number, got {guidance_scale!r}")
+    if len(negatives) != len(prompts):
+        raise SettingError(lambda n: f"got {len(negatives)} values of {n('negative_prompt')} for {len(prompts)} "
+                                     f"prompts; give one each")
+    if mask is not None and image is None:
+        raise SettingError(lambda n: f"{n('mask')} needs {n('image')}: the image to inpaint")
+    if sum(x is not None for x in (image, latents, image_latents)) > 1:
+        raise SettingError(lambda n: f"give one of {n('image')}, {n('latents')} (where text-to-image starts) and "
+                                     f"{n('image_latents')} (an image's latents to redraw)")
+    if image_latents is not None and mask is not None:
+        raise SettingError(lambda n: f"{n('mask')} needs {n('image')}, not {n('image_latents')}")
+    if strength is not None and image is None and image_latents is None:
+        raise SettingError(lambda n: f"{n('strength')} {strength} needs {n('image')}: it says how much of that "
+                                     f"image is redrawn")
+    if inpainting_model and mask is None:
+        raise SettingError(lambda n: f"this is an inpainting checkpoint: give {n('image')} and {n('mask')}")
+    strength = (0.75 if mask is None else 1.0) if strength is None else strength  # with neither image: unused
+    if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
+        raise SettingError(lambda n: f"{n('strength')} must be between 0 and 1, got {strength!r}")
+    sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
+    max_steps = sampler.max_steps  # no run has more steps than training had timesteps (lcm: 50)
+    if not is_int(steps) or not 1 <= steps <= max_steps:
+        raise SettingError(lambda n: f"{n('steps')} must be a whole number between 1 and {max_steps}, got {steps!r}")
+    if not is_int(num_images) or num_images < 1:
+        raise SettingError(lambda n: f"{n('num_images')} must be at least 1, got {num_images!r}")
+    seed = random.randrange(2**32) if seed is None else seed
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise SettingError(lambda n: f"{n('seed')} must be between 0 and 2**64-1, got {seed!r}")
+    if output_type not in OUTPUT_TYPES:
+        raise SettingError(lambda n: f"{n('output_type')} must be one of {', '.join(OUTPUT_TYPES)}, "
+                                     f"got {output_type!r}")
+    image = open_image(image, "init image", "RGB") if image is not None else None
+    mask = open_image(mask, "mask", "L") if mask is not None else None
+    given = {key: check_latents(value, key, len(prompts) * num_images)
+             for key, value in (("latents", latents), ("image_latents", image_latents)) if value is not None}
+    size = {}
+    for name, value in (("width", width), ("height", height)):  # default: the image's own, rounded down
+        own = ([x.shape[-1 if name == "width" else -2] * VAE_FACTOR for x in given.values()] or
+               [getattr(image, name) // VAE_FACTOR * VAE_FACTOR if image else image_size])[0]
+        if given and value not in (None, own):
+            raise SettingError(lambda n: f"{n(name)} {value} is not that of the latents, {own}; leave it out")
+        value = own if value is None else value
+        if not is_int(value) or value < VAE_FACTOR or value % VAE_FACTOR:
+            raise SettingError(lambda n: f"{n(name)} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
+        size[name] = value
+    return Settings(prompts=prompts, negatives=negatives, image=image, mask=mask, strength=strength, steps=steps,
+                    guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
+                    output_type=output_type, clip_skip=clip_skip, deep_cache=deep_cache,
+                    deep_cache_branch=deep_cache_branch, token_merging=token_merging, **given, **size)
+
+
+def check_token_merging(value: float | TokenMerging | None) -> TokenMerging | None:
+    """A ratio (or a `TokenMerging`) checked; None (or ratio 0) for no merging."""
+    merging = value if isinstance(value, TokenMerging) else TokenMerging(value) if is_finite_number(value) else None
+    if value is not None and (merging is None or not 0.0 <= merging.ratio <= MAX_RATIO):
+        raise SettingError(lambda n: f"{n('token_merging')} must be a share of the tokens between 0 and {MAX_RATIO}, "
+                                     f"got {value!r}")
+    return merging if merging is not None and merging.ratio > 0 else None
+
+
+def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
+    """The settings of `StableDiffusion.hires_fix`, before its first pass."""
+    if not is_finite_number(scale) or scale <= 1:
+        raise SettingError(lambda n: f"{n('hires_scale')} must be a number above 1, got {scale!r}")
+    if not is_finite_number(strength) or not 0 <= strength <= 1:
+        raise SettingError(lambda n: f"{n('hires_strength')} must be between 0 and 1, got {strength!r}")
+    if steps is not None and (not is_int(steps) or not 1 <= steps <= max_steps):
+        raise SettingError(lambda n: f"{n('hires_steps')} must be a whole number between 1 and {max_steps}, got "
+                                     f"{steps!r}")
+    if upscaler not in UPSCALERS:
+        raise SettingError(lambda n: f"{n('hires_upscaler')} must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
+
+
+def check_deep_cache_branch(branch: int, unet) -> None:
+    """DeepCache's branch must be one of the UNet's skip connections."""
+    if branch >= len(unet.input_blocks):
+        raise SettingError(lambda n: f"{n('deep_cache_branch')} must be below {len(unet.input_blocks)}, this UNet's "
+                                     f"skip connections, got {branch}")
+
+
+def check_invertible(image: Image.Image) -> None:
+    """An image inverted at its own size must have sides that are multiples of 8."""
+    if image.width % VAE_FACTOR or image.height % VAE_FACTOR:
+        raise SettingError(lambda n: f"the image to invert is {image.width}x{image.height}, not a multiple of "
+                                     f"{VAE_FACTOR} each way; crop it, or give {n('width')} and {n('height')} to resize "
+                                     f"it to")
+
+
+def check_latents(latents, name: str, batch: int) -> torch.Tensor:
+    """Latents (4, h, w), (1, 4, h, w) or (batch, 4, h, w), finite, as (batch, 4, h, w) float32."""
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        raise SettingError(lambda n: f"{n(name)} must be a float tensor (4, h, w) or (N, 4, h, w), got "
+                                     f"{type(latents).__name__}")
+    latents = latents[None] if latents.dim() == 3 else latents
+    if latents.dim() != 4 or latents.shape[1] != 4 or latents.shape[0] not in (1, batch):
+        raise SettingError(lambda n: f"{n(name)} must have the shape (4, h, w), (1, 4, h, w) or ({batch}, 4, h, w), "
+                                     f"got {tuple(latents.shape)}")
+    if not torch.isfinite(latents).all():
+        raise SettingError(lambda n: f"{n(name)} hold NaN or inf values")
+    return latents.to(LATENT_DTYPE).expand(batch, -1, -1, -1)

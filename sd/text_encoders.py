@@ -1,0 +1,18 @@
+"""The text-encoder stack: which encoders condition a family's UNet, and how each one is read.
+
+SD v1 conditions on one CLIP ViT-L/14 text tower; SD 2.x on OpenCLIP ViT-H; SDXL on both CLIP ViT-L and
+OpenCLIP bigG, their hidden states concatenated along the channels, with bigG's pooled output as a
+global vector. Each entry says how its tokens are padded, which hidden layer conditions, whether the final
+LayerNorm is applied to it, and whether the encoder yields a pooled vector.
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    name: str = "clip"  # the network's name in StableDiffusionModels and the checkpoint tables
+    pad_id: int | None = None  # token id that pads to 77 positions; None: the end-of-text id (SD v1)
+    hidden_layer: int = -1  # the layer whose output conditions (-1: the last; -2: the penultimate)
+    final_norm: bool = True  # apply the final LayerNorm to that layer's output
+    pooled: bool = False  # also yield the pooled vector (the end-of-text token's, projected)

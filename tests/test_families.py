@@ -1,0 +1,151 @@
+"""Model families (`sd.families`): every family is recognised from its keys and shapes, SD v1 loads as today,
+the others are refused by name; the UNet's SD 2.x / SDXL configuration axes, read off the weights' shapes,
+give diffusers' `UNet2DConditionModel` outputs at toy widths (diffusers' own `convert_ldm_unet_checkpoint`
+says which CompVis key each of its weights has); the UNet's conditioning bundle and speed-ups."""
+
+import pytest
+import torch
+
+from sd.checkpoint import detect_family, load_checkpoint
+from sd.conditioning import Conditioning
+from sd.errors import CheckpointError, UnsupportedModelError
+from sd.families import FAMILIES, SD1, SD1_INPAINTING, SD2, SD2_INPAINTING, SDXL, SDXL_REFINER, UNET_PREFIX
+from sd.unet import UNet, UNetConfig, Speedups
+from tests.compvis import save_checkpoint
+from tests.tiny import CLIP_PREFIX, TINY_UNET, tiny_compvis_state
+
+# Text-encoder keys of the other families' files (a few are enough to be recognised)
+OPEN_CLIP = {"cond_stage_model.model.positional_embedding": torch.zeros(77, 64)}
+SDXL_ENCODERS = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 4),
+                 "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 4)}
+REFINER_ENCODER = {"conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 4)}
+
+
+def foreign(text_encoders: dict, in_channels: int = 4) -> dict[str, torch.Tensor]:
+    """The tiny checkpoint with its CLIP replaced by another family's text encoders."""
+    state = tiny_compvis_state(in_channels=in_channels)
+    return {**{k: v for k, v in state.items() if not k.startswith(CLIP_PREFIX)}, **text_encoders}
+
+
+CASES = {"sd1": (lambda: tiny_compvis_state(), SD1),
+         "sd1-inpainting": (lambda: tiny_compvis_state(in_channels=9), SD1_INPAINTING),
+         "sd2": (lambda: foreign(OPEN_CLIP), SD2),
+         "sd2-inpainting": (lambda: foreign(OPEN_CLIP, in_channels=9), SD2_INPAINTING),
+         "sdxl": (lambda: foreign(SDXL_ENCODERS), SDXL),
+         "sdxl-refiner": (lambda: foreign(REFINER_ENCODER), SDXL_REFINER)}
+
+
+def test_every_family_has_a_detection_case():
+    assert CASES.keys() == FAMILIES.keys()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_family_is_recognised(tmp_path, name):
+    make, family = CASES[name]
+    path = save_checkpoint(make(), tmp_path / f"{name}.safetensors")
+    if family.supported:
+        assert detect_family(path, make()) is family
+        models = load_checkpoint(path)
+        assert models.family is family and models.kind == family.kind
+        assert models.unet.config == UNetConfig(**{**TINY_UNET.__dict__, "in_channels": 9 if "inpainting" in name
+                                                   else 4})
+        return
+    with pytest.raises(UnsupportedModelError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message, message
+    assert f"is an {family.title} checkpoint (family {name})" in message and "not supported yet" in message
+    assert "Use an SD v1.x checkpoint" in message
+
+
+def test_no_family_is_a_checkpoint_error(tmp_path):
+    state = {"fc.weight": torch.zeros(10, 4)}
+    with pytest.raises(CheckpointError) as info:
+        detect_family(tmp_path / "resnet.safetensors", state)
+    assert not isinstance(info.value, UnsupportedModelError)
+    assert "not a Stable Diffusion v1 checkpoint: it has no weights for the unet, vae, clip" in str(info.value)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
+def test_records_are_consistent(family):
+    assert family.prefixes["unet"] == (UNET_PREFIX,)
+    assert {spec.name for spec in family.text_encoders} <= family.prefixes.keys()
+    assert family.renames.keys() <= family.prefixes.keys() and family.prediction_type == "epsilon"
+
+
+def test_other_families_keep_their_own_defaults():
+    assert (SD1.scale_factor, SD1.image_size) == (0.18215, 512)
+    assert (SDXL.scale_factor, SDXL.image_size) == (SDXL_REFINER.scale_factor, SDXL_REFINER.image_size) == (0.13025, 1024)
+    assert [spec.name for spec in SDXL.text_encoders] == ["clip", "clip_g"] and SDXL.text_encoders[1].pooled
+    assert SD2.text_encoders[0].pad_id == 0 and SD2.text_encoders[0].hidden_layer == -2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The UNet's configuration axes against diffusers
+
+TOY = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 128),
+           cross_attention_dim=32, attention_head_dim=(1, 2, 2), use_linear_projection=True)
+REFERENCES = {
+    # SD 2.x-like: heads of 64 channels, Linear projections, a different transformer depth per level
+    "sd2": (SD2, dict(TOY, transformer_layers_per_block=(1, 2, 3),
+                      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+            UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(0, 1), context_dim=32,
+                       head_channels=64, linear_proj=True, transformer_depth=(1, 2, 0), transformer_depth_middle=3)),
+    # SDXL-like: no attention at the top level, deeper below, a vector through label_emb
+    "sdxl": (SDXL, dict(TOY, transformer_layers_per_block=(1, 1, 2), class_embed_type="projection",
+                        projection_class_embeddings_input_dim=24,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
+             UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(1, 2), context_dim=32,
+                        head_channels=64, linear_proj=True, transformer_depth=(0, 1, 2), adm_in_channels=24)),
+}
+
+
+def compvis_weights(ref: torch.nn.Module, cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """`ref`'s weights under our (CompVis) keys, found by passing index-tagged tensors through diffusers' converter."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    with torch.device("meta"):
+        ours = UNet(cfg).state_dict()
+    keys = list(ours)
+    tags = {UNET_PREFIX + k: torch.tensor(float(i)).expand(ours[k].shape) for i, k in enumerate(keys)}
+    converted = convert_ldm_unet_checkpoint(tags, dict(ref.config))
+    ref_state = ref.state_dict()
+    assert converted.keys() == ref_state.keys()
+    inverse = {dk: keys[int(t.reshape(-1)[0])] for dk, t in converted.items()}
+    assert sorted(inverse.values()) == sorted(keys)
+    return {ck: ref_state[dk].reshape(ours[ck].shape) for dk, ck in inverse.items()}
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+@torch.no_grad()
+def test_inferred_configurations_match_diffusers(name):
+    from diffusers import UNet2DConditionModel
+    from tests.reference import randomize_
+    family, options, expected = REFERENCES[name]
+    ref = randomize_(UNet2DConditionModel(**options), seed=3)
+    weights = compvis_weights(ref, expected)
+    cfg = family.unet_config(weights)
+    assert cfg == expected
+    unet = UNet(cfg).eval()
+    unet.load_state_dict(weights)
+    gen = torch.Generator().manual_seed(0)
+    latents, context = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 7, 32, generator=gen)
+    t = torch.tensor([10, 700])
+    vector = torch.randn(2, 24, generator=gen) if cfg.adm_in_channels else None
+    expected_out = ref(latents, t, encoder_hidden_states=context, class_labels=vector).sample
+    out = unet(latents, t, Conditioning(context, vector=vector))
+    assert ((out - expected_out).norm() / expected_out.norm()).item() < 1e-5
+
+
+@torch.no_grad()
+def test_concat_and_bare_context_and_no_speedups_are_the_plain_call():
+    gen = torch.Generator().manual_seed(0)
+    unet = UNet(UNetConfig(**{**TINY_UNET.__dict__, "in_channels": 9})).eval()
+    for p in unet.parameters():
+        p.normal_(generator=gen).mul_(0.05)
+    x, extra, context = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 8, 8), torch.randn(1, 7, 64)
+    plain = unet(torch.cat([x, extra], dim=1), 500, context)
+    assert torch.equal(unet(x, 500, Conditioning(context, concat=extra), speedups=Speedups()), plain)
+    with pytest.raises(ValueError, match="takes no conditioning vector"):
+        unet(torch.cat([x, extra], dim=1), 500, Conditioning(context, vector=torch.zeros(1, 8)))
