@@ -1,7 +1,10 @@
-"""The CLIP text encoder of Stable Diffusion v1 (Radford et al., 2021: the ViT-L/14 text tower).
+"""The CLIP text encoder (Radford et al., 2021): the text tower of CLIP ViT-L/14 and of OpenCLIP's towers.
 
-A 12-layer pre-LayerNorm transformer with a causal mask over 77 token positions. SD v1 conditions
-the UNet on all 77 output vectors of the final LayerNorm: ids (B, 77) -> hidden states (B, 77, 768).
+A pre-LayerNorm transformer with a causal mask over 77 token positions. SD v1 conditions the UNet on
+all 77 output vectors of the final LayerNorm: ids (B, 77) -> hidden states (B, 77, 768). Other families
+read another layer (the penultimate), with or without the final LayerNorm, and SDXL also the pooled
+vector: the final-LayerNorm state of the end-of-text token, projected (`text_projection`). OpenCLIP's
+towers differ only in sizes and in exact GELU instead of CLIP's sigmoid approximation.
 Parameter names follow the `cond_stage_model.transformer.text_model.` part of the CompVis checkpoint.
 """
 
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sd.attention import Attention
 
@@ -22,11 +26,16 @@ class CLIPConfig:
     heads: int = 12
     mlp_ratio: int = 4
     eps: float = 1e-5
+    activation: str = "quick_gelu"  # a key of ACTIVATIONS: CLIP's "quick_gelu", OpenCLIP's exact "gelu"
+    projection_dim: int | None = None  # width of `text_projection` (of the pooled vector); None: no projection
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """The sigmoid approximation of GELU that CLIP was trained with."""
     return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
 class CLIPAttention(Attention):
@@ -48,9 +57,10 @@ class CLIPMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(cfg.width, cfg.width * cfg.mlp_ratio)
         self.fc2 = nn.Linear(cfg.width * cfg.mlp_ratio, cfg.width)
+        self.activation = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)))  # (B, 77, C)
+        return self.fc2(self.activation(self.fc1(x)))  # (B, 77, C)
 
 
 class CLIPLayer(nn.Module):
@@ -86,11 +96,12 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """Token ids (B, 77) -> final-LayerNorm hidden states (B, 77, width).
+    """Token ids (B, 77) -> hidden states (B, 77, width), and optionally the pooled vector (B, projection_dim).
 
     `token_vectors` (B, 77, width) replace the ids' token embeddings (textual inversion puts learned
-    vectors there); `clip_skip` N > 1 takes the hidden states of the N-th last layer instead of the
-    last, through the same final LayerNorm (what AUTOMATIC1111 calls "Clip skip")."""
+    vectors there). `encode` reads any layer: `hidden_layer` -1 is the last, -2 the penultimate
+    (AUTOMATIC1111's "Clip skip" N is layer -N), with or without the final LayerNorm; given the
+    end-of-text positions `eos` (B,) it also returns the pooled vector (always from the last layer)."""
 
     def __init__(self, cfg: CLIPConfig = CLIPConfig()):
         super().__init__()
@@ -98,9 +109,23 @@ class CLIPTextModel(nn.Module):
         self.embeddings = CLIPEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        if cfg.projection_dim is not None:
+            self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
+
+    def encode(self, ids: torch.Tensor, token_vectors: torch.Tensor | None = None, *, hidden_layer: int = -1,
+               final_norm: bool = True, eos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layers = self.encoder.layers
+        stop = len(layers) + 1 + hidden_layer  # layers run before the conditioning layer's output
+        x = self.embeddings(ids, token_vectors)  # (B, 77, C)
+        for layer in layers[:stop]:
+            x = layer(x)
+        hidden = self.final_layer_norm(x) if final_norm else x  # (B, 77, C)
+        if eos is None:
+            return hidden, None
+        for layer in layers[stop:]:
+            x = layer(x)
+        pooled = self.final_layer_norm(x[torch.arange(x.shape[0], device=x.device), eos])  # (B, C)
+        return hidden, self.text_projection(pooled) if self.config.projection_dim is not None else pooled
 
     def forward(self, ids: torch.Tensor, token_vectors: torch.Tensor | None = None, clip_skip: int = 1) -> torch.Tensor:
-        x = self.embeddings(ids, token_vectors)  # (B, 77, 768)
-        for layer in self.encoder.layers[: len(self.encoder.layers) - (clip_skip - 1)]:
-            x = layer(x)
-        return self.final_layer_norm(x)  # (B, 77, 768)
+        return self.encode(ids, token_vectors, hidden_layer=-clip_skip)[0]  # (B, 77, C)

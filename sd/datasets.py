@@ -16,7 +16,6 @@ fine-tuning tools; images are centre-cropped to a square and resized.
 
 import math
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,11 +105,6 @@ def caption(scene: Scene, rng: random.Random) -> str:
                            "a picture of {a} {noun} {where} {on}", "{noun} {where} {on}",
                            "there is {a} {noun} {where} {on}"))
     return " ".join(template.format(a=article(noun), noun=noun, where=where, on=on).split())
-
-
-def words(text: str) -> list[str]:
-    """The lower-cased words of a text, each once, in order: what a model's vocabulary is checked against."""
-    return list(dict.fromkeys(re.findall(r"[a-z]+", text.lower())))
 
 
 def vocabulary() -> list[str]:

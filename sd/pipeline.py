@@ -27,13 +27,12 @@ from tqdm.auto import tqdm
 from sd.attention import configure_attention
 from sd.checkpoint import StableDiffusionModels, load_checkpoint
 from sd.conditioning import Conditioning
-from sd.datasets import words
 from sd.embeddings import Embedding, check_name, check_width, read_embedding
 from sd.guidance import ClassifierFreeGuidance
 from sd.lora import LoRA, LoRAMerger, read_lora
 from sd.errors import GenerationError, SettingError
 from sd.parameterization import to_epsilon
-from sd.prompt import PromptParser, check_clip_skip, encode
+from sd.prompt import PromptParser, TextEncoder, check_clip_skip, encode, words
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 # also what the command line imports from here: the defaults, `settle` and the checks it runs before loading
@@ -94,6 +93,7 @@ class StableDiffusion:
         self.tokenizer = tokenizer or CLIPTokenizer()
         self.embeddings: dict[str, Embedding] = {}
         self.prompt_parser = PromptParser(self.tokenizer, self.embeddings)
+        self.text_encoders = [TextEncoder(spec, getattr(models, spec.name)) for spec in models.family.text_encoders]
         self.loras = LoRAMerger(models)
         self.device = next(models.unet.parameters()).device
         self.dtype = next(models.unet.parameters()).dtype
@@ -153,6 +153,11 @@ class StableDiffusion:
         check_name(embedding, self.tokenizer, self.embeddings)
         self.embeddings[embedding.name] = embedding
         return embedding
+
+    @property
+    def clip_skip_limit(self) -> int:
+        """The largest clip skip every text encoder of the stack can take."""
+        return min(encoder.skippable_layers for encoder in self.text_encoders)
 
     def unseen_words(self, text: str) -> list[str]:
         """The words of `text` that the model's training captions never had (none when that is not known),
@@ -221,7 +226,7 @@ class StableDiffusion:
                    image_size=self.models.image_size, inpainting_model=self.models.is_inpainting)
         if width is None and height is None:
             check_invertible(s.image)
-        check_clip_skip(s.clip_skip, self.models.clip.config.layers)
+        check_clip_skip(s.clip_skip, self.clip_skip_limit)
         pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1  # (1, 3, H, W)
         mean, _ = self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype))
         latents = mean.float() * self.models.scale_factor  # (1, 4, h, w)
@@ -269,7 +274,7 @@ class StableDiffusion:
                    inpainting_model=self.models.is_inpainting, **settings)
         generator = torch.Generator("cpu").manual_seed(s.seed)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
-        check_clip_skip(s.clip_skip, self.models.clip.config.layers)
+        check_clip_skip(s.clip_skip, self.clip_skip_limit)
         context = self.encode_prompts(s.prompts, s.negatives if guidance.guided else None, s.num_images,
                                       s.clip_skip)  # (2B or B, 77·k, 768)
         s.sampler.set_timesteps(s.steps, self.device)
@@ -385,12 +390,13 @@ class StableDiffusion:
 
     def encode_prompts(self, prompts: list[str], negatives: list[str] | None, num_images: int,
                        clip_skip: int = 1) -> torch.Tensor:
-        """CLIP hidden states of the prompts, each repeated num_images times: (B, 77·k, 768), or with the
-        negative prompts' first for classifier-free guidance: (2B, 77·k, 768); k chunks of 77 positions,
-        as many as the longest text needs (`sd.prompt.encode`)."""
+        """The text encoders' hidden states of the prompts, each repeated num_images times: (B, 77·k, 768),
+        or with the negative prompts' first for classifier-free guidance: (2B, 77·k, 768); k chunks of 77
+        positions, as many as the longest text needs (`sd.prompt.encode`)."""
         parsed = [self.prompt_parser.parse(text, "negative_prompt") for text in negatives or []]
         parsed += [self.prompt_parser.parse(text) for text in prompts]
-        return encode(self.models.clip, parsed, clip_skip).repeat_interleave(num_images, dim=0)
+        context, _ = encode(self.text_encoders, parsed, clip_skip)  # the pooled vector conditions SDXL only
+        return context.repeat_interleave(num_images, dim=0)
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Image in [-1, 1] (1, 3, H, W) -> a sample of its latent distribution, scaled: (1, 4, H/8, W/8)."""

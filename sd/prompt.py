@@ -11,6 +11,9 @@ The syntax and its meaning are those of AUTOMATIC1111's web UI, where most SD v1
   comma (if within the last 20 tokens) to the next one; `BREAK` ends a chunk.
 - Textual inversion (Gal et al., 2022): an embedding's name in the prompt is replaced by its learned
   vectors (`sd.embeddings`), which are never split between chunks.
+- Several text encoders (SDXL): the prompt is parsed and chunked once; every encoder of the family's stack
+  reads the chunks (padded with its own pad id, at its own layer), emphasis is applied to each output, and
+  the outputs are concatenated along the channels; the pooled vector is that of the first chunk.
 Each run of text of one weight is tokenized on its own, so weights fall on whole runs; so is the text
 between embedding names, which therefore count whatever punctuation touches them (as diffusers'
 added tokens do; AUTOMATIC1111 looks for the name's tokens, which `<name>,` would miss).
@@ -18,6 +21,7 @@ added tokens do; AUTOMATIC1111 looks for the name's tokens, which `<name>,` woul
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +29,7 @@ import torch
 from sd.clip import CLIPTextModel
 from sd.embeddings import Embedding
 from sd.errors import SettingError
+from sd.text_encoders import TextEncoderSpec
 from sd.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, MAX_PROMPT_TOKENS, CLIPTokenizer
 
 ROUND_FACTOR = 1.1  # (text)
@@ -87,11 +92,17 @@ def parse_emphasis(prompt: str, what: str = "prompt") -> list[Run]:
 @dataclass
 class Chunk:
     """Positions for CLIP: the token ids, the weight of each, and the vectors of embeddings by position
-    (77 positions once closed; while being filled, only the prompt's tokens)."""
+    (77 positions once closed, the end-of-text token at `eos` and EOS padding after it; while being
+    filled, only the prompt's tokens)."""
 
     ids: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
     vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    eos: int = -1
+
+    def padded_with(self, pad_id: int | None) -> list[int]:
+        """The ids with the positions after the end-of-text token set to `pad_id` (None: left EOS)."""
+        return self.ids if pad_id is None else self.ids[: self.eos + 1] + [pad_id] * (len(self.ids) - self.eos - 1)
 
     @property
     def weighted(self) -> bool:
@@ -103,6 +114,11 @@ class ParsedPrompt:
     chunks: list[Chunk]
     tokens: int  # the prompt's tokens, embeddings counted by their vectors
     embeddings: list[Embedding]  # the embeddings it uses, in order of first use
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased words of a text, each once, in order: what a model's vocabulary is checked against."""
+    return list(dict.fromkeys(re.findall(r"[a-z]+", text.lower())))
 
 
 def name_pattern(name: str) -> str:
@@ -201,7 +217,8 @@ class _ChunkBuilder:
         pad = CONTEXT_LENGTH - 1 - len(self.current.ids)
         self.chunks.append(Chunk([BOS_ID, *self.current.ids] + [EOS_ID] * pad,
                                  [1.0, *self.current.weights] + [1.0] * pad,
-                                 {1 + i: v for i, v in self.current.vectors.items()}))  # 1 +: after BOS
+                                 {1 + i: v for i, v in self.current.vectors.items()},  # 1 +: after BOS
+                                 eos=1 + len(self.current.ids)))
         self.current = Chunk()
         self.last_comma = -1
 
@@ -211,31 +228,57 @@ class _ChunkBuilder:
         return self.chunks
 
 
-def encode(clip: CLIPTextModel, prompts: list[ParsedPrompt], clip_skip: int = 1) -> torch.Tensor:
-    """CLIP's output for each prompt (N, 77·k, C), k its number of chunks; shorter prompts are padded
-    with the chunk of the empty prompt. Weights scale the output vectors, then each chunk is brought
-    back to its mean before weighting (AUTOMATIC1111's "Original" emphasis)."""
-    device = clip.final_layer_norm.weight.device
-    count = max(len(p.chunks) for p in prompts)
-    empty = _ChunkBuilder(-1).finish()[0]
-    outputs = []
-    for k in range(count):
-        chunks = [p.chunks[k] if k < len(p.chunks) else empty for p in prompts]
-        ids = torch.tensor([c.ids for c in chunks], device=device)  # (N, 77)
+@dataclass(frozen=True)
+class TextEncoder:
+    """One encoder of a family's stack: its network and how it is read (`sd.text_encoders.TextEncoderSpec`)."""
+
+    spec: TextEncoderSpec
+    network: CLIPTextModel
+
+    @property
+    def skippable_layers(self) -> int:
+        """The largest clip skip: the layers from the one this encoder is read at down to the first."""
+        return self.network.config.layers + 1 + self.spec.hidden_layer
+
+    def __call__(self, chunks: list[Chunk], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weighted hidden states (N, 77, C) of one chunk per prompt, and the pooled vectors (N, P) if the
+        spec asks for them. Weights scale the output vectors, then each chunk is brought back to its mean
+        before weighting (AUTOMATIC1111's "Original" emphasis)."""
+        clip, spec = self.network, self.spec.with_clip_skip(clip_skip)
+        device = clip.final_layer_norm.weight.device
+        ids = torch.tensor([c.padded_with(spec.pad_id) for c in chunks], device=device)  # (N, 77)
         vectors = None
         if any(c.vectors for c in chunks):
             vectors = clip.embeddings.token_embedding(ids)  # (N, 77, C)
             for row, chunk in enumerate(chunks):
                 for position, vector in chunk.vectors.items():
                     vectors[row, position] = vector.to(vectors)
-        z = clip(ids, token_vectors=vectors, clip_skip=clip_skip)  # (N, 77, C)
+        eos = torch.tensor([c.eos for c in chunks], device=device) if spec.pooled else None  # (N,)
+        z, pooled = clip.encode(ids, vectors, hidden_layer=spec.hidden_layer, final_norm=spec.final_norm,
+                                eos=eos)  # (N, 77, C), (N, P) or None
         if any(c.weighted for c in chunks):
             weights = torch.tensor([c.weights for c in chunks], device=device, dtype=z.dtype)  # (N, 77)
             mean = z.mean(dim=(1, 2), keepdim=True)  # (N, 1, 1)
             z = z * weights[..., None]
             z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
-        outputs.append(z)
-    return torch.cat(outputs, dim=1)  # (N, 77·k, C)
+        return z, pooled
+
+
+def encode(stack: Sequence[TextEncoder], prompts: list[ParsedPrompt],
+           clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The text encoders' output for each prompt: the context (N, 77·k, C), k its number of chunks, C the
+    encoders' widths added up; shorter prompts are padded with the chunk of the empty prompt. And the pooled
+    vector of the first chunk (N, P) from the encoder whose spec yields one (None if none does)."""
+    count = max(len(p.chunks) for p in prompts)
+    empty = _ChunkBuilder(-1).finish()[0]
+    contexts, pooled = [], None
+    for k in range(count):
+        chunks = [p.chunks[k] if k < len(p.chunks) else empty for p in prompts]
+        outputs = [encoder(chunks, clip_skip) for encoder in stack]
+        contexts.append(torch.cat([z for z, _ in outputs], dim=-1))  # (N, 77, C)
+        if k == 0:
+            pooled = next((p for _, p in outputs if p is not None), None)
+    return torch.cat(contexts, dim=1), pooled  # (N, 77·k, C), (N, P) or None
 
 
 def check_clip_skip(clip_skip, layers: int | None = None) -> None:

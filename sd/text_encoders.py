@@ -6,7 +6,7 @@ global vector. Each entry says how its tokens are padded, which hidden layer con
 LayerNorm is applied to it, and whether the encoder yields a pooled vector.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -16,3 +16,7 @@ class TextEncoderSpec:
     hidden_layer: int = -1  # the layer whose output conditions (-1: the last; -2: the penultimate)
     final_norm: bool = True  # apply the final LayerNorm to that layer's output
     pooled: bool = False  # also yield the pooled vector (the end-of-text token's, projected)
+
+    def with_clip_skip(self, clip_skip: int) -> "TextEncoderSpec":
+        """The spec that reads `clip_skip - 1` layers further back (AUTOMATIC1111's "Clip skip"; 1: unchanged)."""
+        return replace(self, hidden_layer=self.hidden_layer - (clip_skip - 1))
