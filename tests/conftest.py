@@ -1,4 +1,7 @@
-"""Session-wide fixtures: the full-size reference models and their CompVis checkpoint files, built once."""
+"""Session-wide fixtures: the full-size reference models and their CompVis checkpoint files, built once;
+and the test tiers (markers in pyproject.toml): a test that uses one of the full-size fixtures is marked
+`full_size` here, so `python -m pytest -m "not full_size and not slow"` is the quick loop. Tests that
+reach a test-only reference where it is not installed are skipped, saying so (`tests.reference.oracle`)."""
 
 import functools
 from types import SimpleNamespace
@@ -12,17 +15,41 @@ from sd.checkpoint import load_checkpoint
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
 
+FULL_SIZE_FIXTURES = {"ref_unet", "ref_vae", "ref_clip", "refs", "ref_inpaint_unet", "compvis_state", "checkpoint", "loaded", "text_context"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if FULL_SIZE_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.full_size)
+
+
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| / max(1, max |ref|): random weights give outputs of very different scales."""
     return float((ours.float() - ref.float()).abs().max() / ref.float().abs().max().clamp(min=1.0))
 
 
 @pytest.fixture(scope="session")
-def refs():
-    """diffusers / transformers models at the SD v1.5 sizes with seeded random weights."""
-    return SimpleNamespace(unet=reference.randomize_(reference.sd15_unet(), seed=1),
-                           vae=reference.randomize_(reference.sd15_vae(), seed=2),
-                           clip=reference.randomize_(reference.sd15_clip(), seed=3))
+def ref_unet():
+    """diffusers' UNet at the SD v1.5 sizes with seeded random weights (one fixture per network, so a test
+    builds only the references it reads)."""
+    return reference.randomize_(reference.sd15_unet(), seed=1)
+
+
+@pytest.fixture(scope="session")
+def ref_vae():
+    return reference.randomize_(reference.sd15_vae(), seed=2)
+
+
+@pytest.fixture(scope="session")
+def ref_clip():
+    return reference.randomize_(reference.sd15_clip(), seed=3)
+
+
+@pytest.fixture(scope="session")
+def refs(ref_unet, ref_vae, ref_clip):
+    """The three reference networks of an SD v1.5 checkpoint."""
+    return SimpleNamespace(unet=ref_unet, vae=ref_vae, clip=ref_clip)
 
 
 @pytest.fixture(scope="session")

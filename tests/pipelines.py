@@ -2,18 +2,17 @@
 
 import numpy as np
 import torch
-import transformers
 
 import run_demo
 from sd.files import DATA_DIR
 from sd.pipeline import StableDiffusion
 from tests.conftest import rel_err
-from tests.reference import reference_scheduler
+from tests.reference import oracle, reference_scheduler
 from tests.tiny import write_tiny_checkpoint
 
 
-def reference_tokenizer() -> transformers.CLIPTokenizer:
-    return transformers.CLIPTokenizer(vocab=str(DATA_DIR / "vocab.json"), merges=str(DATA_DIR / "merges.txt"),
+def reference_tokenizer():
+    return oracle("transformers").CLIPTokenizer(vocab=str(DATA_DIR / "vocab.json"), merges=str(DATA_DIR / "merges.txt"),
                                       model_max_length=77)
 
 

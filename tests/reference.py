@@ -6,18 +6,14 @@ The CompVis key of every reference weight is found by asking diffusers' own `con
 functions: a state dict in our (CompVis) naming whose tensors are tagged with their index goes
 through the converter, and the tags say which diffusers key each CompVis key became. The mapping
 must cover every weight of the reference model exactly once, or building the checkpoint fails.
+
+The oracles (diffusers, transformers) are imported where they are used (`oracle`), so that the tests
+that need none of them run with the runtime requirements and pytest only, and those that do are skipped,
+saying why, where the oracles are not installed.
 """
 
+import pytest
 import torch
-from diffusers import AutoencoderKL as RefVAE
-from diffusers import (DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
-                       PNDMScheduler)
-from diffusers import UNet2DConditionModel as RefUNet
-from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
-from transformers import CLIPTextConfig
-from transformers import CLIPTextModel as RefCLIP
 
 from sd.clip import CLIPTextModel
 from sd.unet import UNet, UNetConfig
@@ -26,23 +22,30 @@ from tests.compvis import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 
 
-def sd15_unet(in_channels: int = 4) -> RefUNet:
-    return RefUNet(
+def oracle(name: str):
+    """A test-only reference package (requirements-test-only.txt); the calling test is skipped, with the
+    reason, where it is not installed."""
+    return pytest.importorskip(name, reason=f"{name} is a test-only reference: pip install -r requirements-test.txt")
+
+
+def sd15_unet(in_channels: int = 4):
+    return oracle("diffusers").UNet2DConditionModel(
         sample_size=64, in_channels=in_channels, out_channels=4, layers_per_block=2,
         block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
 
 
-def sd15_vae() -> RefVAE:
-    return RefVAE(
+def sd15_vae():
+    return oracle("diffusers").AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
-def sd15_clip() -> RefCLIP:
-    return RefCLIP(CLIPTextConfig(
+def sd15_clip():
+    transformers = oracle("transformers")
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
         vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
 
@@ -73,6 +76,9 @@ PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "clip": CLIP_PREFIX}
 def diffusers_convert(net: str, ref: torch.nn.Module, compvis: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What diffusers' converter makes of a CompVis state dict for one network: keys as in
     `ref.state_dict()` (transformers 5 names CLIP weights without the `text_model.` level)."""
+    oracle("diffusers")
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
     if net == "unet":
         return convert_ldm_unet_checkpoint(compvis, dict(ref.config))
     if net == "vae":
@@ -104,30 +110,31 @@ LINSPACE = dict(timestep_spacing="linspace", steps_offset=0)
 
 def reference_scheduler(name: str, options: dict):
     """The diffusers scheduler configured as SD's, and the extra keywords its step takes."""
+    d = oracle("diffusers")
     karras = options.get("karras", False) or name == "dpmpp_2m_karras"
     if name == "ddpm":
-        return DDPMScheduler(**SD_BETAS, **LEADING, variance_type="fixed_small", clip_sample=False), {}
+        return d.DDPMScheduler(**SD_BETAS, **LEADING, variance_type="fixed_small", clip_sample=False), {}
     if name == "ddim":
-        return (DDIMScheduler(**SD_BETAS, **LEADING, clip_sample=False, set_alpha_to_one=False),
+        return (d.DDIMScheduler(**SD_BETAS, **LEADING, clip_sample=False, set_alpha_to_one=False),
                 {"eta": options.get("eta", 0.0)})
     if name == "plms":
-        return PNDMScheduler(**SD_BETAS, **LEADING, skip_prk_steps=True, set_alpha_to_one=False), {}
+        return d.PNDMScheduler(**SD_BETAS, **LEADING, skip_prk_steps=True, set_alpha_to_one=False), {}
     if name == "ddim_inverse":
-        return DDIMInverseScheduler(**SD_BETAS, **LEADING, clip_sample=False, set_alpha_to_one=False), {}
+        return d.DDIMInverseScheduler(**SD_BETAS, **LEADING, clip_sample=False, set_alpha_to_one=False), {}
     if name == "lcm":  # as diffusers' LCM-LoRA examples make it: from SD's scheduler configuration
-        return LCMScheduler(**SD_BETAS, **LEADING, set_alpha_to_one=False), {}
+        return d.LCMScheduler(**SD_BETAS, **LEADING, set_alpha_to_one=False), {}
     if name == "euler_a":  # no Karras option: set_reference_timesteps gives it Karras sigmas
-        return EulerAncestralDiscreteScheduler(**SD_BETAS, **LINSPACE), {}
+        return d.EulerAncestralDiscreteScheduler(**SD_BETAS, **LINSPACE), {}
     if name.startswith("dpmpp_2m"):
-        return DPMSolverMultistepScheduler(**SD_BETAS, **LINSPACE, algorithm_type="dpmsolver++", solver_order=2,
-                                           use_karras_sigmas=karras), {}
-    cls = {"euler": EulerDiscreteScheduler, "heun": HeunDiscreteScheduler, "lms": LMSDiscreteScheduler}[name]
+        return d.DPMSolverMultistepScheduler(**SD_BETAS, **LINSPACE, algorithm_type="dpmsolver++", solver_order=2,
+                                             use_karras_sigmas=karras), {}
+    cls = {"euler": d.EulerDiscreteScheduler, "heun": d.HeunDiscreteScheduler, "lms": d.LMSDiscreteScheduler}[name]
     return cls(**SD_BETAS, **LINSPACE, use_karras_sigmas=karras), {}
 
 
 def set_reference_timesteps(ref, name: str, options: dict, steps: int) -> None:
     ref.set_timesteps(steps)
     if name == "euler_a" and options.get("karras"):
-        euler = EulerDiscreteScheduler(**SD_BETAS, **LINSPACE, use_karras_sigmas=True)
+        euler = oracle("diffusers").EulerDiscreteScheduler(**SD_BETAS, **LINSPACE, use_karras_sigmas=True)
         euler.set_timesteps(steps)
         ref.sigmas, ref.timesteps = euler.sigmas.clone(), euler.timesteps.clone()

@@ -5,8 +5,11 @@ the deep blocks (so the cached runs differ from full ones), and bad values are o
 
 import pytest
 import torch
-from DeepCache import DeepCacheSDHelper
-from diffusers import StableDiffusionPipeline
+
+pytest.importorskip("DeepCache")
+pytest.importorskip("diffusers")
+from DeepCache import DeepCacheSDHelper  # noqa: E402
+from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from sd.errors import SettingError
 from sd.pipeline import StableDiffusion

@@ -12,6 +12,7 @@ from sd.errors import CheckpointError, UnsupportedModelError
 from sd.families import FAMILIES, SD1, SD1_INPAINTING, SD2, SD2_INPAINTING, SDXL, SDXL_REFINER, UNET_PREFIX
 from sd.unet import UNet, UNetConfig, Speedups
 from tests.compvis import save_checkpoint
+from tests.reference import oracle, randomize_
 from tests.tiny import CLIP_PREFIX, TINY_UNET, tiny_compvis_state
 
 # Text-encoder keys of the other families' files (a few are enough to be recognised)
@@ -104,6 +105,7 @@ REFERENCES = {
 
 def compvis_weights(ref: torch.nn.Module, cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """`ref`'s weights under our (CompVis) keys, found by passing index-tagged tensors through diffusers' converter."""
+    oracle("diffusers")
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     with torch.device("meta"):
         ours = UNet(cfg).state_dict()
@@ -120,10 +122,8 @@ def compvis_weights(ref: torch.nn.Module, cfg: UNetConfig) -> dict[str, torch.Te
 @pytest.mark.parametrize("name", list(REFERENCES))
 @torch.no_grad()
 def test_inferred_configurations_match_diffusers(name):
-    from diffusers import UNet2DConditionModel
-    from tests.reference import randomize_
     family, options, expected = REFERENCES[name]
-    ref = randomize_(UNet2DConditionModel(**options), seed=3)
+    ref = randomize_(oracle("diffusers").UNet2DConditionModel(**options), seed=3)
     weights = compvis_weights(ref, expected)
     cfg = family.unet_config(weights)
     assert cfg == expected

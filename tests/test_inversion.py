@@ -12,7 +12,8 @@ import run_demo
 from sd.errors import SettingError
 from sd.files import DATA_DIR
 from sd.pipeline import StableDiffusion
-from tests.shapes_checker import read
+pytest.importorskip("scipy")  # the image checker's tool
+from tests.shapes_checker import read  # noqa: E402
 
 PROMPT = "a large red circle in the top left"
 

@@ -3,8 +3,10 @@ same random full-size checkpoint, with the same seed, settings, negative prompt 
 
 import numpy as np
 import pytest
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
 from PIL import Image
+
+pytest.importorskip("diffusers")
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline  # noqa: E402
 
 from sd.pipeline import StableDiffusion
 from tests import pipelines

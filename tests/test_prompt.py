@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
 from sd.embeddings import Embedding, read_embedding
@@ -19,6 +18,7 @@ from sd.tokenizer import BOS_ID, EOS_ID, CLIPTokenizer
 from tests.bad_files import attacks
 from tests.conftest import rel_err
 from tests.pipelines import assert_same, reference_pipeline, reference_tokenizer, run_ours, run_reference
+from tests.reference import oracle
 
 TOL = 1e-4  # as the model tests: fp32 sums in another order
 
@@ -266,7 +266,7 @@ def test_a_malicious_embedding_is_refused(tmp_path):
 def diffusers_with_embeddings(refs, ti_files):
     """diffusers' pipeline of the reference models (its own copy of CLIP, which loading resizes), with
     every embedding file loaded by load_textual_inversion."""
-    pipe = reference_pipeline(StableDiffusionPipeline, refs, refs.unet, "dpmpp_2m_karras",
+    pipe = reference_pipeline(oracle("diffusers").StableDiffusionPipeline, refs, refs.unet, "dpmpp_2m_karras",
                               text_encoder=copy.deepcopy(refs.clip))
     for token, (path, _, given) in ti_files.items():
         pipe.load_textual_inversion(str(path), token=token)
@@ -309,7 +309,7 @@ def test_weighted_long_prompt_end_to_end_against_diffusers(refs, sd):
     settings = dict(width=96, height=64, guidance_scale=7.5)
     ours = run_ours(sd, "text_to_image", 3, prompt=LONG_TEXT, negative_prompt=NEGATIVE_TEXT, steps=6,
                     sampler="euler_a", clip_skip=2, **settings)
-    pipe = reference_pipeline(StableDiffusionPipeline, refs, refs.unet, "euler_a")
+    pipe = reference_pipeline(oracle("diffusers").StableDiffusionPipeline, refs, refs.unet, "euler_a")
     theirs = run_reference(pipe, 3, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                            num_inference_steps=6, **settings)
     assert_same(ours, theirs)

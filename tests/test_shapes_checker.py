@@ -1,10 +1,12 @@
 """The captioned-shapes reader of `tests/shapes_checker.py`, validated on rendered ground truth before the
 tests of the trained model rely on it."""
 
+import pytest
 from PIL import ImageFilter
 
 from sd.datasets import COLOURS, POSITIONS, SHAPES, SIZES, CaptionedShapes, Scene, render
-from tests.shapes_checker import read
+pytest.importorskip("scipy")  # the image checker's tool
+from tests.shapes_checker import read  # noqa: E402
 
 PARTS = ("background", "colour", "shape", "size", "position")
 

@@ -10,7 +10,7 @@ from sd.prompt import PromptParser, TextEncoder, encode
 from sd.text_encoders import TextEncoderSpec
 from sd.tokenizer import BOS_ID, EOS_ID, CLIPTokenizer
 from tests.conftest import rel_err
-from tests.reference import randomize_
+from tests.reference import oracle, randomize_
 
 TOL = 1e-5
 SIZES = dict(width=64, layers=3, heads=2)
@@ -18,13 +18,13 @@ SIZES = dict(width=64, layers=3, heads=2)
 
 def reference_pair(activation: str, projection_dim: int | None, seed: int):
     """A transformers CLIP text model with seeded random weights, and ours loaded from its weights."""
-    from transformers import CLIPTextConfig, CLIPTextModel as RefModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(vocab_size=49408, hidden_size=SIZES["width"], intermediate_size=4 * SIZES["width"],
+    transformers = oracle("transformers")
+    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=SIZES["width"], intermediate_size=4 * SIZES["width"],
                             num_hidden_layers=SIZES["layers"], num_attention_heads=SIZES["heads"],
                             max_position_embeddings=77, hidden_act=activation, bos_token_id=BOS_ID,
                             eos_token_id=EOS_ID, projection_dim=projection_dim or 64)
-    ref = randomize_((CLIPTextModelWithProjection if projection_dim else RefModel)(config), seed)
+    ref = randomize_((transformers.CLIPTextModelWithProjection if projection_dim else transformers.CLIPTextModel)(config),
+                     seed)
     ours = CLIPTextModel(CLIPConfig(**SIZES, activation=activation, projection_dim=projection_dim))
     state = {k.removeprefix("text_model."): v for k, v in ref.state_dict().items() if "position_ids" not in k}
     ours.load_state_dict(state)

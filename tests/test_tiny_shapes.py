@@ -13,7 +13,8 @@ from PIL import Image
 
 from sd.datasets import Scene, render
 from sd.pipeline import StableDiffusion
-from tests.shapes_checker import adherence, prompt_of, read, scenes
+pytest.importorskip("scipy")  # the image checker's tool
+from tests.shapes_checker import adherence, prompt_of, read, scenes  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "data" / "tiny-shapes.safetensors"
 

@@ -6,9 +6,11 @@ self-attention really runs on fewer tokens, ratio 0 is the full computation, bad
 
 import pytest
 import torch
-import tomesd
-from diffusers import StableDiffusionPipeline
-from tomesd.merge import bipartite_soft_matching_random2d
+
+tomesd = pytest.importorskip("tomesd")
+pytest.importorskip("diffusers")
+from diffusers import StableDiffusionPipeline  # noqa: E402
+from tomesd.merge import bipartite_soft_matching_random2d  # noqa: E402
 
 from sd.attention import plain_attention
 from sd.errors import SettingError

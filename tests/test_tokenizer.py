@@ -11,6 +11,7 @@ import torch
 
 from sd.errors import SDError
 from sd.tokenizer import BOS_ID, CONTEXT_LENGTH, DATA_DIR, EOS_ID, CLIPTokenizer
+from tests.reference import oracle
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELS = sorted(Path("/tmp/oc").glob("open_clip_torch-*.whl"))
@@ -60,8 +61,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def reference():
-    import transformers
-    ref = transformers.CLIPTokenizer(vocab=str(DATA_DIR / "vocab.json"), merges=str(DATA_DIR / "merges.txt"))
+    ref = oracle("transformers").CLIPTokenizer(vocab=str(DATA_DIR / "vocab.json"), merges=str(DATA_DIR / "merges.txt"))
     assert ref.pad_token == "<|endoftext|>"
     return lambda prompts: torch.tensor(
         ref(prompts, padding="max_length", max_length=CONTEXT_LENGTH, truncation=True)["input_ids"]
