@@ -7,6 +7,12 @@ up a 1x1 one, so the product is again a kernel of W's shape. Merged into W, a Lo
 sampling; the original values of the layers it touches (only those) are kept so that `unmerge`
 restores them exactly.
 
+Each kind of layer a file can hold is a patch: a frozen dataclass that reads itself from the file's keys
+and gives `delta(shape)`, the change it makes to a weight of that shape. `PATCHES` says which key marks
+which kind, so another kind (LoHa's Hadamard product, LoKr's Kronecker product) is one class and one row;
+`LoRAPatch` is the one above, for Linear layers, 1x1 convolutions and k x k LoCon alike. The merger only
+adds `delta` to the weights. Trainable, unmerged layers that save as such a file are in `sd/lora_layers.py`.
+
 Two file layouts:
 - kohya's (what model sites share): `lora_unet_<diffusers module path, "." -> "_">` and
   `lora_te_<transformers text-model path>` keys with `.lora_down.weight`, `.lora_up.weight`, `.alpha`
@@ -17,8 +23,9 @@ Our UNet keeps CompVis names, so the diffusers path of each of its layers is der
 `diffusers_unet_path` (those of AUTOMATIC1111's `convert_diffusers_name_to_compvis`, run backwards).
 """
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -63,25 +70,98 @@ def diffusers_unet_path(path: str, cfg: UNetConfig) -> str:
     return f"{block}.{tail}"
 
 
+def lora_names(net: str, path: str, config) -> tuple[str, str]:
+    """The names a LoRA file gives the module at `path` of our network `net` ('unet' or 'clip'): kohya's and
+    diffusers/PEFT's spellings, e.g. ('lora_unet_down_blocks_1_attentions_0_proj_in',
+    'unet.down_blocks.1.attentions.0.proj_in')."""
+    kohya, peft = PREFIXES[net]
+    name = diffusers_unet_path(path, config) if net == "unet" else path
+    return kohya + name.replace(".", "_"), peft + name
+
+
 def lora_targets(models: StableDiffusionModels) -> dict[str, nn.Module]:
     """Every layer a LoRA can change, by the module path a LoRA file names it with (kohya's and
     diffusers' spellings both, 'lora_unet_down_blocks_0_...' and 'unet.down_blocks.0....')."""
     targets = {}
-    for net, model in (("unet", models.unet), ("clip", models.clip)):
-        kohya, peft = PREFIXES[net]
+    for net in PREFIXES:
+        model = getattr(models, net)
         for path, module in model.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                name = diffusers_unet_path(path, model.config) if net == "unet" else path
-                targets[kohya + name.replace(".", "_")] = targets[peft + name] = module
+                targets.update(dict.fromkeys(lora_names(net, path, model.config), module))
     return targets
+
+
+class Patch:
+    """What each kind of layer of a LoRA file is, as a frozen dataclass of tensors (and numbers):
+    `read(state, name, path)` builds it from the file's keys for layer `name`; `shape` is the shape of the
+    change it makes before it is laid out like the weight; `delta(shape, strength)` is that change in
+    float32, of the weight's `shape`."""
+
+    shape: tuple[int, ...]
+
+    def fits(self, shape: torch.Size) -> bool:
+        """Whether the change can be laid out as a weight of `shape`: the same (out, in), as many values."""
+        return self.shape[:2] == tuple(shape[:2]) and math.prod(self.shape) == shape.numel()
+
+    def to(self, device: torch.device) -> "Patch":
+        """The same patch with its tensors on `device`."""
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+
+def file_alpha(state: dict[str, torch.Tensor], name: str, rank: int) -> float:
+    """The `.alpha` of layer `name`; missing or 0 means alpha = r (no scaling)."""
+    alpha = state.get(name + ".alpha")
+    return float(alpha) if alpha is not None and float(alpha) != 0 else float(rank)
+
+
+@dataclass(frozen=True)
+class LoRAPatch(Patch):
+    """W + strength (alpha / r) up @ down: a Linear layer (down (r, in), up (out, r)), a 1x1 convolution, or
+    LoCon's k x k one (down an r-channel k x k kernel (r, in, k, k), up a 1x1 one (out, r, 1, 1))."""
+
+    down: torch.Tensor  # (r, in[, k, k])
+    up: torch.Tensor  # (out, r[, 1, 1])
+    alpha: float
+
+    @classmethod
+    def read(cls, state: dict[str, torch.Tensor], name: str, path: Path) -> "LoRAPatch":
+        down = state[name + _DOWN[0]] if name + _DOWN[0] in state else state[name + _DOWN[1]]
+        up = next((state[name + s] for s in _UP if name + s in state), None)
+        if up is None:
+            raise InputError(f"{path}: {name} has a down matrix but no up matrix; the file is damaged")
+        return cls(down, up, file_alpha(state, name, down.shape[0]))
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.up.shape[0], self.down.shape[1], *self.down.shape[2:])  # (out, in[, k, k])
+
+    def fits(self, shape: torch.Size) -> bool:
+        return self.up.shape[1] == self.rank and super().fits(shape)
+
+    def delta(self, shape: torch.Size, strength: float = 1.0) -> torch.Tensor:
+        """strength (alpha / r) up @ down in float32, shaped like the weight: (out, in) or (out, in, k, k)."""
+        return strength * (self.alpha / self.rank) * \
+            (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(shape)  # (out, in[, k, k])
+
+    def kohya_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The patch as layer `name` of a kohya file."""
+        return {name + _DOWN[0]: self.down, name + _UP[0]: self.up, name + ".alpha": torch.tensor(self.alpha)}
+
+
+PATCHES: dict[str, type[Patch]] = {_DOWN[0]: LoRAPatch, _DOWN[1]: LoRAPatch}  # the key that marks a layer's kind
 
 
 @dataclass
 class LoRA:
-    """A LoRA file read: for each layer it changes, (down, up, alpha / r)."""
+    """A LoRA file read: for each layer it changes, its patch."""
 
     path: Path
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    layers: dict[str, Patch]
     unmatched: list[str] = field(default_factory=list)  # layer names that no layer of the model has
 
 
@@ -94,39 +174,32 @@ def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
         if any(key.startswith(prefix) for key in state):
             raise InputError(f"{path} is a LoRA for {family} (its keys start {prefix!r}); this is an SD v1 model: use "
                              f"a LoRA made for SD v1")
-    names = {key[: -len(suffix)] for key in state for suffix in _DOWN if key.endswith(suffix)}
-    if not names:
-        raise InputError(f"{path} holds no LoRA layers (no keys ending in .lora_down.weight or .lora_A.weight); give "
+    kinds = {key[: -len(suffix)]: kind for key in state for suffix, kind in PATCHES.items() if key.endswith(suffix)}
+    if not kinds:
+        raise InputError(f"{path} holds no LoRA layers (no keys ending in {' or '.join(PATCHES)}); give "
                          f"a LoRA file")
     targets = lora_targets(models)
     layers, unmatched = {}, []
-    for name in sorted(names):
-        down = state[name + _DOWN[0]] if name + _DOWN[0] in state else state[name + _DOWN[1]]
-        up = next((state[name + s] for s in _UP if name + s in state), None)
-        if up is None:
-            raise InputError(f"{path}: {name} has a down matrix but no up matrix; the file is damaged")
+    for name in sorted(kinds):
+        patch = kinds[name].read(state, name, path)
         target = targets.get(name)
         if target is None:
             unmatched.append(name)
             continue
-        rank = down.shape[0]
-        alpha = state.get(name + ".alpha")
-        alpha = float(alpha) if alpha is not None and float(alpha) != 0 else rank
-        delta_shape = (up.shape[0], down.shape[1], *down.shape[2:])
-        if up.shape[1] != rank or delta_shape[:2] != target.weight.shape[:2] or \
-                torch.Size(delta_shape).numel() != target.weight.numel():
-            raise InputError(f"{path}: {name} makes a change of shape {tuple(delta_shape)} for a layer of shape "
+        if not patch.fits(target.weight.shape):
+            raise InputError(f"{path}: {name} makes a change of shape {tuple(patch.shape)} for a layer of shape "
                              f"{tuple(target.weight.shape)}; the LoRA is for another model (SD 2.x?)")
-        layers[name] = (down, up, alpha / rank)
+        layers[name] = patch
     if not layers:
-        raise InputError(f"{path}: none of its {len(names)} layers is a layer of this model (e.g. {unmatched[0]}); "
+        raise InputError(f"{path}: none of its {len(kinds)} layers is a layer of this model (e.g. {unmatched[0]}); "
                          f"the LoRA is for another model")
     return LoRA(path, layers, unmatched)
 
 
-def lora_delta(down: torch.Tensor, up: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """up @ down in float32, shaped like the weight: (out, in) or (out, in, k, k)."""
-    return (up.float().flatten(1) @ down.float().flatten(1)).reshape(shape)  # (out, in[, k, k])
+def add_patch(weight: torch.Tensor, patch: Patch, strength: float) -> None:
+    """weight += strength * the patch's change, summed in float32 and rounded once to the weight's dtype."""
+    with torch.no_grad():
+        weight.copy_((weight.float() + patch.to(weight.device).delta(weight.shape, strength)).to(weight.dtype))
 
 
 class LoRAMerger:
@@ -140,14 +213,11 @@ class LoRAMerger:
 
     def merge(self, lora: LoRA, weight: float) -> None:
         targets = lora_targets(self.models)
-        with torch.no_grad():
-            for name, (down, up, scale) in lora.layers.items():
-                module = targets[name]
-                if module not in self.originals:
-                    self.originals[module] = module.weight.detach().clone()
-                w = module.weight
-                delta = lora_delta(down.to(w.device), up.to(w.device), w.shape)
-                w.copy_((w.float() + weight * scale * delta).to(w.dtype))
+        for name, patch in lora.layers.items():
+            module = targets[name]
+            if module not in self.originals:
+                self.originals[module] = module.weight.detach().clone()
+            add_patch(module.weight, patch, weight)
         self.loaded.append((lora, weight))
 
     def unmerge(self) -> None:

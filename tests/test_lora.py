@@ -1,16 +1,18 @@
 """LoRA files (`sd.lora`) against diffusers' `load_lora_weights` + `fuse_lora` on the full-size random
 model: kohya's layout (with and without alpha, LoCon 3x3 convolutions, resamplers, the text encoder)
 and diffusers/PEFT's; the merged weights, two LoRAs with their weights, the end-to-end latents, and
-unloading bit for bit. Files that do not fit are refused with the model unchanged."""
+unloading bit for bit. Files that do not fit are refused with the model unchanged. The trainable layers
+(`sd.lora_layers`) against peft's: their start, forward, gradients and merge; trained, they save as a
+file that `read_lora` merges back to the same outputs."""
 
 import contextlib
+import copy
 import hashlib
 import re
 
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -18,11 +20,13 @@ import run_demo
 
 from sd.errors import CheckpointError, InputError, UnsafeCheckpointError
 from sd.lora import diffusers_unet_path, lora_targets
+from sd.lora_layers import LoRAConv, LoRALinear, lora_state_dict, unwrap_lora, wrap_lora
 from sd.pipeline import StableDiffusion
 from tests.bad_files import attacks
 from tests.compvis import CLIP_PREFIX, UNET_PREFIX
 from tests.conftest import rel_err
 from tests.pipelines import assert_same, reference_pipeline, run_ours, run_reference
+from tests.reference import oracle
 from tests.tiny import write_tiny_checkpoint
 
 # Every kind of layer a LoRA changes, in a few blocks: attention, feed-forward and proj_in/out of the
@@ -111,7 +115,7 @@ def diffusers_fused(refs, loras: list[tuple[str, float]], layers):
     layers removed: plain models with merged weights. The reference weights of `layers` are put back after
     (copying only those, not the 4 GB models)."""
     originals = [(ref, ref.weight.detach().clone()) for _, ref in layers.values()]
-    pipe = reference_pipeline(StableDiffusionPipeline, refs, refs.unet, "dpmpp_2m_karras")
+    pipe = reference_pipeline(oracle("diffusers").StableDiffusionPipeline, refs, refs.unet, "dpmpp_2m_karras")
     names = [f"lora{i}" for i in range(len(loras))]
     try:
         for name, (path, _) in zip(names, loras):
@@ -291,3 +295,151 @@ def test_bad_lora_arguments_are_one_line(cli_files, tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out.png").exists()
+
+
+# ---- trainable, unmerged layers (sd.lora_layers) against peft ----------------------------------------
+
+class Holder(torch.nn.Module):
+    """A network of one layer, named `layer`, for peft's target_modules to find."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+# (the layer, its input's shape, rank, alpha, dropout): Linear, 1x1 and 3x3 convolutions (strided, padded)
+LAYERS = {
+    "linear r4": (lambda: torch.nn.Linear(12, 10), (3, 5, 12), 4, 8.0, 0.0),
+    "linear r1 no bias": (lambda: torch.nn.Linear(7, 9, bias=False), (4, 7), 1, 1.0, 0.0),
+    "linear r6 dropout": (lambda: torch.nn.Linear(16, 8), (2, 3, 16), 6, 3.0, 0.25),
+    "conv1x1 r2": (lambda: torch.nn.Conv2d(6, 5, 1), (2, 6, 7, 5), 2, 3.0, 0.0),
+    "conv3x3 r4": (lambda: torch.nn.Conv2d(6, 8, 3, padding=1), (2, 6, 9, 7), 4, 2.0, 0.0),
+    "conv3x3 r8 stride 2": (lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), (1, 4, 10, 8), 8, 16.0, 0.0),
+}
+
+
+def peft_and_ours(case: str, trained: bool = True, seed: int = 0):
+    """The case's layer (seeded) wrapped by peft (get_peft_model) and by ours, each from the same random state;
+    `trained`: the same random down and up then put into both (fresh ones have up = 0)."""
+    peft = oracle("peft")
+    make, _, rank, alpha, dropout = LAYERS[case]
+    torch.manual_seed(seed)
+    base = make()
+    twin = Holder(make())
+    twin.layer.load_state_dict(base.state_dict())
+    torch.manual_seed(seed + 1)
+    theirs = peft.get_peft_model(twin, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                                       target_modules=["layer"]))
+    torch.manual_seed(seed + 1)
+    ours = (LoRAConv if isinstance(base, torch.nn.Conv2d) else LoRALinear)(base, rank, alpha, dropout)
+    if trained:
+        gen = torch.Generator().manual_seed(seed + 2)
+        lora = theirs.base_model.model.layer
+        with torch.no_grad():
+            for mine, their in ((ours.down, lora.lora_A["default"]), (ours.up, lora.lora_B["default"])):
+                mine.weight.copy_(torch.randn(mine.weight.shape, generator=gen) * 0.3)
+                their.weight.copy_(mine.weight)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("case", LAYERS)
+def test_fresh_lora_layers_start_like_peft(case):
+    """From the same random state, down is peft's lora_A bit for bit (kaiming-uniform, a = sqrt 5), up zeros,
+    so a fresh layer computes its base layer."""
+    theirs, ours = peft_and_ours(case, trained=False)
+    lora = theirs.base_model.model.layer
+    assert torch.equal(ours.down.weight, lora.lora_A["default"].weight)
+    assert torch.equal(ours.up.weight, lora.lora_B["default"].weight) and not ours.up.weight.any()
+    x = torch.randn(LAYERS[case][1])
+    assert torch.equal(ours.eval()(x), ours.base(x))
+
+
+@pytest.mark.parametrize("case", LAYERS)
+def test_lora_layers_forward_and_gradients_like_peft(case):
+    theirs, ours = peft_and_ours(case)
+    lora = theirs.base_model.model.layer
+    shape = LAYERS[case][1]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(6)  # the same dropout mask in both
+    mine = ours(x_ours)
+    torch.manual_seed(6)
+    their = theirs(x_theirs)
+    assert rel_err(mine.detach(), their.detach()) < 1e-6
+    grad_out = torch.randn(mine.shape, generator=torch.Generator().manual_seed(7))
+    mine.backward(grad_out)
+    their.backward(grad_out)
+    for name, a, b in (("down", ours.down.weight.grad, lora.lora_A["default"].weight.grad),
+                       ("up", ours.up.weight.grad, lora.lora_B["default"].weight.grad),
+                       ("input", x_ours.grad, x_theirs.grad)):
+        assert rel_err(a, b) < 1e-6, name
+    assert all(p.grad is None and not p.requires_grad for p in ours.base.parameters())  # the base is frozen
+    assert sorted(n for n, p in ours.named_parameters() if p.requires_grad) == ["down.weight", "up.weight"]
+
+
+@pytest.mark.parametrize("case", LAYERS)
+def test_merging_a_lora_layer_like_peft_merge_and_unload(case):
+    theirs, ours = peft_and_ours(case)
+    x = torch.randn(LAYERS[case][1], generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        unmerged = ours.eval()(x)
+    merged_theirs = theirs.merge_and_unload().layer
+    merged_ours = unwrap_lora(Holder(ours)).layer
+    assert type(merged_ours) is type(merged_theirs)
+    assert rel_err(merged_ours.weight, merged_theirs.weight) < 1e-6
+    assert merged_ours.bias is None or torch.equal(merged_ours.bias, merged_theirs.bias)
+    with torch.no_grad():
+        assert rel_err(merged_ours(x), unmerged) < 1e-6
+
+
+# What the round trip trains: attention and feed-forward, proj_in/out, 3x3 and 1x1 res-block convs and the
+# time embedding of the UNet, the text encoder's attention and MLP.
+TRAINED = {"unet": r"(attn[12]\.to_(q|k|v|out\.0)|ff\.net\.(0\.proj|2)|proj_(in|out)|in_layers\.2|out_layers\.3|"
+                   r"skip_connection|emb_layers\.1)$",
+           "clip": r"(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"}
+
+
+def test_trained_lora_saves_as_a_file_read_lora_merges_back(tmp_path):
+    """Wrap the tiny model's layers, 'train' them (random up), save in kohya's layout: read_lora and the merger
+    give the outputs of the wrapped model, and the weights `unwrap_lora` merges, bit for bit."""
+    sd = StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.safetensors"))
+    models = sd.models
+    before = {net: {k: v.clone() for k, v in getattr(models, net).state_dict().items()} for net in TRAINED}
+    torch.manual_seed(0)
+    layers = {net: wrap_lora(getattr(models, net), pattern, rank, alpha)
+              for (net, pattern), rank, alpha in zip(TRAINED.items(), (4, 2), (8.0, 1.0))}
+    assert {net: {type(m).__name__ for m in found.values()} for net, found in layers.items()} == {
+        "unet": {"LoRALinear", "LoRAConv"}, "clip": {"LoRALinear"}}
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for found in layers.values():
+            for layer in found.values():
+                layer.up.weight.copy_(torch.randn(layer.up.weight.shape, generator=gen) * 0.05)
+    latents, ids = torch.randn(1, 4, 8, 8, generator=gen), torch.randint(0, 49408, (1, 77), generator=gen)
+
+    def outputs():
+        with torch.no_grad():
+            context = models.clip(ids)  # (1, 77, C)
+            return context, models.unet(latents, 500.0, context)  # (1, 4, 8, 8)
+
+    wrapped = outputs()
+    save_file(lora_state_dict(models), tmp_path / "trained.safetensors")
+    merged_by_layers = {net: unwrap_lora(copy.deepcopy(getattr(models, net))).state_dict() for net in TRAINED}
+    for net in TRAINED:  # the file is read into the model without its LoRA layers
+        unwrap_lora(getattr(models, net), merge=False)
+        assert all(torch.equal(before[net][k], v) for k, v in getattr(models, net).state_dict().items())
+    lora = sd.load_lora(tmp_path / "trained.safetensors")
+    assert not lora.unmatched and len(lora.layers) == sum(map(len, layers.values()))
+    for mine, theirs in zip(outputs(), wrapped):
+        assert rel_err(mine, theirs) < 1e-5
+    for net in TRAINED:  # the file's merge and unwrap_lora's: the same sum, the same weights
+        assert all(torch.equal(merged_by_layers[net][k], v) for k, v in getattr(models, net).state_dict().items())
+
+
+def test_wrap_lora_refuses_a_pattern_that_matches_nothing():
+    message = "no Linear or Conv2d layer of the Holder has a path matching 'nope'"
+    with pytest.raises(InputError, match=re.escape(message)):
+        wrap_lora(Holder(torch.nn.Linear(2, 3)), "nope", 2, 2.0)
