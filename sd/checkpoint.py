@@ -70,9 +70,11 @@ def is_safetensors(path: Path) -> bool:
     JSON header), not by the name, so a renamed file still gets a true error message."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if head.startswith((ZIP_MAGIC, LEGACY_MAGIC[:1])):
+    if head.startswith(ZIP_MAGIC):
         return False
-    return head[8:9] == b"{" or path.suffix.lower() == ".safetensors"
+    if head[8:9] == b"{":  # before the pickle test: a header length can start with the pickle's first byte
+        return True
+    return not head.startswith(LEGACY_MAGIC[:1]) and path.suffix.lower() == ".safetensors"
 
 
 SAFETENSORS_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}

@@ -1,16 +1,15 @@
 """Training Stable Diffusion's three networks, from scratch or from a checkpoint (Rombach et al., 2022).
 
-Latent diffusion trains in two stages:
-- `vae`: the KL autoencoder on an L1 reconstruction loss plus a small KL term (the LDM paper's loss
-  without its perceptual and adversarial terms, which flat synthetic images do not need); then the
-  latent scale is measured on the data as 1 / std of the latents (LDM's `scale_by_std`).
+Latent diffusion trains in two stages, each one objective of `sd/objectives.py` run by the same loop:
+- `vae`: the KL autoencoder on an L1 reconstruction loss plus a small KL term; then the latent scale is
+  measured on the data as 1 / std of the latents (LDM's `scale_by_std`).
 - `diffusion`: the UNet on the epsilon-prediction MSE (Ho et al., 2020) under SD v1's noise schedule
   (`NoiseSchedule`), so every sampler works unchanged, on latents the frozen VAE encodes once. From
   scratch the text encoder trains jointly (as the LDM paper's own text-to-image model); from a
   checkpoint it stays frozen unless asked. 10% of captions are dropped to "", the prompt the
   pipeline feeds for classifier-free guidance.
-Both use AdamW with a linear warm-up and a cosine decay, gradient clipping and an EMA of the weights;
-the EMA copy is what is written. Every random draw of step k comes from a generator seeded with
+The loop (`Stage`) uses AdamW with a linear warm-up and a cosine decay, gradient clipping and an EMA of the
+weights; the EMA copy is what is written. Every random draw of step k comes from a generator seeded with
 (seed, stage, k), and sample i of the data is a pure function of i, so `--resume` continues a run
 exactly. Each stage keeps, in the run folder, its training state (`<stage>-state.pt`), its loss
 (`<stage>-loss.csv` and `.png`) and sample grids (`<stage>-samples-<step>.png`).
@@ -29,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 from tqdm.auto import tqdm
@@ -37,12 +35,11 @@ from tqdm.auto import tqdm
 from sd.checkpoint import StableDiffusionModels, load_checkpoint, save_checkpoint
 from sd.cli import CommandParser, run_command
 from sd.clip import CLIPConfig, CLIPTextModel
-from sd.datasets import CaptionedShapes, CaptionFolder, to_tensor, vocabulary, words
+from sd.datasets import CaptionedShapes, CaptionFolder, vocabulary
 from sd.errors import InputError, SDError
 from sd.files import write_atomically
-from sd.pipeline import StableDiffusion
-from sd.samplers.schedule import NoiseSchedule
-from sd.tokenizer import CLIPTokenizer
+from sd.objectives import OBJECTIVES, Objective
+from sd.prompt import words
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 
@@ -144,34 +141,6 @@ class EMA:
             ema.lerp_(p.detach(), 1 - decay)
 
 
-def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(logvar)) || N(0, I)) per sample, summed over the latent: (B,)."""
-    return 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1)
-
-
-@torch.no_grad()
-def encode_pool(vae: AutoencoderKL, images: list[Image.Image], device, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Means and standard deviations of the latents of `images`: 2 x (N, 4, h, w), on the CPU."""
-    means, stds = [], []
-    for i in range(0, len(images), batch):
-        mean, logvar = vae.encode(to_tensor(images[i:i + batch]).to(device))  # 2 x (b, 4, h, w)
-        means.append(mean.float().cpu())
-        stds.append(torch.exp(0.5 * logvar).float().cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
-def first_images(data, n: int) -> list[tuple]:
-    """The first n samples of an endless dataset, or all of a folder."""
-    return [data.sample(i) for i in range(len(data) if isinstance(data, CaptionFolder) else n)]
-
-
-def measure_scale(vae: AutoencoderKL, data, device, n: int = 2048) -> float:
-    """1 / std of the latent samples of n images (LDM's scale_by_std)."""
-    mean, std = encode_pool(vae, [s[0] for s in first_images(data, n)], device)
-    samples = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
-    return float(1 / samples.std())
-
-
 # ---- progress files ------------------------------------------------------------------------------
 
 def draw_loss_curve(rows: list[tuple[int, float]], path: Path, title: str) -> None:
@@ -199,28 +168,23 @@ def draw_loss_curve(rows: list[tuple[int, float]], path: Path, title: str) -> No
     write_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
-def save_grid(images: list[Image.Image], columns: int, path: Path) -> None:
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, math.ceil(len(images) / columns) * h), "white")
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % columns) * w, (i // columns) * h))
-    write_atomically(path, lambda tmp: grid.save(tmp, format="PNG"))
-
-
 # ---- one stage -----------------------------------------------------------------------------------
 
 class Stage:
-    """One stage of training: `run()` takes the trainable networks from `start` to `cfg.steps` steps,
-    saving the state every `save_every` steps, and returns the models with the EMA weights in place."""
+    """One stage of training, the loop around an objective (by default the stage name's in `OBJECTIVES`):
+    `run()` takes the networks the objective trains from the saved step (0 without --resume) to
+    `cfg.steps` steps, saving the state every `save_every` steps, and returns the models with the EMA
+    weights in place."""
 
-    def __init__(self, name: str, models: StableDiffusionModels, data, cfg: StageConfig, args: argparse.Namespace):
+    def __init__(self, name: str, models: StableDiffusionModels, data, cfg: StageConfig, args: argparse.Namespace,
+                 objective: Objective | None = None):
         self.name, self.models, self.data, self.cfg, self.args = name, models, data, cfg, args
+        self.objective = objective or OBJECTIVES[name].from_args(args)
         self.device = torch.device(args.device)
         self.run_dir = Path(args.run_dir)
         self.state_path = self.run_dir / f"{name}-state.pt"
         self.loss_path = self.run_dir / f"{name}-loss.csv"
-        train_clip = name == "diffusion" and args.text_encoder == "train"
-        self.trained = {"vae": ["vae"], "diffusion": ["unet"] + ["clip"] * train_clip}[name]
+        self.trained = list(self.objective.trains)
         for net in ("unet", "vae", "clip"):
             getattr(models, net).to(self.device).requires_grad_(net in self.trained).train(net in self.trained)
         self.params = [p for net in self.trained for p in getattr(models, net).parameters()]
@@ -229,7 +193,8 @@ class Stage:
         self.identity = json.dumps({"stage": name, "cfg": dataclasses.asdict(cfg), "seed": args.seed,
                                     "trained": self.trained, "data": str(args.data),
                                     "configs": {n: dataclasses.asdict(getattr(models, n).config)
-                                                for n in ("unet", "vae", "clip")}}, sort_keys=True)
+                                                for n in ("unet", "vae", "clip")},
+                                    **self.objective.identity()}, sort_keys=True)
         self.step = 0
         self.losses: list[tuple[int, float]] = []
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and self.device.type == "cuda")
@@ -263,7 +228,7 @@ class Stage:
                                 f"not a state written by {PROG}: start without --resume") from None
         if identity != self.identity:
             ours, theirs = json.loads(self.identity), json.loads(identity)
-            differs = [k for k in ours if ours[k] != theirs.get(k)]
+            differs = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
             raise TrainingError(f"--resume: {self.state_path} was written by a run with another configuration "
                                 f"(differs in: {', '.join(differs)}); resume with the same flags, or use another "
                                 f"--run-dir")
@@ -310,74 +275,23 @@ class Stage:
         for net, ema in self.ema.items():
             getattr(self.models, net).load_state_dict(ema.model.state_dict())
             getattr(self.models, net).requires_grad_(False).eval()
+        self.objective.finish(self.models)
         return self.models
 
     def with_ema(self) -> StableDiffusionModels:
         """The models with the EMA copies of the trained networks, for samples."""
         return dataclasses.replace(self.models, **{n: e.model for n, e in self.ema.items()})
 
-    # -- what differs between the stages ---------------------------------------------------------------
+    # -- the objective -------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        """diffusion: encode the image pool once with the frozen VAE."""
-        if self.name != "diffusion":
-            return
-        samples = first_images(self.data, self.cfg.pool)
-        self.pool_mean, self.pool_std = encode_pool(self.models.vae, [s[0] for s in samples], self.device)
-        self.pool_captions = [s[1] for s in samples]
-        self.pool_scenes = [s[2] for s in samples]
-        self.schedule = NoiseSchedule()
-        self.alphas_cumprod = self.schedule.alphas_cumprod.to(self.device)
-        self.tokenizer = CLIPTokenizer()
+        self.objective.prepare(self.models, self.data, self.cfg, self.device)
 
     def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
-        b = self.cfg.batch_size
-        if self.name == "vae":
-            x = to_tensor([self.data.sample(step * b + j)[0] for j in range(b)]).to(self.device)  # (B, 3, H, W)
-            mean, logvar = self.models.vae.encode(x)  # 2 x (B, 4, h, w)
-            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=gen).to(self.device)
-            reconstruction = self.models.vae.decode(z)  # (B, 3, H, W)
-            return (reconstruction - x).abs().mean() + self.cfg.kl_weight * kl_divergence(mean, logvar).mean() / x[0].numel()
-        index = torch.randint(len(self.pool_mean), (b,), generator=gen)  # (B,)
-        eps_latent = torch.randn((b, *self.pool_mean.shape[1:]), generator=gen)
-        x0 = (self.pool_mean[index] + self.pool_std[index] * eps_latent) * self.models.scale_factor  # (B, 4, h, w)
-        captions = [self.caption(int(i), step * b + j) for j, i in enumerate(index)]
-        drop = torch.rand(b, generator=gen) < self.cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-        t = torch.randint(self.schedule.num_train_timesteps, (b,), generator=gen)  # (B,)
-        noise = torch.randn(x0.shape, generator=gen)
-        x0, noise, t = x0.to(self.device), noise.to(self.device), t.to(self.device)
-        a = self.alphas_cumprod[t][:, None, None, None]
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise  # (B, 4, h, w), Ho et al. eq. 4
-        context = self.models.clip(self.tokenizer(captions).to(self.device))  # (B, 77, C)
-        return F.mse_loss(self.models.unet(noisy, t, context).float(), noise)
+        return self.objective.loss(step, gen)
 
-    def caption(self, pool_index: int, draw: int) -> str:
-        """A caption of pool image `pool_index`: drawn anew each time for the generated set, else its own."""
-        scene = self.pool_scenes[pool_index]
-        return self.data.caption_of(scene, draw) if scene is not None else self.pool_captions[pool_index]
-
-    @torch.no_grad()
     def sample(self, step: int) -> None:
-        path = self.run_dir / f"{self.name}-samples-{step:06d}.png"
-        if self.name == "vae":
-            originals = [self.data.sample(10**9 + i)[0] for i in range(8)]  # images no step trained on
-            x = to_tensor(originals).to(self.device)
-            mean, _ = self.ema["vae"].model.encode(x)
-            decoded = ((self.ema["vae"].model.decode(mean) / 2 + 0.5).clamp(0, 1) * 255).round().byte()
-            rebuilt = [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in decoded]
-            save_grid(originals + rebuilt, 8, path)
-            return
-        pipe = StableDiffusion(self.with_ema(), self.tokenizer)
-        prompts = (SAMPLE_PROMPTS if isinstance(self.data, CaptionedShapes) else
-                   [self.data.captions[i] for i in range(min(8, len(self.data)))])
-        save_grid(pipe.text_to_image(prompts, seed=0, steps=20, progress=False), 8, path)
-
-
-SAMPLE_PROMPTS = ["a large red circle in the top left", "a small blue square in the bottom right",
-                  "a large yellow star in the center on a black background", "a green heart in the top right",
-                  "a white triangle in the bottom left on a blue background", "a red star", "a blue heart",
-                  "a purple circle in the center"]
+        self.objective.sample(self.with_ema(), self.run_dir / f"{self.name}-samples-{step:06d}.png")
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -418,9 +332,6 @@ def train(args: argparse.Namespace) -> None:
         if name == "diffusion" and args.stage == "all":  # the VAE stage's result, as a resumable hand-over
             models = load_checkpoint(Path(args.run_dir) / "vae.safetensors")
         models = Stage(name, models, data, cfg, args).run(args.resume)
-        if name == "vae":
-            models.scale_factor = measure_scale(models.vae, data, args.device)
-            print(f"latent scale factor: {models.scale_factor:.5f}", file=sys.stderr)
         if args.init is None or models.vocabulary is not None:  # a model that knows only its training words
             models.vocabulary = tuple(sorted(set(models.vocabulary or ()) | set(words_of(data))))
         last = name == stages[-1]

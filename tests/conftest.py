@@ -18,10 +18,15 @@ torch.set_num_threads(max(1, torch.get_num_threads()))
 FULL_SIZE_FIXTURES = {"ref_unet", "ref_vae", "ref_clip", "refs", "ref_inpaint_unet", "compvis_state", "checkpoint", "loaded", "text_context"}
 
 
+SLOW_FIXTURES = {"trained"}  # tests/test_train.py: a few hundred training steps of both stages
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if FULL_SIZE_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.full_size)
+        if SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

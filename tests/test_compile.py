@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -14,6 +15,8 @@ from sd.pipeline import StableDiffusion
 from sd.unet import UNetConfig
 from sd.vae import VAEConfig
 from tests.tiny import TINY_CLIP, write_tiny_checkpoint
+
+pytestmark = pytest.mark.slow  # compiling takes minutes on a CPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest networks with every kind of block (compiling costs time per block, not per weight): a UNet of

@@ -3,10 +3,12 @@ the others are refused by name; the UNet's SD 2.x / SDXL configuration axes, rea
 give diffusers' `UNet2DConditionModel` outputs at toy widths (diffusers' own `convert_ldm_unet_checkpoint`
 says which CompVis key each of its weights has); the UNet's conditioning bundle and speed-ups."""
 
+import json
+
 import pytest
 import torch
 
-from sd.checkpoint import detect_family, load_checkpoint
+from sd.checkpoint import METADATA_KEY, detect_family, is_safetensors, load_checkpoint, read_metadata
 from sd.conditioning import Conditioning
 from sd.errors import CheckpointError, UnsupportedModelError
 from sd.families import FAMILIES, SD1, SD1_INPAINTING, SD2, SD2_INPAINTING, SDXL, SDXL_REFINER, UNET_PREFIX
@@ -149,3 +151,17 @@ def test_concat_and_bare_context_and_no_speedups_are_the_plain_call():
     assert torch.equal(unet(x, 500, Conditioning(context, concat=extra), speedups=Speedups()), plain)
     with pytest.raises(ValueError, match="takes no conditioning vector"):
         unet(torch.cat([x, extra], dim=1), 500, Conditioning(context, vector=torch.zeros(1, 8)))
+
+
+@pytest.mark.parametrize("first_byte", [0x80, 0x00, 0x50, 0xF8])
+def test_safetensors_is_told_by_its_header_whatever_its_length(tmp_path, first_byte):
+    """A safetensors file starts with its header's length: one in 32 lengths starts with the byte a pickle
+    starts with (0x80), which once made the file's metadata (size, vocabulary) be ignored."""
+    from safetensors.torch import save_file
+    path = tmp_path / "weights.bin"  # a name that does not tell
+    for pad in range(256):
+        save_file({"w": torch.zeros(1)}, path, metadata={METADATA_KEY: json.dumps({"image_size": 256}), "pad": "x" * pad})
+        if path.read_bytes()[0] == first_byte:
+            break
+    assert path.read_bytes()[0] == first_byte and is_safetensors(path)
+    assert read_metadata(path) == {"image_size": 256}
