@@ -1,4 +1,4 @@
-"""What the project's command lines share: one-line errors and their exit statuses.
+"""What the project's command lines share: one-line errors and their exit statuses, one-line notes.
 
 Every command (`run_demo.py`, `python -m sd.train`, `python -m weights_converter`) reports a mistake as
 one line `error: ...` on stderr, never a traceback: exit status 2 for bad input (any `SDError`, an
@@ -6,8 +6,10 @@ unknown flag), 1 when writing fails, 130 when interrupted.
 """
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -40,3 +42,12 @@ def run_command(body: Callable[[], None], *, interrupted: str, out_of_memory: st
 def fail(message: str, status: int) -> int:
     print(f"error: {message}", file=sys.stderr)
     return status
+
+
+def note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the current folder when inside it, as a user would type it."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)

@@ -11,7 +11,6 @@ Pickles go through `sd.safe_pickle`, never a plain `torch.load`. The name used i
 given, else the token a diffusers file names, else the file's name (as AUTOMATIC1111 does).
 """
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from sd.checkpoint import is_safetensors, unreadable_safetensors
 from sd.errors import InputError
+from sd.hashing import SHORT_HASH_DIGITS, file_sha256
 from sd.safe_pickle import load_pickle_checkpoint
 from sd.tokenizer import MAX_PROMPT_TOKENS, CLIPTokenizer
 
@@ -37,7 +37,7 @@ class Embedding:
     @property
     def short_hash(self) -> str:
         """The first 12 hex digits of the file's SHA-256, as AUTOMATIC1111 writes "TI hashes"."""
-        return self.sha256[:12]
+        return self.sha256[:SHORT_HASH_DIGITS]
 
 
 def vectors_of(path: Path, contents) -> tuple[torch.Tensor, str | None]:
@@ -76,8 +76,7 @@ def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
         raise InputError(f"{path} is a folder; give the embedding file in it" if path.is_dir()
                          else f"embedding file not found: {path}; check the path")
     try:
-        with open(path, "rb") as f:
-            sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        sha256 = file_sha256(path)
         if is_safetensors(path):
             from safetensors import SafetensorError
             from safetensors.torch import load_file

@@ -35,7 +35,7 @@ from sd.parameterization import to_epsilon
 from sd.prompt import PromptParser, TextEncoder, check_clip_skip, encode, words
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
-# also what the command line imports from here: the defaults, `settle` and the checks it runs before loading
+# re-exported as the library's names: the defaults, `settle` and the checks it runs before loading
 from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, UPSCALERS,  # noqa: F401
                          VAE_FACTOR, ImageInput, Settings, check_deep_cache_branch, check_hires, check_invertible,
                          is_finite_number, settle)

@@ -4,7 +4,6 @@ mutation-based inputs; each must give a result (weights, a loaded model, setting
 own error, never another exception, and reading files of a few hundred kB never raises the process's
 peak memory by more than 512 MB."""
 
-import argparse
 import json
 import random
 import resource
@@ -17,6 +16,7 @@ from PIL import Image, PngImagePlugin
 import run_demo
 from sd.checkpoint import load_checkpoint, read_state_dict
 from sd.errors import SDError
+from sd.flags import Flags, settle_flags
 from tests.tiny import save_checkpoint, tiny_compvis_state
 from weights_converter import __main__ as converter
 
@@ -146,8 +146,8 @@ def test_mutated_png_parameters_are_read_or_refused(tmp_path):
         Image.new("RGB", (8, 8)).save(png, pnginfo=info)
         args = run_demo.parse_args(["--from-png", str(png)])
         try:
-            run_demo.settle_flags(args, run_demo.read_parameters(png), image_size=64)
+            flags = settle_flags(args, run_demo.read_parameters(png), image_size=64, lora_dir=run_demo.LORA_DIR)
         except SDError as e:
             assert "\n" not in str(e), str(e)
         else:
-            assert isinstance(args, argparse.Namespace) and args.steps >= 1 and args.width % 8 == 0
+            assert isinstance(flags, Flags) and flags.steps >= 1 and flags.width % 8 == 0

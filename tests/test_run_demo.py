@@ -16,6 +16,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 import run_demo
+from sd.hashing import model_hash
+from sd.outputs import write_png
 from sd.samplers import SAMPLERS
 from tests.tiny import write_tiny_checkpoint
 
@@ -194,11 +196,11 @@ def test_a_file_that_appears_during_the_run_is_kept(tmp_path):
     out.write_bytes(b"made by another run meanwhile")
     (tmp_path / "out-1.png").write_bytes(b"and another")
     image = Image.new("RGB", (8, 8), "red")
-    written = run_demo.write_png(image, out, "a boat\nSteps: 1", overwrite=False)
+    written = write_png(image, out, "a boat\nSteps: 1", overwrite=False)
     assert written == tmp_path / "out-2.png" and pixels(written).shape == (8, 8, 3)
     assert out.read_bytes() == b"made by another run meanwhile"
     assert sorted(os.listdir(tmp_path)) == ["out-1.png", "out-2.png", "out.png"]  # no temporary file left
-    assert run_demo.write_png(image, out, "a boat\nSteps: 1", overwrite=True) == out and pixels(out).shape == (8, 8, 3)
+    assert write_png(image, out, "a boat\nSteps: 1", overwrite=True) == out and pixels(out).shape == (8, 8, 3)
 
 
 def test_help_documents_every_flag_with_its_default():
@@ -251,14 +253,14 @@ def test_model_hash_is_cached_beside_the_checkpoint(tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(b"weights")
     digest = sha256(checkpoint)
-    assert run_demo.model_hash(checkpoint) == digest[:10]
+    assert model_hash(checkpoint) == digest[:10]
     sidecar = tmp_path / "model.safetensors.sha256"
     assert sidecar.read_text() == f"{digest}  model.safetensors\n"  # sha256sum's format
 
     sidecar.write_text(f"{'ab' * 32}  model.safetensors\n")  # a cached digest is trusted while it is current ...
-    assert run_demo.model_hash(checkpoint) == "ab" * 5
+    assert model_hash(checkpoint) == "ab" * 5
     checkpoint.write_bytes(b"other weights")  # ... and recomputed once the file changes
-    assert run_demo.model_hash(checkpoint) == sha256(checkpoint)[:10]
+    assert model_hash(checkpoint) == sha256(checkpoint)[:10]
 
 
 def test_reads_automatic1111_parameters(tmp_path):

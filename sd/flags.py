@@ -1,0 +1,208 @@
+"""The generation flags of `run_demo.py`, settled before anything slow: each is the flag given, else the value
+of the PNG that --from-png names (`sd.parameters`), else the library's default (`sd.settings.settle`, which
+needs no weights); they are checked together and come back as one frozen `Flags`. The LoRA files that the
+prompt's <lora:NAME:WEIGHT> tags and --lora name, and the textual-inversion embeddings the prompts use, are
+found here too, and the embeddings read and checked.
+"""
+
+import argparse
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from sd.cli import note, shown
+from sd.embeddings import EMBEDDING_SUFFIXES, Embedding, check_name, read_embedding
+from sd.errors import InputError
+from sd.lora import lora_tags
+from sd.parameters import NEGATIVE_MARK
+from sd.prompt import NUMBER, PromptParser, names_in
+from sd.samplers import DEFAULT_SAMPLER, make_sampler
+from sd.settings import MAX_SEED, VAE_FACTOR, Settings, check_hires, check_invertible, settle
+from sd.tokenizer import CLIPTokenizer
+
+MAX_IMAGES = 10_000  # per run: each is named (and its name checked) before the first is made
+DEFAULT_HIRES_STRENGTH = 0.55
+DEFAULT_HIRES_UPSCALER = "latent"
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+GENERATION_FLAGS = ("image", "mask", "strength", "steps", "guidance_scale", "sampler", "seed", "width", "height",
+                    "num_images", "clip_skip", "deep_cache", "deep_cache_branch", "token_merging")  # `settle`'s
+SETTLED = ("strength", "steps", "guidance_scale", "seed", "width", "height", "clip_skip", "deep_cache",
+           "deep_cache_branch")  # taken from `settle`'s result
+HIRES_FLAGS = ("hires_strength", "hires_steps", "hires_upscaler")  # which only --hires-scale turns on
+
+
+@dataclass(frozen=True)
+class Flags:
+    """The settings of one run, settled; the attributes are named as the flags are."""
+
+    prompt: str  # as the PNG keeps it: with <lora:NAME:WEIGHT> tags, those of --lora added
+    negative_prompt: str
+    text: str  # the prompt the model reads: without the tags
+    negative_text: str
+    loras: tuple[tuple[Path, float], ...]  # (file, weight) of every tag
+    image: Path | None
+    mask: Path | None
+    invert: str | None
+    strength: float
+    steps: int
+    guidance_scale: float
+    sampler: str
+    seed: int  # of the first image; image i uses seed + i - 1
+    width: int
+    height: int
+    num_images: int
+    clip_skip: int
+    hires_scale: float | None
+    hires_strength: float | None
+    hires_steps: int | None
+    hires_upscaler: str | None
+    deep_cache: int | None
+    deep_cache_branch: int
+    token_merging: float | None
+    tiled_decode: bool
+    inversion_size: dict[str, int]  # the width and height given, to which --invert resizes the image (else its own)
+    settings: Settings  # the library's, with the init image and mask opened
+
+    @property
+    def final_size(self) -> tuple[int, int]:
+        """The size of the images made: --width x --height, times --hires-scale (in whole latent pixels)."""
+        width, height = (int(side * (self.hires_scale or 1)) // VAE_FACTOR * VAE_FACTOR
+                         for side in (self.width, self.height))
+        return width, height
+
+
+def settle_flags(args: argparse.Namespace, stored: dict, image_size: int, lora_dir: Path) -> Flags:
+    """The flags `args`, those not given filled from the PNG's values `stored`, checked and completed with
+    the defaults; `image_size`: the model's; `lora_dir`: where <lora:NAME> tags find NAME.safetensors."""
+    flag = vars(args) | {key: value for key, value in stored.items()
+                         if key in vars(args) and getattr(args, key) is None}  # a copy: `args` stays as given
+    if flag["prompt"] is None:
+        raise InputError("give --prompt TEXT (--prompt '' for an unconditional image) or --from-png PNG")
+    if NEGATIVE_MARK in flag["prompt"]:
+        raise InputError(f"--prompt holds a line starting {NEGATIVE_MARK.strip()!r}, which the PNG's parameters could "
+                         f"not tell apart from the negative prompt; reword that line or use --negative-prompt")
+    flag["negative_prompt"] = flag["negative_prompt"] or ""
+    flag["prompt"], loras = resolve_loras(flag["prompt"], flag["lora"], lora_dir)  # the PNG keeps the tags
+    text, negative_text = lora_tags(flag["prompt"])[0], lora_tags(flag["negative_prompt"])[0]  # for the model
+    if flag["invert"] is not None:
+        check_inversion(flag)
+        flag["sampler"] = "ddim"
+    flag |= hires_flags(flag)
+    flag["sampler"] = flag["sampler"] or DEFAULT_SAMPLER
+    given = {key: flag[key] for key in GENERATION_FLAGS if flag[key] is not None}
+    inversion_size = {key: given[key] for key in ("width", "height") if key in given}
+    settings = settle(text, negative_text, image_size=image_size, **given)
+    if flag["num_images"] > MAX_IMAGES:
+        raise InputError(f"--num-images must be at most {MAX_IMAGES} in one run, got {flag['num_images']}; run again "
+                         f"for more")
+    if settings.seed + flag["num_images"] - 1 > MAX_SEED:
+        raise InputError(f"--seed {settings.seed} with --num-images {flag['num_images']} runs past 2**64-1 (image i "
+                         f"uses seed+i-1); give a lower --seed")
+    if flag["invert"] is not None and not inversion_size:
+        check_invertible(settings.image)
+    settled = {key: getattr(settings, key) for key in SETTLED} | dict(
+        text=text, negative_text=negative_text, loras=tuple(loras), tiled_decode=bool(flag["tiled_decode"]),
+        inversion_size=inversion_size, settings=settings,
+        token_merging=settings.token_merging.ratio if settings.token_merging is not None else None)
+    return Flags(**{f.name: settled[f.name] if f.name in settled else flag[f.name] for f in fields(Flags)})
+
+
+def hires_flags(flag: dict) -> dict:
+    """The hires fix is for text-to-image; its settings are checked as the library checks them, and its
+    strength and upscaler defaulted."""
+    if flag["hires_scale"] is None:
+        extra = [name for name in HIRES_FLAGS if flag[name] is not None]
+        if extra:
+            raise InputError(f"--{extra[0].replace('_', '-')} sets the hires fix, which --hires-scale S turns on; "
+                             f"give it too")
+        return {}
+    if flag["image"] is not None:
+        raise InputError("--hires-scale upscales a text-to-image result; leave out --image (or --hires-scale)")
+    strength = DEFAULT_HIRES_STRENGTH if flag["hires_strength"] is None else flag["hires_strength"]
+    upscaler = flag["hires_upscaler"] or DEFAULT_HIRES_UPSCALER
+    sampler = make_sampler(flag["sampler"] or DEFAULT_SAMPLER)
+    check_hires(flag["hires_scale"], strength, flag["hires_steps"], upscaler, sampler.max_steps)
+    return {"hires_strength": strength, "hires_upscaler": upscaler}
+
+
+def check_inversion(flag: dict) -> None:
+    """--invert needs --image, samples with ddim and redraws the whole image."""
+    for needed, wrong in (("--image", flag["image"] is None), ("no --mask", flag["mask"] is not None),
+                          ("no --strength", flag["strength"] is not None),
+                          ("--sampler ddim", flag["sampler"] not in (None, "ddim"))):
+        if wrong:
+            raise InputError(f"--invert needs {needed}: it turns --image into noise and samples back from it with ddim")
+
+
+def path_and_suffix(value: str, is_suffix) -> tuple[Path, str | None]:
+    """A flag's PATH or PATH:SUFFIX, SUFFIX being what `is_suffix` accepts; a PATH that exists as written wins
+    (so C:\\x.pt stays a path)."""
+    path, colon, suffix = value.rpartition(":")
+    if not colon or not path or Path(value).exists() or not is_suffix(suffix):
+        return Path(value), None
+    return Path(path), suffix
+
+
+def resolve_loras(prompt: str, values: list[str], folder: Path) -> tuple[str, list[tuple[Path, float]]]:
+    """The prompt and the LoRA files and weights to merge: each --lora PATH[:WEIGHT] of `values` becomes a
+    <lora:NAME:WEIGHT> tag in the prompt (or sets the weight of the tag of that name already there, as
+    --from-png gives it), then every tag is looked up in the --lora files and `folder`."""
+    given = {}
+    for value in values:
+        path, weight = path_and_suffix(value, NUMBER.fullmatch)
+        if not path.is_file():
+            raise InputError(f"--lora {path} not found; check the path")
+        given[path.stem.lower()] = path
+        tag = re.compile(rf"<lora:{re.escape(path.stem)}(:[^>]*)?>", re.IGNORECASE)
+        if not tag.search(prompt):
+            prompt += f" <lora:{path.stem}:{weight or 1}>"
+        elif weight is not None:
+            prompt = tag.sub(f"<lora:{path.stem}:{weight}>", prompt)
+    loras = []
+    for name, weight in lora_tags(prompt)[1]:
+        if weight and not NUMBER.fullmatch(weight):
+            raise InputError(f"--prompt has <lora:{name}:{weight}>, whose weight {weight!r} is not a number; write "
+                             f"<lora:{name}:0.8>")
+        found = [folder / f"{name}{suffix}" for suffix in LORA_SUFFIXES if (folder / f"{name}{suffix}").is_file()]
+        path = given.get(name.lower()) or next(iter(found), None)
+        if path is None:
+            raise InputError(f"--prompt has <lora:{name}>, but there is no {name}.safetensors in {shown(folder)}/; "
+                             f"put the file there or pass --lora PATH")
+        loras.append((path, float(weight or 1)))
+    return prompt, loras
+
+
+def read_embeddings(args: argparse.Namespace, flags: Flags, stored: dict, tokenizer: CLIPTokenizer,
+                    folder: Path) -> list[Embedding]:
+    """The --embedding files, and those in `folder` that the prompts name (by file name, as AUTOMATIC1111
+    names them), read and their names checked; then the prompts are parsed with them (malformed or too
+    long: refused), all before loading the model. The embeddings a --from-png image was made with must be
+    among them, when the prompts still use them."""
+    loaded: dict[str, Embedding] = {}
+
+    def add(embedding: Embedding) -> None:
+        check_name(embedding, tokenizer, loaded)
+        loaded[embedding.name] = embedding
+
+    for value in args.embedding:
+        add(read_embedding(*path_and_suffix(value, lambda name: not any(c in name for c in "/\\"))))
+    texts = f"{flags.text}\n{flags.negative_text}"
+    files = {path.stem: path for path in sorted(folder.glob("*"))
+             if path.suffix.lower() in EMBEDDING_SUFFIXES} if folder.is_dir() else {}
+    given = {name.lower() for name in loaded}
+    for name in names_in(texts, [name for name in files if name.lower() not in given]):
+        add(read_embedding(files[name], name))
+    parser = PromptParser(tokenizer, loaded)
+    parser.parse(flags.text)
+    parser.parse(flags.negative_text, "negative_prompt")
+    made_with = stored.get("ti_hashes", {})
+    known = {name.lower(): e for name, e in loaded.items()}
+    for name in names_in(texts, made_with):
+        if name.lower() not in known:
+            raise InputError(f"{args.from_png} was made with the embedding {name} (hash {made_with[name]}), which is "
+                             f"not loaded; put its file in {shown(folder)}/ or pass --embedding PATH:{name}")
+        if known[name.lower()].short_hash != made_with[name]:
+            e = known[name.lower()]
+            note(f"{args.from_png} was made with the embedding {name} of hash {made_with[name]}, {shown(e.path)} has "
+                 f"hash {e.short_hash}: the image will differ")
+    return list(loaded.values())
