@@ -1,4 +1,4 @@
-"""Make images with Stable Diffusion v1.x: text-to-image, image-to-image and inpainting.
+"""Make images with Stable Diffusion 1.x and 2.x: text-to-image, image-to-image and inpainting.
 
     python run_demo.py --prompt "a watercolor fox in the snow"                   # text-to-image
     python run_demo.py --prompt "an oil painting" --image photo.png              # image-to-image
@@ -34,6 +34,7 @@ from sd.outputs import check_output, default_output, output_paths, write_png
 from sd.parameters import TEXT_CHUNK, format_parameters, parse_parameters
 from sd.pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, UPSCALERS, VAE_FACTOR, StableDiffusion,
                          check_deep_cache_branch)
+from sd.prediction import CHOICES, SHORT, family_rule
 from sd.prompt import check_clip_skip
 from sd.samplers import DEFAULT_SAMPLER, SAMPLERS, NoiseSchedule
 from sd.tokenizer import CLIPTokenizer
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                     "(text:1.3), BREAK; --prompt '' makes an unconditional image (default: none, "
                                     "required unless --from-png gives one)")
     p.add_argument("--negative-prompt", help="what to steer away from (default: none)")
-    p.add_argument("--checkpoint", type=Path, help=f"SD v1.x checkpoint, .safetensors or .ckpt (default: "
+    p.add_argument("--checkpoint", type=Path, help=f"SD 1.x or 2.x checkpoint, .safetensors or .ckpt (default: "
                                                    f"data/{DEFAULT_MODEL}.safetensors, else data/{DEFAULT_MODEL}.ckpt, "
                                                    f"else the project's tiny model data/{TINY_MODEL}.safetensors)")
     p.add_argument("--image", type=Path, help="init image: image-to-image, or inpainting with --mask "
@@ -75,7 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             "(default: a random one, printed and stored in the PNG)")
     for side in ("width", "height"):
         p.add_argument(f"--{side}", type=int, help=f"image {side}, a multiple of {VAE_FACTOR} (default: the model's "
-                                                   f"own: 512 for SD v1, 64 for {TINY_MODEL}; or that of --image "
+                                                   f"own: 512 for SD v1, 768 for SD 2.x 768-v, 64 for {TINY_MODEL}; "
+                                                   f"or that of --image "
                                                    f"rounded down)")
     p.add_argument("--clip-skip", type=int, metavar="N", help="condition on the hidden states of the text encoder's N-th last "
                                                  "layer, as AUTOMATIC1111's 'Clip skip' (default: 1, its output)")
@@ -105,6 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="token merging: merge this share of the image tokens (0 to 0.75, e.g. 0.5) before the "
                         "self-attention of the highest-resolution blocks: faster, a slightly different image "
                         "(default: off)")
+    p.add_argument("--prediction", metavar="|".join(CHOICES),
+                   help="what the UNet predicts, v or epsilon, where the checkpoint does not say or says it wrong "
+                        "(default: its v_pred key, else a .yaml of the same name beside it, else a test of the UNet "
+                        "for SD 2.x; the rule that decided is printed)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder: the first "
                    "image takes minutes longer (compiling), later ones and later steps run faster; without a working "
                    "compiler a warning and the uncompiled path (default: off)")
@@ -182,8 +188,8 @@ def load_and_generate(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
-    flags = settle_flags(args, stored, read_metadata(checkpoint).get("image_size", SD_V1_SIZE)
-                         if checkpoint.is_file() else SD_V1_SIZE, LORA_DIR)
+    assumed_size = read_metadata(checkpoint).get("image_size", SD_V1_SIZE) if checkpoint.is_file() else SD_V1_SIZE
+    flags = settle_flags(args, stored, assumed_size, LORA_DIR)
     tokenizer = CLIPTokenizer()
     embeddings = read_embeddings(args, flags, stored, tokenizer, EMBEDDINGS_DIR)
     check_memory(*flags.final_size, device, DTYPES[dtype], flags.tiled_decode)
@@ -195,10 +201,16 @@ def load_and_generate(args: argparse.Namespace) -> None:
         if picture is not None and picture.size != (flags.width, flags.height):
             note(f"{what} {path} is {picture.width}x{picture.height}; resized to {flags.width}x{flags.height}")
 
-    pipe = StableDiffusion(load_checkpoint(checkpoint, device, DTYPES[dtype]), tokenizer)
+    models = load_checkpoint(checkpoint, device, DTYPES[dtype], prediction=flags.prediction)
+    if models.prediction_rule != family_rule(models.family):  # say it where the family alone did not decide
+        note(f"{SHORT[models.prediction_type]}-prediction model ({models.prediction_rule}); --prediction overrides")
+    if models.image_size != assumed_size:  # SD 2.x 768-v: its default size is known once the UNet has answered
+        flags = settle_flags(args, stored, models.image_size, LORA_DIR)
+        check_memory(*flags.final_size, device, DTYPES[dtype], flags.tiled_decode)
+    pipe = StableDiffusion(models, tokenizer)
     for embedding in embeddings:
         pipe.add_embedding(embedding)
-    check_clip_skip(flags.clip_skip, pipe.models.clip.config.layers)
+    check_clip_skip(flags.clip_skip, pipe.clip_skip_limit)
     check_deep_cache_branch(flags.deep_cache_branch, pipe.models.unet)
     lora_hashes = {}
     for path, weight in flags.loras:
@@ -219,7 +231,9 @@ def load_and_generate(args: argparse.Namespace) -> None:
     if stored.get("model_hash", short_hash) != short_hash:
         note(f"{args.from_png} was made with model {stored.get('model')} (hash {stored['model_hash']}), this is "
              f"{checkpoint.stem} (hash {short_hash}): the image will differ")
-    made_with = {"model": checkpoint.stem, "model_hash": short_hash, "lora_hashes": lora_hashes}
+    prediction = flags.prediction or (SHORT[models.prediction_type] if models.prediction_type != "epsilon" else None)
+    made_with = {"model": checkpoint.stem, "model_hash": short_hash, "lora_hashes": lora_hashes,
+                 "prediction": prediction}
     generate(pipe, args, flags, dtype, paths, made_with)
 
 

@@ -36,7 +36,10 @@ def configure_attention(model: nn.Module, *, query_slice: int | None = None, fus
 
 
 def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """softmax(Q K^T / sqrt(d)) V for q (..., N, d), k and v (..., M, d), as written: (..., N, d)."""
+    """softmax(Q K^T / sqrt(d)) V for q (..., N, d), k and v (..., M, d), as written: (..., N, d). In float16 the
+    scores are computed in float32: SD 2.1's overflow float16 (black images, diffusers #1614)."""
+    if q.dtype == torch.float16:
+        return plain_attention(q.float(), k.float(), v.float(), causal).half()
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., N, M)
     if causal:  # position i attends to positions <= i only
         scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),

@@ -1,17 +1,18 @@
 """Load an original single-file Stable Diffusion checkpoint (CompVis layout) into the models of `sd`.
 
-The file's family (`sd.families`: SD v1, SD v1 inpainting; SD 2.x and SDXL are recognised and refused) is
+The file's family (`sd.families`: SD v1 and 2.x, each also inpainting; SDXL is recognised and refused) is
 detected from its keys and shapes, and its record says how to read it. Our modules are named like the
 checkpoint's keys, so the mapping is a few rules:
-- one prefix per network (the family's `prefixes`; `PREFIXES` are SD v1's), and a rename step for
-  layouts whose names differ from ours (the family's `renames`; SD v1 has none);
+- one prefix per network (the family's `prefixes`; `PREFIXES` are SD v1's), and rename rules for
+  layouts whose names differ from ours (the family's `renames`, `sd.layouts`: SD 2.x's OpenCLIP tower);
 - full checkpoints carry EMA copies of the UNet as `model_ema.<UNet key without dots>`, which
   replace the UNet weights unless `use_ema=False`;
 - the training buffers in `IGNORED_KEYS` (and any `...position_ids`) are not weights and are dropped;
-- `scale_factor`, the latent scale LDM's `scale_by_std` measured, is read when present (else the family's).
+- `scale_factor`, the latent scale LDM's `scale_by_std` measured, is read when present (else the family's);
+- what the UNet predicts (epsilon or v) is decided by the rules of `sd.prediction`.
 Sizes are read off the tensors, so the same code loads the full model and tiny test models; files
 written by `save_checkpoint` (the models this project trains) also carry their exact configurations,
-image size and caption vocabulary as JSON in the safetensors metadata (`METADATA_KEY`). The
+image size, prediction type and caption vocabulary as JSON in the safetensors metadata (`METADATA_KEY`). The
 models are built on the meta device and take the file's tensors as they are (`assign=True`), so
 the weights are never held twice in memory.
 
@@ -31,8 +32,10 @@ from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.errors import CheckpointError, UnsupportedModelError, checkpoint_not_found
-from sd.families import FAMILIES, SD1, SD_V1_SCALE, SD_V1_SIZE, UNET_PREFIX, Family, missing_networks
+from sd.families import (FAMILIES, SD1, SD2, SD_V1_SCALE, SD_V1_SIZE, UNET_PREFIX, V_CONTEXT, Family,
+                         missing_networks)
 from sd.files import write_atomically
+from sd.prediction import V_PRED_KEY, decide, prediction_name
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 from sd.safe_pickle import LEGACY_MAGIC, ZIP_MAGIC, load_pickle_checkpoint
@@ -40,11 +43,12 @@ from sd.safe_pickle import LEGACY_MAGIC, ZIP_MAGIC, load_pickle_checkpoint
 PREFIXES = SD1.prefixes
 EMA_PREFIX = "model_ema."
 SCALE_KEY = "scale_factor"  # LDM's buffer for the measured latent scale
-METADATA_KEY = "sd"  # safetensors metadata: {"configs": {net: config}, "image_size": int, "vocabulary": [...]}
+METADATA_KEY = "sd"  # safetensors metadata: {"configs": {net: config}, "image_size": int, "prediction_type": str,
+#                      "vocabulary": [...]}
 IGNORED_KEYS = re.compile(
     r"^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar"
-    r"|lvlb_weights|model_ema\..*)$|position_ids$")
+    r"|lvlb_weights|model_ema\..*|v_pred|ztsnr)$|position_ids$")  # v_pred: read by `sd.prediction`
 
 
 @dataclass
@@ -58,7 +62,9 @@ class StableDiffusionModels:
     scale_factor: float = SD_V1_SCALE  # latents = scale_factor * VAE latents: about unit variance
     image_size: int = SD_V1_SIZE  # the size the model was trained at: the default width and height
     vocabulary: tuple[str, ...] | None = None  # the words of its training captions, when known
-    family: Family = SD1  # the model family (`sd.families`): its text encoders, prediction type, file layout
+    family: Family = SD1  # the model family (`sd.families`): its text encoders, file layout
+    prediction_type: str = "epsilon"  # what the UNet predicts (`sd.parameterization.PREDICTION_TYPES`)
+    prediction_rule: str = "every SD v1 model"  # which rule of `sd.prediction` decided it
 
     @property
     def is_inpainting(self) -> bool:
@@ -127,7 +133,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, what: st
         if tensor.is_meta or tensor.layout != torch.strided or tensor.is_complex():
             kind = "meta" if tensor.is_meta else "complex" if tensor.is_complex() else str(tensor.layout)[6:]
             raise CheckpointError(f"{path}: {key} is a {kind} tensor, which holds no weights as SD stores them; the "
-                                  f"file is damaged or not an SD v1 {what}.")
+                                  f"file is damaged or not a Stable Diffusion {what}.")
     return weights
 
 
@@ -152,15 +158,17 @@ def detect_family(path: Path, state: dict[str, torch.Tensor]) -> Family:
     """The family of a checkpoint's state dict (`sd.families.FAMILIES`, first match); a family this project
     does not run yet, or a file of no Stable Diffusion at all, is refused with the reason."""
     family = next((f for f in FAMILIES.values() if f.detect(state)), None)
-    if family is None:
-        missing = missing_networks(state, PREFIXES)
-        raise CheckpointError(f"{path} is not a Stable Diffusion v1 checkpoint: it has no weights for the "
-                              f"{', '.join(missing)} (keys starting with "
-                              f"{', '.join(PREFIXES[n][0] for n in missing)}).")
+    if family is None:  # name what is missing for the family its UNet's text width suggests
+        context = state.get(V_CONTEXT)
+        closest = SD2 if context is not None and context.dim() == 2 and context.shape[1] == 1024 else SD1
+        missing = missing_networks(state, closest.prefixes)
+        raise CheckpointError(f"{path} is not a Stable Diffusion checkpoint this project reads: as {closest.title} "
+                              f"it has no weights for the {', '.join(missing)} (keys starting with "
+                              f"{', '.join(closest.prefixes[n][0] for n in missing)}).")
     if not family.supported:
         raise UnsupportedModelError(f"{path} is an {family.title} checkpoint (family {family.name}); this project "
-                                    f"runs Stable Diffusion v1.x only: {family.title} is not supported yet. Use an "
-                                    f"SD v1.x checkpoint such as v1-5-pruned-emaonly.safetensors.")
+                                    f"runs Stable Diffusion v1.x and 2.x: {family.title} is not supported yet. Use "
+                                    f"an SD 1.x or 2.x checkpoint such as v1-5-pruned-emaonly.safetensors.")
     return family
 
 
@@ -171,6 +179,7 @@ def split_checkpoint(path: Path, state: dict[str, torch.Tensor], family: Family,
     prefixes removed and the family's renames applied; keys of no network are an error."""
     state = apply_ema(state) if use_ema else state
     parts: dict[str, dict[str, torch.Tensor]] = {net: {} for net in family.prefixes}
+    seen = {net: ps[0] for net, ps in family.prefixes.items()}  # the prefix each network's keys have
     unexpected = []
     for key, tensor in state.items():
         if IGNORED_KEYS.search(key) or key == SCALE_KEY:  # SCALE_KEY is read by `scale_of`
@@ -181,34 +190,16 @@ def split_checkpoint(path: Path, state: dict[str, torch.Tensor], family: Family,
             unexpected.append(key)
         else:
             parts[net][key[len(prefix):]] = tensor
+            seen[net] = prefix
     if unexpected:
         raise CheckpointError(f"{path} has {len(unexpected)} keys that are not part of {family.title}: "
                               f"{', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-    return {net: family.renames[net](weights) if net in family.renames else weights for net, weights in parts.items()}
-
-
-def vae_config(s: dict[str, torch.Tensor]) -> VAEConfig:
-    ch = s["encoder.conv_in.weight"].shape[0]
-    n_levels = len({k.split(".")[2] for k in s if k.startswith("encoder.down.")})
-    return VAEConfig(
-        image_channels=s["encoder.conv_in.weight"].shape[1],
-        latent_channels=s["post_quant_conv.weight"].shape[0],
-        base_channels=ch,
-        channel_mult=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels)),
-        num_res_blocks=len({k.split(".")[4] for k in s if k.startswith("encoder.down.0.block.")}),
-    )
-
-
-def clip_config(s: dict[str, torch.Tensor]) -> CLIPConfig:
-    vocab, width = s["embeddings.token_embedding.weight"].shape
-    return CLIPConfig(
-        vocab_size=vocab, width=width, heads=width // 64,
-        max_positions=s["embeddings.position_embedding.weight"].shape[0],
-        layers=len({k.split(".")[2] for k in s if k.startswith("encoder.layers.")}),
-    )
+    return {net: family.renames[net].read(weights, f"{path}: {seen[net]}") if net in family.renames else weights
+            for net, weights in parts.items()}
 
 
 CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig}
+NETWORKS = {"unet": UNet, "vae": AutoencoderKL, "clip": CLIPTextModel}
 
 
 def config_from_json(net: str, values: dict) -> UNetConfig | VAEConfig | CLIPConfig:
@@ -221,32 +212,35 @@ def build_network(path: Path, family: Family, net: str, weights: dict[str, torch
     """Network `net` of `split_checkpoint`: built on the meta device, configured as `stored` (a config's JSON
     form) says or as the family reads it off the weights' shapes, then given those weights (popped from
     `weights`) on `device` in `dtype` (None: as they are)."""
-    cls, config_of = {"unet": (UNet, family.unet_config), "vae": (AutoencoderKL, vae_config),
-                      "clip": (CLIPTextModel, clip_config)}[net]
-    prefix = family.prefixes[net][0]
+    cls = NETWORKS[net]
+    layout = family.renames.get(net)
+
+    def named(key: str) -> str:  # our key as the file names it, for messages
+        return family.prefixes[net][0] + (layout.file_key(key) if layout is not None else key)
+
     try:
-        cfg = config_from_json(net, stored) if stored else config_of(weights)
+        cfg = config_from_json(net, stored) if stored else family.configs[net](weights)
         with torch.device("meta"):
             model = cls(cfg)  # a stored config that cannot build (e.g. channels not divisible by groups) fails here
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the {net} configuration in its metadata is not valid ({e}); the file "
                               f"is damaged: write it again.") from None
     except KeyError as e:
-        raise CheckpointError(f"{path}: the {net} weights lack {prefix}{e.args[0]}; the file is "
+        raise CheckpointError(f"{path}: the {net} weights lack {named(e.args[0])}; the file is "
                               f"incomplete or not an {family.title} checkpoint.") from None
     expected = model.state_dict().keys()
     missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
     if missing or unexpected:
-        listing = "; ".join(f"{what}: {', '.join(prefix + k for k in keys[:5])}"
+        listing = "; ".join(f"{what}: {', '.join(list(dict.fromkeys(map(named, keys)))[:5])}"
                             f"{' ...' if len(keys) > 5 else ''} ({len(keys)} in all)"
                             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
         raise CheckpointError(f"{path}: the {net} weights do not fit {family.title}: {listing}")
     for key, param in model.state_dict().items():
         if weights[key].shape != param.shape:
-            raise CheckpointError(f"{path}: {prefix}{key} has shape {tuple(weights[key].shape)}, "
+            raise CheckpointError(f"{path}: {named(key)} has shape {tuple(weights[key].shape)}, "
                                   f"expected {tuple(param.shape)}; the file is not an {family.title} checkpoint.")
         if param.is_floating_point() and not weights[key].is_floating_point():
-            raise CheckpointError(f"{path}: {prefix}{key} holds {str(weights[key].dtype)[6:]} numbers "
+            raise CheckpointError(f"{path}: {named(key)} holds {str(weights[key].dtype)[6:]} numbers "
                                   f"where weights are floating point; the file is damaged or not a checkpoint.")
     # Convert tensor by tensor, dropping each source as we go, so at most one extra tensor is held.
     model.load_state_dict({k: weights.pop(k).to(device=device, dtype=dtype) for k in list(weights)}, assign=True)
@@ -282,14 +276,17 @@ def scale_of(path: Path, state: dict[str, torch.Tensor], family: Family) -> floa
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    use_ema: bool = True) -> StableDiffusionModels:
-    """Load the CLIP text encoder, VAE and UNet of a CompVis SD v1 checkpoint (.ckpt or .safetensors), as its
-    family (`detect_family`) says."""
+                    use_ema: bool = True, prediction: str | None = None) -> StableDiffusionModels:
+    """Load the text encoder, VAE and UNet of an SD 1.x or 2.x checkpoint (.ckpt or .safetensors), as its family
+    (`detect_family`) says; `prediction`: "v" or "epsilon" to override what `sd.prediction` decides."""
     path = Path(path)
+    if prediction is not None:
+        prediction_name(prediction)  # before any reading
     state = read_state_dict(path, dtype)
     stored = read_metadata(path)
     family = detect_family(path, state)
     scale_factor = scale_of(path, state, family)
+    marked = V_PRED_KEY in state
     parts = split_checkpoint(path, state, family, use_ema)
     del state
     configs = stored.get("configs", {})
@@ -302,23 +299,31 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if models["unet"].config.context_dim != models["clip"].config.width:
         raise CheckpointError(f"{path}: the UNet expects {models['unet'].config.context_dim}-wide text features "
                               f"but the text encoder gives {models['clip'].config.width}; the file mixes models.")
+    decision = decide(path, family, lambda: models["unet"], requested=prediction, marked=marked,
+                      stored=stored.get("prediction_type"))
     vocabulary = stored.get("vocabulary")
     return StableDiffusionModels(**models, kind=family.kind, scale_factor=scale_factor,
-                                 image_size=int(stored.get("image_size", family.image_size)),
-                                 vocabulary=tuple(vocabulary) if isinstance(vocabulary, list) else None, family=family)
+                                 image_size=int(stored.get("image_size", family.default_size(decision.prediction_type))),
+                                 vocabulary=tuple(vocabulary) if isinstance(vocabulary, list) else None, family=family,
+                                 prediction_type=decision.prediction_type, prediction_rule=decision.rule)
 
 
 def save_checkpoint(models: StableDiffusionModels, path: str | Path, dtype: torch.dtype | None = None) -> None:
     """Write `models` as a CompVis-layout .safetensors file (atomically) that `load_checkpoint` reads back:
-    the weights under their family's prefixes, the latent scale under SCALE_KEY, the configurations, image
-    size and vocabulary in the metadata. `dtype`: store floating-point weights in this type (default: as they are)."""
+    the weights under their family's prefixes and in its layout, the latent scale under SCALE_KEY, the
+    configurations, image size, prediction type and vocabulary in the metadata. `dtype`: store floating-point
+    weights in this type (default: as they are)."""
     from safetensors.torch import save_file
-    prefixes = models.family.prefixes
-    state = {prefixes[net][0] + k: v.detach().to("cpu", dtype if v.is_floating_point() else None).contiguous()
-             for net in prefixes for k, v in getattr(models, net).state_dict().items()}
+    family = models.family
+    state = {}
+    for net, prefixes in family.prefixes.items():
+        weights = getattr(models, net).state_dict()
+        weights = family.renames[net].write(weights) if net in family.renames else weights
+        state.update({prefixes[0] + k: v.detach().to("cpu", dtype if v.is_floating_point() else None).contiguous()
+                      for k, v in weights.items()})
     state[SCALE_KEY] = torch.tensor(models.scale_factor, dtype=torch.float32)
-    stored = {"configs": {net: dataclasses.asdict(getattr(models, net).config) for net in prefixes},
-              "image_size": models.image_size}
+    stored = {"configs": {net: dataclasses.asdict(getattr(models, net).config) for net in family.prefixes},
+              "image_size": models.image_size, "prediction_type": models.prediction_type}
     if models.vocabulary is not None:
         stored["vocabulary"] = list(models.vocabulary)
     write_atomically(Path(path), lambda tmp: save_file(state, tmp, metadata={"format": "pt",

@@ -4,11 +4,12 @@ Every family keeps the latent-diffusion layout of its original single file (Comp
 and 2.x, Stability's `sgm` for SDXL): the UNet under `model.diffusion_model.`, the KL autoencoder under
 `first_stage_model.`, the text encoders under their own prefixes. A `Family` says how to recognise its
 files (`detect`, on the state dict's keys and shapes), where each network's weights are (`prefixes`),
-how a layout whose names are not our module names is renamed (`renames`; SD v1 needs none), which text
-encoders condition it, its latent scale, image size and prediction type, and how its UNet's
-configuration is read off the weights' shapes (`unet_config`). SD 2.x and SDXL are recognised and
-refused (`supported=False`) until their networks exist. `FAMILIES` is in detection order: the first
-family whose `detect` holds is the file's.
+which layout a network's names follow where they are not our module names (`renames`, `sd.layouts`:
+SD 2.x's OpenCLIP tower), how each network's configuration is read off the weights' shapes (`configs`),
+which text encoders condition it, its latent scale, image size and prediction type (and whether its files
+leave the prediction type open: SD 2.x 512-base and 768-v have the same keys, `sd.prediction`). SDXL is
+recognised and refused (`supported=False`) until its networks exist. `FAMILIES` is in detection order:
+the first family whose `detect` holds is the file's.
 """
 
 import re
@@ -18,8 +19,11 @@ from functools import partial
 
 import torch
 
+from sd.clip import CLIPConfig
+from sd.layouts import OPEN_CLIP, Layout
 from sd.text_encoders import TextEncoderSpec
 from sd.unet import UNetConfig
+from sd.vae import VAEConfig
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -27,6 +31,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD_V1_SCALE = 0.18215  # SD v1's latent scale, for files without a stored scale_factor
 SD_V1_SIZE = 512
+V_CONTEXT = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"  # (C, context width)
 
 
 def transformer_blocks(s: StateDict, block: str) -> int:
@@ -62,6 +67,35 @@ def unet_config_from_shapes(s: StateDict, **fixed) -> UNetConfig:
     return cfg if cfg.middle_depth == middle else replace(cfg, transformer_depth_middle=middle)
 
 
+def vae_config(s: StateDict) -> VAEConfig:
+    ch = s["encoder.conv_in.weight"].shape[0]
+    n_levels = len({k.split(".")[2] for k in s if k.startswith("encoder.down.")})
+    return VAEConfig(
+        image_channels=s["encoder.conv_in.weight"].shape[1],
+        latent_channels=s["post_quant_conv.weight"].shape[0],
+        base_channels=ch,
+        channel_mult=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(n_levels)),
+        num_res_blocks=len({k.split(".")[4] for k in s if k.startswith("encoder.down.0.block.")}),
+    )
+
+
+def clip_config(s: StateDict, activation: str = "quick_gelu") -> CLIPConfig:
+    """A text tower's configuration from its weights (our names); heads of 64 channels, as in every CLIP of
+    SD; `activation`: what shapes cannot tell (OpenCLIP's towers use exact GELU)."""
+    vocab, width = s["embeddings.token_embedding.weight"].shape
+    return CLIPConfig(
+        vocab_size=vocab, width=width, heads=width // 64,
+        max_positions=s["embeddings.position_embedding.weight"].shape[0],
+        layers=len({k.split(".")[2] for k in s if k.startswith("encoder.layers.")}),
+        activation=activation,
+        projection_dim=s["text_projection.weight"].shape[0] if "text_projection.weight" in s else None,
+    )
+
+
+SD1_CONFIGS = {"unet": unet_config_from_shapes, "vae": vae_config, "clip": clip_config}
+HEADS_OF_64 = partial(unet_config_from_shapes, head_channels=64)  # SD 2.x and SDXL UNets
+
+
 @dataclass(frozen=True)
 class Family:
     name: str  # "sd1", "sdxl", ...: how code and metadata name it
@@ -69,14 +103,20 @@ class Family:
     detect: Callable[[StateDict], bool]  # whether a checkpoint's full state dict is of this family
     prefixes: Mapping[str, tuple[str, ...]]  # network -> its key prefixes in the file (the first is written)
     text_encoders: tuple[TextEncoderSpec, ...]
-    unet_config: Callable[[StateDict], UNetConfig]  # from the UNet's weights, keys without the prefix
-    renames: Mapping[str, Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = field(default_factory=dict)
-    # network -> file keys (prefix removed) to our module names, where they differ
+    configs: Mapping[str, Callable[[StateDict], object]] = field(default_factory=lambda: SD1_CONFIGS)
+    # network -> its configuration from its weights (our names, prefix removed)
+    renames: Mapping[str, Layout] = field(default_factory=dict)  # network -> the layout of its file keys
     kind: str = "text-to-image"  # or "inpainting" (the UNet takes the mask and masked latents too)
     scale_factor: float = SD_V1_SCALE  # the latent scale, for files that do not store one
     image_size: int = SD_V1_SIZE  # the size it was trained at: the default width and height
+    v_image_size: int | None = None  # the size of its v-prediction models, where it differs (SD 2.x 768-v)
     prediction_type: str = "epsilon"  # what the UNet predicts (`sd.parameterization.PREDICTION_TYPES`)
+    prediction_open: bool = False  # its files do not tell the prediction type (`sd.prediction` probes the UNet)
     supported: bool = True  # False: recognised, and refused until its networks exist
+
+    def default_size(self, prediction_type: str) -> int:
+        """The default width and height of its models of `prediction_type`."""
+        return self.v_image_size if prediction_type == "v_prediction" and self.v_image_size else self.image_size
 
 
 def has_prefix(s: StateDict, prefix: str) -> bool:
@@ -99,33 +139,46 @@ SD1_PREFIXES = {
     "clip": ("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."),
 }
 SD1 = Family(name="sd1", title="SD v1", detect=lambda s: not missing_networks(s, SD1_PREFIXES),
-             prefixes=SD1_PREFIXES, text_encoders=(TextEncoderSpec(),), unet_config=unet_config_from_shapes)
+             prefixes=SD1_PREFIXES, text_encoders=(TextEncoderSpec(),))
 SD1_INPAINTING = replace(SD1, name="sd1-inpainting", kind="inpainting",
                          detect=lambda s: SD1.detect(s) and unet_in_channels(s) == 9)
 
 # SD 2.x: OpenCLIP ViT-H, conditioning on its penultimate layer then ln_final, padded with id 0; UNet heads of
-# 64 channels, Linear projections. 512-base (epsilon) and 768-v (v) files have the same keys and shapes.
-SD2 = Family(name="sd2", title="SD 2.x", detect=lambda s: has_prefix(s, "cond_stage_model.model."),
-             prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,), "clip": ("cond_stage_model.model.",)},
+# 64 channels, Linear projections. 512-base (epsilon) and 768-v (v) files have the same keys and shapes. The
+# same networks also come in sgm's layout (the tower under conditioner.embedders.0.model.), which without a
+# label_emb is not the SDXL refiner's.
+SD2_CLIP_PREFIXES = ("cond_stage_model.model.", "conditioner.embedders.0.model.")
+
+
+def is_sd2(s: StateDict) -> bool:
+    return has_prefix(s, SD2_CLIP_PREFIXES[0]) or (
+        has_prefix(s, SD2_CLIP_PREFIXES[1]) and not has_prefix(s, "conditioner.embedders.1.")
+        and UNET_PREFIX + "label_emb.0.0.weight" not in s)
+
+
+SD2 = Family(name="sd2", title="SD 2.x", detect=is_sd2,
+             prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,), "clip": SD2_CLIP_PREFIXES},
              text_encoders=(TextEncoderSpec(pad_id=0, hidden_layer=-2),),
-             unet_config=partial(unet_config_from_shapes, head_channels=64), supported=False)
+             configs={**SD1_CONFIGS, "unet": HEADS_OF_64, "clip": partial(clip_config, activation="gelu")},
+             renames={"clip": OPEN_CLIP}, v_image_size=768, prediction_open=True)
 SD2_INPAINTING = replace(SD2, name="sd2-inpainting", title="SD 2.x inpainting", kind="inpainting",
+                         v_image_size=None, prediction_open=False,
                          detect=lambda s: SD2.detect(s) and unet_in_channels(s) == 9)
 
 # SDXL: CLIP ViT-L and OpenCLIP bigG, both on their penultimate layer without the final norm; bigG's pooled
 # output and the size embeddings form the vector label_emb takes (2816 wide; the refiner's: 2560, bigG alone).
 BIG_G = TextEncoderSpec(name="clip_g", pad_id=0, hidden_layer=-2, final_norm=False, pooled=True)
-SDXL = Family(name="sdxl", title="SDXL", detect=lambda s: has_prefix(s, "conditioner.embedders."),
+SDXL = Family(name="sdxl", title="SDXL", detect=lambda s: has_prefix(s, "conditioner.embedders.1."),
               prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),
                         "clip": ("conditioner.embedders.0.transformer.text_model.",),
                         "clip_g": ("conditioner.embedders.1.model.",)},
               text_encoders=(TextEncoderSpec(hidden_layer=-2, final_norm=False), BIG_G),
-              unet_config=partial(unet_config_from_shapes, head_channels=64), scale_factor=0.13025,
+              configs={**SD1_CONFIGS, "unet": HEADS_OF_64}, scale_factor=0.13025,
               image_size=1024, supported=False)
 SDXL_REFINER = replace(SDXL, name="sdxl-refiner", title="SDXL refiner", text_encoders=(BIG_G,),
                        prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),
                                  "clip_g": ("conditioner.embedders.0.model.",)},
                        detect=lambda s: has_prefix(s, "conditioner.embedders.0.model.")
-                       and not has_prefix(s, "conditioner.embedders.1."))
+                       and not has_prefix(s, "conditioner.embedders.1.") and not is_sd2(s))
 
 FAMILIES = {f.name: f for f in (SDXL_REFINER, SDXL, SD2_INPAINTING, SD2, SD1_INPAINTING, SD1)}  # detection order

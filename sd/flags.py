@@ -15,6 +15,7 @@ from sd.embeddings import EMBEDDING_SUFFIXES, Embedding, check_name, read_embedd
 from sd.errors import InputError
 from sd.lora import lora_tags
 from sd.parameters import NEGATIVE_MARK
+from sd.prediction import prediction_name
 from sd.prompt import NUMBER, PromptParser, names_in
 from sd.samplers import DEFAULT_SAMPLER, make_sampler
 from sd.settings import MAX_SEED, VAE_FACTOR, Settings, check_hires, check_invertible, settle
@@ -59,6 +60,7 @@ class Flags:
     deep_cache: int | None
     deep_cache_branch: int
     token_merging: float | None
+    prediction: str | None  # "v" or "epsilon" when given: overrides what the checkpoint says (`sd.prediction`)
     tiled_decode: bool
     inversion_size: dict[str, int]  # the width and height given, to which --invert resizes the image (else its own)
     settings: Settings  # the library's, with the init image and mask opened
@@ -89,6 +91,8 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int, lora_d
         flag["sampler"] = "ddim"
     flag |= hires_flags(flag)
     flag["sampler"] = flag["sampler"] or DEFAULT_SAMPLER
+    if flag["prediction"] is not None:
+        prediction_name(flag["prediction"], "--prediction")
     given = {key: flag[key] for key in GENERATION_FLAGS if flag[key] is not None}
     inversion_size = {key: given[key] for key in ("width", "height") if key in given}
     settings = settle(text, negative_text, image_size=image_size, **given)

@@ -218,8 +218,7 @@ class DiffusionObjective(Objective):
     @torch.no_grad()
     def sample(self, models: StableDiffusionModels, path: Path) -> None:
         """Eight prompts (the dataset's first captions for a folder), 20 steps of the default sampler."""
-        family = dataclasses.replace(models.family, prediction_type=self.options.prediction_type)
-        pipe = StableDiffusion(dataclasses.replace(models, family=family), self.tokenizer)
+        pipe = StableDiffusion(dataclasses.replace(models, prediction_type=self.options.prediction_type), self.tokenizer)
         prompts = (SAMPLE_PROMPTS if isinstance(self.data, CaptionedShapes) else
                    [self.data.captions[i] for i in range(min(8, len(self.data)))])
         save_grid(pipe.text_to_image(prompts, seed=0, steps=20, progress=False), 8, path)

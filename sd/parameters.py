@@ -93,6 +93,7 @@ FIELDS = (  # in the order written
     Field("Deep cache", "deep_cache", int, written=given("deep_cache")),
     Field("Deep cache branch", "deep_cache_branch", int, written=given("deep_cache")),
     Field("Token merging ratio", "token_merging", float, written=given("token_merging")),
+    Field("Prediction", "prediction", written=given("prediction")),  # ours: v, or epsilon where it was chosen
     Field("TI hashes", "ti_hashes", hashes, hashes_text, written=lambda values: bool(values["ti_hashes"])),
     Field("Lora hashes", "lora_hashes", hashes, hashes_text, written=lambda values: bool(values["lora_hashes"])),
     Field("Tiled decode", "tiled_decode", lambda text: text == "True", written=lambda values: values["tiled_decode"]),

@@ -1,4 +1,4 @@
-"""Text-to-image, image-to-image and inpainting with Stable Diffusion v1 (Rombach et al., 2022).
+"""Text-to-image, image-to-image and inpainting with Stable Diffusion 1.x and 2.x (Rombach et al., 2022).
 
 Latent diffusion: the prompt is encoded by CLIP, a sampler denoises random latents (B, 4, H/8, W/8)
 with the UNet, steered by classifier-free guidance (Ho & Salimans, 2022; `sd.guidance`), and the VAE
@@ -99,9 +99,11 @@ class StableDiffusion:
         self.dtype = next(models.unet.parameters()).dtype
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, use_ema: bool = True) -> "StableDiffusion":
-        return cls(load_checkpoint(path, device=device, dtype=dtype, use_ema=use_ema))
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        use_ema: bool = True, prediction: str | None = None) -> "StableDiffusion":
+        """The model of an SD 1.x or 2.x checkpoint file; `prediction` "v" or "epsilon" overrides what the file
+        says its UNet predicts (`sd.prediction`; the rule that decided is `models.prediction_rule`)."""
+        return cls(load_checkpoint(path, device=device, dtype=dtype, use_ema=use_ema, prediction=prediction))
 
     def configure_attention(self, *, query_slice: int | None = None, fused: bool = True) -> None:
         """Attention of all three networks: sliced to `query_slice` query positions at a time (bounds the
@@ -357,8 +359,8 @@ class StableDiffusion:
 
     @property
     def prediction_type(self) -> str:
-        """What the UNet predicts (`sd.parameterization`): its family's prediction type."""
-        return self.models.family.prediction_type
+        """What the UNet predicts (`sd.parameterization`), as `sd.prediction` decided when loading."""
+        return self.models.prediction_type
 
     def denoise(self, latents: torch.Tensor, cond: Conditioning, *, sampler: Sampler,
                 guidance: ClassifierFreeGuidance, generator: torch.Generator | None,

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sd.errors import CheckpointError, UnsafeCheckpointError, UnsupportedModelError
+from sd.families import V_CONTEXT
 from tests.tiny import VAE_PREFIX, tiny_compvis_state, write_tiny_checkpoint
 
 
@@ -97,12 +98,25 @@ def truncated(folder, suffix):
     return path
 
 
-def sd2_like(folder):
-    # SD 2.x: OpenCLIP ViT-H text encoder under cond_stage_model.model., UNet and VAE as in v1.
+def sd2_like(folder, tower: dict[str, torch.Tensor], name: str = "v2-1_768-ema-pruned.safetensors"):
+    """SD 2.x's layout with `tower` as its OpenCLIP text tower (keys without the prefix)."""
     state = {k: v for k, v in tiny_state().items() if not k.startswith("cond_stage_model.")}
-    state["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(3 * 64, 64)
-    state["cond_stage_model.model.positional_embedding"] = torch.zeros(77, 64)
-    return save_state(folder / "v2-1_768-ema-pruned.safetensors", state)
+    state.update({"cond_stage_model.model." + k: v for k, v in tower.items()})
+    return save_state(folder / name, state)
+
+
+def sd2_tower(**changes) -> dict[str, torch.Tensor]:
+    """The tiny SD 2.x tower in OpenCLIP's layout, with `changes` (key: tensor, or None to drop the key)."""
+    prefix = "cond_stage_model.model."
+    tower = {k[len(prefix):]: v for k, v in tiny_compvis_state(family="sd2").items() if k.startswith(prefix)}
+    return {k: v for k, v in (tower | changes).items() if v is not None}
+
+
+def sd2_without_tower(folder):
+    """An SD 2.x UNet (1024-wide context) with no text tower at all."""
+    state = {k: v for k, v in tiny_state().items() if not k.startswith("cond_stage_model.")}
+    state[V_CONTEXT] = torch.zeros(64, 1024)
+    return save_state(folder / "v2-unet-only.safetensors", state)
 
 
 def sdxl_like(folder):
@@ -136,11 +150,22 @@ BAD_FILES = {
                    "holds no model weights"),
     "other_model": (lambda f: save_state(f / "resnet.safetensors", {"fc.weight": torch.zeros(10, 4),
                                                                 "fc.bias": torch.zeros(10)}),
-                    CheckpointError, "not a Stable Diffusion v1 checkpoint: it has no weights for the unet, vae, clip"),
+                    CheckpointError, "as SD v1 it has no weights for the unet, vae, clip"),
     "vae_only": (lambda f: save_state(f / "vae.safetensors", {k: v for k, v in tiny_state().items()
                                                          if k.startswith(VAE_PREFIX)}),
                  CheckpointError, "no weights for the unet, clip"),
-    "sd2": (sd2_like, UnsupportedModelError, "is an SD 2.x checkpoint"),
+    "sd2_partial_tower": (lambda f: sd2_like(f, {"transformer.resblocks.0.attn.in_proj_weight": torch.zeros(192, 64),
+                                                 "positional_embedding": torch.zeros(77, 64)}),
+                          CheckpointError, "lack cond_stage_model.model.token_embedding.weight"),
+    "sd2_tower_without_layer": (lambda f: sd2_like(f, sd2_tower(**{"transformer.resblocks.1.mlp.c_fc.weight": None})),
+                                CheckpointError, "missing: cond_stage_model.model.transformer.resblocks.1.mlp.c_fc.weight"),
+    "sd2_unfused_in_proj": (lambda f: sd2_like(f, sd2_tower(**{"transformer.resblocks.2.attn.in_proj_weight":
+                                                               torch.zeros(100, 64)})),
+                            CheckpointError, "in_proj_weight has shape (100, 64), not q, k and v stacked"),
+    "sd2_misshaped_in_proj": (lambda f: sd2_like(f, sd2_tower(**{"transformer.resblocks.2.attn.in_proj_weight":
+                                                                 torch.zeros(96, 64)})),
+                              CheckpointError, "resblocks.2.attn.in_proj_weight has shape (96, 64), not q, k and v"),
+    "sd2_no_tower": (sd2_without_tower, CheckpointError, "as SD 2.x it has no weights for the clip"),
     "sdxl": (sdxl_like, UnsupportedModelError, "is an SDXL checkpoint"),
     "malicious": (lambda f: malicious(f, SYSTEM), UnsafeCheckpointError, f"calls {SYSTEM}"),
 }

@@ -66,7 +66,7 @@ def write_image(path: Path, size=(64, 48)) -> Path:
 # ---- the checkpoint -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["missing", "truncated_safetensors", "truncated_ckpt", "garbage_ckpt", "no_tensors",
-                                  "other_model", "sd2", "sdxl", "malicious"])
+                                  "other_model", "sd2_partial_tower", "sd2_unfused_in_proj", "sd2_no_tower", "sdxl", "malicious"])
 def test_bad_checkpoint(tmp_path, out_dir, name):
     make, _, fragment = BAD_FILES[name]
     folder = tmp_path / "in"

@@ -59,7 +59,7 @@ def test_copies_every_tensor_exactly(tmp_path, full_ckpt):
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # no temporary file left
     assert_same_tensors(read_state_dict(out), read_state_dict(full_ckpt))
     with safe_open(out, "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        assert f.metadata() == {"format": "pt", "sd": '{"prediction_type": "epsilon"}'}  # the decision, stored
     assert_models_hold(out, tiny_state())  # the EMA weights, as from the .ckpt
 
 
@@ -111,7 +111,7 @@ def _incomplete(folder):
 
 
 BAD_INPUTS = {name: (BAD_FILES[name][0], BAD_FILES[name][2])  # (maker, fragment of the message)
-              for name in ("missing", "truncated_ckpt", "garbage_safetensors", "other_model", "sd2", "sdxl",
+              for name in ("missing", "truncated_ckpt", "garbage_safetensors", "other_model", "sd2_tower_without_layer", "sd2_misshaped_in_proj", "sdxl",
                            "malicious")}
 BAD_INPUTS["incomplete"] = (_incomplete, UNET_PREFIX + "input_blocks.1.1.proj_out.bias")
 

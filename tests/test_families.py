@@ -15,13 +15,13 @@ from sd.families import FAMILIES, SD1, SD1_INPAINTING, SD2, SD2_INPAINTING, SDXL
 from sd.unet import UNet, UNetConfig, Speedups
 from tests.compvis import save_checkpoint
 from tests.reference import oracle, randomize_
-from tests.tiny import CLIP_PREFIX, TINY_UNET, tiny_compvis_state
+from tests.tiny import CLIP_PREFIX, TINY, TINY_UNET, tiny_compvis_state
 
 # Text-encoder keys of the other families' files (a few are enough to be recognised)
-OPEN_CLIP = {"cond_stage_model.model.positional_embedding": torch.zeros(77, 64)}
 SDXL_ENCODERS = {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 4),
                  "conditioner.embedders.1.model.positional_embedding": torch.zeros(77, 4)}
-REFINER_ENCODER = {"conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 4)}
+REFINER_ENCODER = {"conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 4),
+                   UNET_PREFIX + "label_emb.0.0.weight": torch.zeros(128, 2560)}
 
 
 def foreign(text_encoders: dict, in_channels: int = 4) -> dict[str, torch.Tensor]:
@@ -32,8 +32,8 @@ def foreign(text_encoders: dict, in_channels: int = 4) -> dict[str, torch.Tensor
 
 CASES = {"sd1": (lambda: tiny_compvis_state(), SD1),
          "sd1-inpainting": (lambda: tiny_compvis_state(in_channels=9), SD1_INPAINTING),
-         "sd2": (lambda: foreign(OPEN_CLIP), SD2),
-         "sd2-inpainting": (lambda: foreign(OPEN_CLIP, in_channels=9), SD2_INPAINTING),
+         "sd2": (lambda: tiny_compvis_state(family="sd2"), SD2),
+         "sd2-inpainting": (lambda: tiny_compvis_state(family="sd2", in_channels=9), SD2_INPAINTING),
          "sdxl": (lambda: foreign(SDXL_ENCODERS), SDXL),
          "sdxl-refiner": (lambda: foreign(REFINER_ENCODER), SDXL_REFINER)}
 
@@ -50,15 +50,27 @@ def test_each_family_is_recognised(tmp_path, name):
         assert detect_family(path, make()) is family
         models = load_checkpoint(path)
         assert models.family is family and models.kind == family.kind
-        assert models.unet.config == UNetConfig(**{**TINY_UNET.__dict__, "in_channels": 9 if "inpainting" in name
-                                                   else 4})
+        unet = TINY[family.name.removesuffix("-inpainting")][0]
+        assert models.unet.config == UNetConfig(**{**unet.__dict__, "in_channels": 9 if "inpainting" in name else 4})
         return
     with pytest.raises(UnsupportedModelError) as info:
         load_checkpoint(path)
     message = str(info.value)
     assert "\n" not in message and str(path) in message, message
     assert f"is an {family.title} checkpoint (family {name})" in message and "not supported yet" in message
-    assert "Use an SD v1.x checkpoint" in message
+    assert "Use an SD 1.x or 2.x checkpoint" in message
+
+
+def test_sd2_in_sgm_layout_is_sd2(tmp_path):
+    """The SD 2.x networks with the tower under sgm's prefix (no label_emb, so not the refiner) load as SD 2.x,
+    to the same weights."""
+    ldm = tiny_compvis_state(family="sd2")
+    sgm = {k.replace("cond_stage_model.model.", "conditioner.embedders.0.model."): v for k, v in ldm.items()}
+    models = [load_checkpoint(save_checkpoint(state, tmp_path / f"{name}.safetensors"))
+              for name, state in (("ldm", ldm), ("sgm", sgm))]
+    assert [m.family for m in models] == [SD2, SD2]
+    a, b = (m.clip.state_dict() for m in models)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_no_family_is_a_checkpoint_error(tmp_path):
@@ -66,7 +78,7 @@ def test_no_family_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError) as info:
         detect_family(tmp_path / "resnet.safetensors", state)
     assert not isinstance(info.value, UnsupportedModelError)
-    assert "not a Stable Diffusion v1 checkpoint: it has no weights for the unet, vae, clip" in str(info.value)
+    assert "as SD v1 it has no weights for the unet, vae, clip" in str(info.value)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))
@@ -127,7 +139,7 @@ def test_inferred_configurations_match_diffusers(name):
     family, options, expected = REFERENCES[name]
     ref = randomize_(oracle("diffusers").UNet2DConditionModel(**options), seed=3)
     weights = compvis_weights(ref, expected)
-    cfg = family.unet_config(weights)
+    cfg = family.configs["unet"](weights)
     assert cfg == expected
     unet = UNet(cfg).eval()
     unet.load_state_dict(weights)

@@ -19,7 +19,7 @@ ALWAYS = {"steps": 20, "sampler": "euler_a", "guidance_scale": 7.5, "seed": 2**6
           "model_hash": "0123456789", "model": "v1-5-pruned-emaonly"}
 UNWRITTEN = {"prompt": "a fox", "negative_prompt": "", "image": None, "mask": None, "invert": None, "strength": 0.75,
              "hires_scale": None, "hires_strength": None, "hires_steps": None, "hires_upscaler": None, "clip_skip": 1,
-             "deep_cache": None, "deep_cache_branch": 0, "token_merging": None, "tiled_decode": False,
+             "deep_cache": None, "deep_cache_branch": 0, "token_merging": None, "prediction": None, "tiled_decode": False,
              "ti_hashes": {}, "lora_hashes": {}}
 TRICKY = 'a "dog", at: night\nsecond line, café ☃'  # every character that needs quoting, and non-Latin-1 ones
 
@@ -43,6 +43,8 @@ CASES = {
     "branch without deep cache": ({"deep_cache_branch": 1}, []),
     "token merging": ({"token_merging": 0.5}, ["token_merging"]),
     "tiled decode": ({"tiled_decode": True}, ["tiled_decode"]),
+    "v-prediction": ({"prediction": "v"}, ["prediction"]),
+    "epsilon chosen": ({"prediction": "epsilon"}, ["prediction"]),
     "TI hashes": ({"ti_hashes": {"my-style": "0123456789ab", "neg": "ba9876543210"}}, ["ti_hashes"]),
     "Lora hashes": ({"lora_hashes": {"style": "abcdefabcdef"}}, ["lora_hashes"]),
     "ddim, guidance 1, small": ({"sampler": "ddim", "guidance_scale": 1.0, "seed": 0, "width": 64, "height": 48,

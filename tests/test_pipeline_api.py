@@ -1,6 +1,5 @@
 """The pipeline's API on a tiny checkpoint: guidance batching, outputs, inputs and argument checks."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,7 +66,7 @@ def test_the_inpainting_unet_gets_mask_and_masked_image_as_conditioning(sd_inpai
     assert calls == [((2, 4, 6, 8), 2, (2, 5, 6, 8))] * 2
 
 
-def test_the_prediction_type_of_the_family_decides_how_the_unet_output_is_read(sd, monkeypatch):
+def test_the_prediction_type_of_the_model_decides_how_the_unet_output_is_read(sd, monkeypatch):
     """A model that predicts the eps (or the v) of fixed clean latents at every step lands on them when the
     pipeline reads its output as that prediction type, and not when it reads it as the other."""
     x0 = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(0))
@@ -83,7 +82,7 @@ def test_the_prediction_type_of_the_family_decides_how_the_unet_output_is_read(s
     for predicts in ("epsilon", "v_prediction"):
         monkeypatch.setattr(sd.models.unet, "forward", unet(predicts))
         for read_as in ("epsilon", "v_prediction"):
-            monkeypatch.setattr(sd.models, "family", SimpleNamespace(prediction_type=read_as), raising=False)
+            monkeypatch.setattr(sd.models, "prediction_type", read_as)
             latents = sd.text_to_image("a cat", sampler="dpmpp_2m", guidance_scale=1, seed=0, output_type="latent",
                                        **SMALL)
             assert (rel_err(latents, x0) < 1e-4) == (predicts == read_as), (predicts, read_as)

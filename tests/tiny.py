@@ -11,6 +11,8 @@ What the loader's config inference fixes, and so the tiny models keep: 2 res blo
 8 heads in the UNet, CLIP heads = width // 64, channel counts multiples of 32 (GroupNorm(32)).
 The VAE keeps 4 levels, so images are still 8x the latent size; CLIP keeps the real vocabulary
 (49408) and 77 positions, so real tokenizer ids work. About 7.2M parameters, 29 MB in fp32.
+`family="sd2"` gives an SD 2.x-shaped one: the UNet with heads of 64 channels and Linear projections, the
+text tower with exact GELU and a projection, written in OpenCLIP's layout (`sd.layouts.OPEN_CLIP`).
 """
 
 import math
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
+from sd.families import FAMILIES
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 from tests.compvis import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, save_checkpoint, training_buffers, with_ema_decoys
@@ -29,6 +32,10 @@ TINY_CLIP = CLIPConfig(width=64, layers=2, heads=1)
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_levels=(0, 1),
                        context_dim=TINY_CLIP.width)
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 2, 2))
+TINY_SD2_CLIP = CLIPConfig(width=64, layers=3, heads=1, activation="gelu", projection_dim=64)
+TINY_SD2_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(0, 1), context_dim=64,
+                           head_channels=64, linear_proj=True)
+TINY = {"sd1": (TINY_UNET, TINY_CLIP), "sd2": (TINY_SD2_UNET, TINY_SD2_CLIP)}  # family -> (UNet, text tower)
 
 
 def random_weights(model: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -53,7 +60,8 @@ def random_weights(model: nn.Module, gen: torch.Generator) -> dict[str, torch.Te
 
 
 def tiny_compvis_state(in_channels: int = 4, seed: int = 0, ema: bool = False, buffers: bool = True,
-                       unet: UNetConfig = TINY_UNET, vae: VAEConfig = TINY_VAE) -> dict[str, torch.Tensor]:
+                       unet: UNetConfig | None = None, vae: VAEConfig = TINY_VAE,
+                       family: str = "sd1") -> dict[str, torch.Tensor]:
     """A tiny SD v1 checkpoint's state dict in the CompVis layout; the same for the same arguments.
 
     in_channels: 4 for a text-to-image UNet, 9 for an inpainting one.
@@ -61,13 +69,21 @@ def tiny_compvis_state(in_channels: int = 4, seed: int = 0, ema: bool = False, b
          `model_ema.*` copies and the `model.diffusion_model.*` keys hold decoys (the weights
          halved), so loading with EMA (the default) gives the same models as `ema=False`.
     buffers: add the training buffers (betas, alphas_cumprod, ...) that real files carry.
-    unet, vae: the networks' shapes (the loader reads them back from the weights).
+    unet, vae: the networks' shapes (the loader reads them back from the weights); unet default: the family's.
+    family: "sd1" or "sd2" (`TINY`), whose text tower's prefix and layout the file takes.
     """
     gen = torch.Generator().manual_seed(seed)
+    unet = unet or TINY[family][0]
+    record = FAMILIES[family]
     with torch.device("meta"):
         models = {UNET_PREFIX: UNet(UNetConfig(**{**unet.__dict__, "in_channels": in_channels})),
-                  VAE_PREFIX: AutoencoderKL(vae), CLIP_PREFIX: CLIPTextModel(TINY_CLIP)}
-    state = {prefix + k: v for prefix, model in models.items() for k, v in random_weights(model, gen).items()}
+                  VAE_PREFIX: AutoencoderKL(vae), record.prefixes["clip"][0]: CLIPTextModel(TINY[family][1])}
+    state = {}
+    for prefix, model in models.items():
+        weights = random_weights(model, gen)
+        if prefix == record.prefixes["clip"][0] and "clip" in record.renames:
+            weights = record.renames["clip"].write(weights)
+        state.update({prefix + k: v for k, v in weights.items()})
     if buffers:
         state.update(training_buffers())
     return with_ema_decoys(state) if ema else state

@@ -1,9 +1,11 @@
-"""Convert a CompVis Stable Diffusion v1 checkpoint (.ckpt or .safetensors) to .safetensors.
+"""Convert a Stable Diffusion 1.x or 2.x checkpoint (.ckpt or .safetensors) to .safetensors.
 
-    python -m weights_converter IN.ckpt OUT.safetensors [--ema-only] [--half] [--overwrite]
+    python -m weights_converter IN.ckpt OUT.safetensors [--ema-only] [--half] [--prediction v|epsilon] [--overwrite]
 
-The input is read without executing any pickled code, and must be a complete SD v1 checkpoint
-(the output is checked to load with `load_checkpoint`). By default every tensor is written as it
+The input is read without executing any pickled code, and must be a complete SD 1.x or 2.x checkpoint
+(the output is checked to load with `load_checkpoint`). What its UNet predicts (epsilon or v) is decided
+as `sd.prediction` says, or by `--prediction`, printed, and stored in the output's metadata, so the
+output no longer needs a .yaml beside it. By default every tensor is written as it
 is; `--ema-only` stores the EMA weights as the UNet and drops `model_ema.*` (what the official
 "emaonly" files are), `--half` stores floating-point tensors as fp16. The output appears only when
 complete (written to a temporary file in the same folder, then renamed). Exit status: 0 on
@@ -24,12 +26,13 @@ from sd.cli import CommandParser, run_command
 from sd.errors import CheckpointError, InputError
 from sd.families import Family
 from sd.files import write_atomically
+from sd.prediction import CHOICES, SHORT, V_PRED_KEY, decide, family_rule, prediction_name
 
 PROG = "python -m weights_converter"
 
 
 def parse_args(argv):
-    parser = CommandParser(prog=PROG, description="Convert a Stable Diffusion v1 checkpoint to .safetensors without "
+    parser = CommandParser(prog=PROG, description="Convert a Stable Diffusion 1.x or 2.x checkpoint to .safetensors without "
                                             "running any code from it.")
     parser.add_argument("input", type=Path, metavar="IN", help="the checkpoint: .ckpt or .safetensors")
     parser.add_argument("output", type=Path, metavar="OUT", help="the file to write, ending in .safetensors")
@@ -37,6 +40,9 @@ def parse_args(argv):
                         help="store the EMA weights as the UNet and drop the model_ema.* copies (like the official "
                              "*-emaonly files: about half the size of a full checkpoint)")
     parser.add_argument("--half", action="store_true", help="store floating-point tensors as fp16 (half the size)")
+    parser.add_argument("--prediction", metavar="|".join(CHOICES),
+                        help="what the UNet predicts, stored in OUT (default: as the input says: its v_pred key, a "
+                             ".yaml beside it, else a test of the UNet for SD 2.x)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     return parser.parse_args(argv)
 
@@ -82,6 +88,12 @@ def check_loadable(path: Path, family: Family, state: dict[str, torch.Tensor], c
         build_network(path, family, net, weights, "meta", None, configs.get(net))
 
 
+def probe_unet(path: Path, family: Family, state: dict[str, torch.Tensor], configs: dict):
+    """The file's UNet in float32 on the CPU, for `sd.prediction` to test."""
+    unet_weights = split_checkpoint(path, state, family)["unet"]
+    return build_network(path, family, "unet", unet_weights, "cpu", torch.float32, configs.get("unet"))
+
+
 def human_size(n: int) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -91,14 +103,21 @@ def human_size(n: int) -> str:
 
 def convert_file(args: argparse.Namespace) -> None:
     check_output(args)
+    if args.prediction is not None:
+        prediction_name(args.prediction, "--prediction")
     state = read_state_dict(args.input)
     family = detect_family(args.input, state)
     ema_copies = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
     state = convert(args.input, state, args.ema_only, args.half)
     stored = read_metadata(args.input)
     check_loadable(args.input, family, state, stored.get("configs", {}))
+    decision = decide(args.input, family, lambda: probe_unet(args.input, family, state, stored.get("configs", {})),
+                      requested=args.prediction, marked=V_PRED_KEY in state, stored=stored.get("prediction_type"))
+    if decision.rule != family_rule(family):  # said where the family alone did not decide
+        print(f"note: {SHORT[decision.prediction_type]}-prediction model ({decision.rule})", file=sys.stderr)
+    stored = {**stored, "prediction_type": decision.prediction_type}
     from safetensors.torch import save_file
-    metadata = {"format": "pt", **({METADATA_KEY: json.dumps(stored)} if stored else {})}
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(stored)}
     try:
         write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata=metadata), args.overwrite)
     except FileExistsError:
