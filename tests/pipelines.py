@@ -6,20 +6,51 @@ import torch
 import run_demo
 from sd.files import DATA_DIR
 from sd.pipeline import StableDiffusion
+from sd.tokenizer import BOS_ID, EOS_ID
 from tests.conftest import rel_err
 from tests.reference import oracle, reference_scheduler
 from tests.tiny import write_tiny_checkpoint
 
 
-def reference_tokenizer():
+def reference_tokenizer(**options):
+    """transformers' CLIPTokenizer of our vocabulary; SD 2.x's pads with "!" (id 0): `pad_token="!"`."""
     return oracle("transformers").CLIPTokenizer(vocab=str(DATA_DIR / "vocab.json"), merges=str(DATA_DIR / "merges.txt"),
-                                      model_max_length=77)
+                                                model_max_length=77, **options)
 
 
-def reference_pipeline(cls, refs, unet, sampler: str, text_encoder=None):
-    """A diffusers pipeline of the reference models (text_encoder: another CLIP in place of refs.clip)."""
+def reference_context(clip, runs: list[tuple[str, float]], chunks: int = 0, clip_skip: int = 1,
+                      pad_id: int = EOS_ID) -> torch.Tensor:
+    """AUTOMATIC1111's encoding written out over transformers' CLIP, for prompts without commas: each run
+    tokenized by transformers' tokenizer, the tokens cut every 75, each chunk encoded as [BOS] + 75 +
+    [EOS] padded with `pad_id` (SD v1: EOS; SD 2.x: 0), its output (that of the `clip_skip`-th last layer, then
+    the final LayerNorm) weighted and brought back to its mean; padded to `chunks` chunks with the empty
+    prompt's."""
+    tok = reference_tokenizer()
+    ids, weights = [], []
+    for text, weight in runs:
+        run_ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids += run_ids
+        weights += [weight] * len(run_ids)
+    outputs = []
+    for start in range(0, max(75 * chunks, len(ids), 1), 75):
+        chunk_ids, chunk_weights = ids[start:start + 75], weights[start:start + 75]
+        pad = 75 - len(chunk_ids)
+        out = clip(torch.tensor([[BOS_ID, *chunk_ids, EOS_ID] + [pad_id] * pad]), output_hidden_states=True)
+        z = out.last_hidden_state if clip_skip == 1 else clip.final_layer_norm(out.hidden_states[-clip_skip])
+        mean = z.mean()
+        z = z * torch.tensor([1.0, *chunk_weights, 1.0] + [1.0] * pad)[None, :, None]
+        outputs.append(z * (mean / z.mean()))
+    return torch.cat(outputs, dim=1)
+
+
+def reference_pipeline(cls, refs, unet, sampler: str, text_encoder=None, tokenizer=None,
+                       prediction_type: str = "epsilon"):
+    """A diffusers pipeline of the reference models (text_encoder: another CLIP in place of refs.clip), its
+    scheduler configured for `prediction_type`."""
     scheduler, _ = reference_scheduler(sampler, {})
-    pipe = cls(vae=refs.vae, text_encoder=text_encoder or refs.clip, tokenizer=reference_tokenizer(), unet=unet,
+    scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+    pipe = cls(vae=refs.vae, text_encoder=text_encoder or refs.clip, tokenizer=tokenizer or reference_tokenizer(),
+               unet=unet,
                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -63,11 +63,37 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _ours(net: str, ref: torch.nn.Module) -> torch.nn.Module:
+def sd2_unet(in_channels: int = 4, widths: tuple[int, ...] = (320, 640, 1280, 1280), context: int = 1024):
+    """diffusers' UNet as diffusers builds SD 2.x's: heads of 64 channels (its `attention_head_dim` counts
+    heads), Linear projections, a 1024-wide context; `widths` smaller for fast tests."""
+    return oracle("diffusers").UNet2DConditionModel(
+        sample_size=96, in_channels=in_channels, out_channels=4, layers_per_block=2, block_out_channels=widths,
+        cross_attention_dim=context, attention_head_dim=tuple(w // 64 for w in widths), use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sd2_text_model(width: int = 1024, layers: int = 23):
+    """transformers' CLIPTextModel as diffusers builds SD 2.x's from the OpenCLIP ViT-H tower: exact GELU, heads
+    of 64, and 23 layers (diffusers' converter drops the 24th: conditioning is on the penultimate layer)."""
+    transformers = oracle("transformers")
+    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=width // 64, max_position_embeddings=77, hidden_act="gelu", projection_dim=width))
+
+
+def small_vae():
+    return oracle("diffusers").AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=64,
+        block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4)
+
+
+def _ours(net: str, ref: torch.nn.Module, config=None) -> torch.nn.Module:
     with torch.device("meta"):
         if net == "unet":
-            return UNet(UNetConfig(in_channels=ref.config.in_channels))
-        return AutoencoderKL() if net == "vae" else CLIPTextModel()
+            return UNet(config or UNetConfig(in_channels=ref.config.in_channels))
+        return (AutoencoderKL if net == "vae" else CLIPTextModel)(*[config] * (config is not None))
 
 
 PREFIX = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "clip": CLIP_PREFIX}
@@ -88,9 +114,10 @@ def diffusers_convert(net: str, ref: torch.nn.Module, compvis: dict[str, torch.T
     return converted
 
 
-def to_compvis(net: str, ref: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The reference model's weights under their CompVis keys (with the network's prefix)."""
-    ours = _ours(net, ref).state_dict()
+def to_compvis(net: str, ref: torch.nn.Module, config=None) -> dict[str, torch.Tensor]:
+    """The reference model's weights under their CompVis keys (with the network's prefix); `config`: our
+    network's configuration when it is not SD v1.5's."""
+    ours = _ours(net, ref, config).state_dict()
     keys = list(ours)
     tags = {PREFIX[net] + k: torch.tensor(float(i)).expand(ours[k].shape) for i, k in enumerate(keys)}
     converted = diffusers_convert(net, ref, tags)
@@ -99,6 +126,28 @@ def to_compvis(net: str, ref: torch.nn.Module) -> dict[str, torch.Tensor]:
     assert inverse.keys() == ref_state.keys(), f"{net}: diffusers' converter does not cover the reference"
     assert sorted(inverse.values()) == sorted(keys), f"{net}: CompVis keys not used exactly once"
     return {PREFIX[net] + ck: ref_state[dk].reshape(ours[ck].shape).contiguous() for dk, ck in inverse.items()}
+
+
+def to_open_clip(ref: torch.nn.Module, seed: int, prefix: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
+    """transformers' SD 2.x text model as the original file holds the OpenCLIP tower: one more layer (random:
+    the file's last layer, which conditioning skips), `text_projection` and `logit_scale`, in OpenCLIP's names
+    under `prefix`. Proven: diffusers' `convert_open_clip_checkpoint` of it gives back the reference's
+    weights exactly (and the extra layer and projection, which it drops at full size, where it knows them)."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from sd.layouts import OPEN_CLIP
+    reference = {k: v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    last, width = ref.config.num_hidden_layers, ref.config.hidden_size
+    gen = torch.Generator().manual_seed(seed)
+    extra = {k.replace(f"layers.{last - 1}.", f"layers.{last}."): v + 0.05 * torch.randn(v.shape, generator=gen)
+             for k, v in reference.items() if k.startswith(f"encoder.layers.{last - 1}.")}
+    extra["text_projection.weight"] = torch.randn(width, width, generator=gen) / width ** 0.5
+    state = {prefix + k: v for k, v in OPEN_CLIP.write({**reference, **extra}).items()}
+    state[prefix + "logit_scale"] = torch.tensor(4.6052)
+    converted = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(ref, state, prefix).items()}
+    assert converted.keys() - reference.keys() <= extra.keys() and reference.keys() <= converted.keys()
+    expected = {**reference, **extra}
+    assert all(torch.equal(v, expected[k]) for k, v in converted.items()), "not the layout diffusers reads"
+    return state
 
 
 # ---- samplers --------------------------------------------------------------------------------------

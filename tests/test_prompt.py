@@ -17,7 +17,7 @@ from sd.prompt import BREAK, MAX_CHUNKS, PromptParser, parse_emphasis
 from sd.tokenizer import BOS_ID, EOS_ID, CLIPTokenizer
 from tests.bad_files import attacks
 from tests.conftest import rel_err
-from tests.pipelines import assert_same, reference_pipeline, reference_tokenizer, run_ours, run_reference
+from tests.pipelines import assert_same, reference_context, reference_pipeline, reference_tokenizer, run_ours, run_reference
 from tests.reference import oracle
 
 TOL = 1e-4  # as the model tests: fp32 sums in another order
@@ -149,29 +149,6 @@ def test_absurdly_long_prompts_are_refused_with_their_length(tokenizer):
 
 
 # ---- encoding against transformers' CLIP ----------------------------------------------------------
-
-def reference_context(clip, runs: list[tuple[str, float]], chunks: int = 0, clip_skip: int = 1) -> torch.Tensor:
-    """AUTOMATIC1111's encoding written out over transformers' CLIP, for prompts without commas: each run
-    tokenized by transformers' tokenizer, the tokens cut every 75, each chunk encoded as [BOS] + 75 +
-    [EOS] padded with EOS, its output weighted and brought back to its mean; padded to `chunks` chunks
-    with the empty prompt's."""
-    tok = reference_tokenizer()
-    ids, weights = [], []
-    for text, weight in runs:
-        run_ids = tok(text, add_special_tokens=False)["input_ids"]
-        ids += run_ids
-        weights += [weight] * len(run_ids)
-    outputs = []
-    for start in range(0, max(75 * chunks, len(ids), 1), 75):
-        chunk_ids, chunk_weights = ids[start:start + 75], weights[start:start + 75]
-        pad = 75 - len(chunk_ids)
-        out = clip(torch.tensor([[BOS_ID, *chunk_ids, EOS_ID] + [EOS_ID] * pad]), output_hidden_states=True)
-        z = out.last_hidden_state if clip_skip == 1 else clip.final_layer_norm(out.hidden_states[-clip_skip])
-        mean = z.mean()
-        z = z * torch.tensor([1.0, *chunk_weights, 1.0] + [1.0] * pad)[None, :, None]
-        outputs.append(z * (mean / z.mean()))
-    return torch.cat(outputs, dim=1)
-
 
 LONG_TEXT = "a photograph of (an astronaut:1.3) (riding a horse) on the moon" + " in the style of an old master" * 25 \
             + " [grainy film]"
