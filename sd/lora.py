@@ -172,8 +172,8 @@ def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
     state = read_state_dict(path, what="LoRA")
     for prefix, family in OTHER_FAMILIES.items():
         if any(key.startswith(prefix) for key in state):
-            raise InputError(f"{path} is a LoRA for {family} (its keys start {prefix!r}); this is an SD v1 model: use "
-                             f"a LoRA made for SD v1")
+            raise InputError(f"{path} is a LoRA for {family} (its keys start {prefix!r}); this is an "
+                             f"{models.family.title} model: use a LoRA made for {models.family.title}")
     kinds = {key[: -len(suffix)]: kind for key in state for suffix, kind in PATCHES.items() if key.endswith(suffix)}
     if not kinds:
         raise InputError(f"{path} holds no LoRA layers (no keys ending in {' or '.join(PATCHES)}); give "
@@ -188,7 +188,8 @@ def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
             continue
         if not patch.fits(target.weight.shape):
             raise InputError(f"{path}: {name} makes a change of shape {tuple(patch.shape)} for a layer of shape "
-                             f"{tuple(target.weight.shape)}; the LoRA is for another model (SD 2.x?)")
+                             f"{tuple(target.weight.shape)}; the LoRA is for another model than this "
+                             f"{models.family.title} one: use a LoRA made for {models.family.title}")
         layers[name] = patch
     if not layers:
         raise InputError(f"{path}: none of its {len(kinds)} layers is a layer of this model (e.g. {unmatched[0]}); "
