@@ -31,6 +31,7 @@ from sd.errors import InputError
 from sd.files import write_atomically
 from sd.parameterization import check_prediction_type, noised, scales, target
 from sd.pipeline import StableDiffusion
+from sd.prediction import prediction_name
 from sd.samplers.schedule import NoiseSchedule
 from sd.tokenizer import CLIPTokenizer
 from sd.vae import AutoencoderKL
@@ -170,7 +171,12 @@ class DiffusionObjective(Objective):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DiffusionObjective":
-        return cls(train_text_encoder=args.text_encoder == "train")
+        """--text-encoder, and --prediction v|epsilon (settled by `sd.train.train`: the --init model's by default)."""
+        prediction = prediction_name(args.prediction, "--prediction") if args.prediction else "epsilon"
+        return cls(train_text_encoder=args.text_encoder == "train", options=DiffusionOptions(prediction))
+
+    def finish(self, models: StableDiffusionModels) -> None:
+        models.prediction_type = self.options.prediction_type  # stored in the checkpoint written
 
     def prepare(self, models: StableDiffusionModels, data, cfg, device: torch.device) -> None:
         """Encode the image pool once with the frozen VAE."""

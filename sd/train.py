@@ -3,7 +3,8 @@
 Latent diffusion trains in two stages, each one objective of `sd/objectives.py` run by the same loop:
 - `vae`: the KL autoencoder on an L1 reconstruction loss plus a small KL term; then the latent scale is
   measured on the data as 1 / std of the latents (LDM's `scale_by_std`).
-- `diffusion`: the UNet on the epsilon-prediction MSE (Ho et al., 2020) under SD v1's noise schedule
+- `diffusion`: the UNet on the epsilon- (Ho et al., 2020) or v-prediction MSE (`--prediction v`, Salimans &
+  Ho, 2022) under SD v1's noise schedule
   (`NoiseSchedule`), so every sampler works unchanged, on latents the frozen VAE encodes once. From
   scratch the text encoder trains jointly (as the LDM paper's own text-to-image model); from a
   checkpoint it stays frozen unless asked. 10% of captions are dropped to "", the prompt the
@@ -39,6 +40,7 @@ from sd.datasets import CaptionedShapes, CaptionFolder, vocabulary
 from sd.errors import InputError, SDError
 from sd.files import write_atomically
 from sd.objectives import OBJECTIVES, Objective
+from sd.prediction import SHORT, prediction_name
 from sd.prompt import words
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
@@ -319,7 +321,11 @@ def words_of(data) -> tuple[str, ...]:
 
 def train(args: argparse.Namespace) -> None:
     preset = PRESETS[args.preset]
+    if args.prediction is not None:
+        prediction_name(args.prediction, "--prediction")
     models = initial_models(args, preset)
+    if args.prediction is None and args.init is not None:  # fine-tuning keeps what the model predicts
+        args = argparse.Namespace(**{**vars(args), "prediction": SHORT[models.prediction_type]})
     if args.image_size:
         models.image_size = args.image_size
     data = dataset(args, models.image_size)
@@ -358,6 +364,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--text-encoder", choices=("train", "freeze"),
                    help="diffusion stage: train the text encoder jointly, or keep it frozen (default: train from "
                         "scratch, freeze with --init)")
+    p.add_argument("--prediction", metavar="v|epsilon", help="diffusion stage: what the UNet learns to predict, "
+                   "the noise (epsilon) or v (default: the --init model's, else epsilon)")
     p.add_argument("--steps", type=int, help="steps of each stage run (default: the preset's)")
     p.add_argument("--batch-size", type=int, help="images per step (default: the preset's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")

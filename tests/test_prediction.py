@@ -228,3 +228,40 @@ def test_an_embedding_of_another_width_is_refused(tmp_path, width, family):
     other = 1024 if width != 1024 else 768
     with pytest.raises(InputError, match=f"of width {width} \\(for {family}\\); this model's text encoder is {other}"):
         check_width(embedding, other)
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+MICRO = ["--preset", "micro", "--no-progress", "--sample-every", "1000", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def micro_vae(tmp_path_factory):
+    from sd import train
+    run_dir = tmp_path_factory.mktemp("micro")
+    assert train.main(["vae", *MICRO, "--run-dir", str(run_dir), "--output", str(run_dir / "vae.safetensors")]) == 0
+    return run_dir / "vae.safetensors"
+
+
+def test_training_with_v_prediction_writes_a_v_model_and_fine_tuning_keeps_it(micro_vae, tmp_path, monkeypatch):
+    from sd import objectives, train
+    targets = []
+    pair = objectives.DiffusionObjective.training_pair
+    monkeypatch.setattr(objectives.DiffusionObjective, "training_pair",
+                        lambda self, x0, noise, t: targets.append(self.options.prediction_type) or pair(self, x0, noise, t))
+    v_model = tmp_path / "v.safetensors"
+    assert train.main(["diffusion", *MICRO, "--init", str(micro_vae), "--prediction", "v", "--run-dir",
+                       str(tmp_path / "a"), "--output", str(v_model)]) == 0
+    assert load_checkpoint(v_model).prediction_type == "v_prediction" and set(targets) == {"v_prediction"}
+    targets.clear()
+    again = tmp_path / "again.safetensors"
+    assert train.main(["diffusion", *MICRO, "--init", str(v_model), "--run-dir", str(tmp_path / "b"), "--output",
+                       str(again)]) == 0
+    assert load_checkpoint(again).prediction_type == "v_prediction" and set(targets) == {"v_prediction"}
+
+
+def test_a_bad_training_prediction_is_one_line(tmp_path, capsys):
+    from sd import train
+    assert train.main(["vae", *MICRO, "--prediction", "x0", "--run-dir", str(tmp_path), "--output",
+                       str(tmp_path / "out.safetensors")]) == 2
+    assert capsys.readouterr().err == "error: --prediction must be one of v, epsilon, got 'x0'\n"
