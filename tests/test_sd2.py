@@ -8,11 +8,14 @@ structure (heads of 64 channels, Linear projections, exact GELU, conditioning on
 """
 
 import contextlib
+import copy
+import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 pytest.importorskip("diffusers", reason="diffusers is a test-only reference: pip install -r requirements-test.txt")
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline  # noqa: E402
@@ -281,3 +284,35 @@ def test_weighted_long_prompt_with_clip_skip_2(sd2_refs, sd2):
                            negative_prompt_embeds=negative_embeds, **SETTINGS)
     assert_same(mine, theirs)
 
+
+
+def without_last_layer(clip: CLIPTextModel) -> CLIPTextModel:
+    """A view of our tower (the same layer objects) without what diffusers' 23-layer reference drops: the last
+    layer and the unused projection."""
+    def view(module, drop=(), **children):
+        shallow = copy.copy(module)
+        shallow._modules = {k: v for k, v in {**module._modules, **children}.items() if k not in drop}
+        return shallow
+    return view(clip, drop=("text_projection",),
+                encoder=view(clip.encoder, layers=torch.nn.ModuleList(list(clip.encoder.layers)[:-1])))
+
+
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_lora_on_sd2_end_to_end(sd2_refs, sd2, tmp_path, layout):
+    """A LoRA of SD 2.x's layers (attention, Linear proj_in/out, convolutions, the OpenCLIP tower's first layer)
+    in kohya's or diffusers/PEFT's names, merged by us and fused by diffusers: the same run."""
+    from tests.test_lora import diffusers_fused, random_lora, reference_layers
+    path = tmp_path / f"{layout}.safetensors"
+    save_file(random_lora(sd2.models, 5, peft=layout == "peft"), path)
+    layers = reference_layers(dataclasses.replace(sd2.models, clip=without_last_layer(sd2.models.clip)), sd2_refs)
+    assert any("proj_in" in name for name in layers) and any("lora_te_" in name for name in layers)
+    lora = sd2.load_lora(path, 0.8)
+    try:
+        assert not lora.unmatched and len(lora.layers) == len(layers)
+        mine = ours(sd2, "text_to_image", "dpmpp_2m_karras", seed=4)
+    finally:
+        sd2.unload_lora()
+    with diffusers_fused(sd2_refs, [(path, 0.8)], layers) as pipe:
+        v_pipe = pipe_of(StableDiffusionPipeline, sd2_refs, "dpmpp_2m_karras")
+        theirs = run_reference(v_pipe, 4, prompt=PROMPT, negative_prompt=NEGATIVE, **SETTINGS)
+    assert_same(mine, theirs)
