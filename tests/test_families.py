@@ -177,3 +177,18 @@ def test_safetensors_is_told_by_its_header_whatever_its_length(tmp_path, first_b
             break
     assert path.read_bytes()[0] == first_byte and is_safetensors(path)
     assert read_metadata(path) == {"image_size": 256}
+
+
+@pytest.mark.parametrize("variant", ["fp16.safetensors", "ema.ckpt", "fp16-ema.safetensors"])
+def test_sd2_files_in_fp16_and_with_ema_load_the_same_weights(tmp_path, variant):
+    """An SD 2.x file stored in fp16, or full with EMA copies (the UNet keys holding decoys), loads the weights of
+    the plain fp32 file (the tiny weights are fp16-representable)."""
+    state = tiny_compvis_state(family="sd2", ema="ema" in variant)
+    if "fp16" in variant:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    plain = load_checkpoint(save_checkpoint(tiny_compvis_state(family="sd2"), tmp_path / "plain.safetensors"))
+    models = load_checkpoint(save_checkpoint(state, tmp_path / variant))
+    assert models.family is SD2
+    for net in ("unet", "vae", "clip"):
+        a, b = getattr(plain, net).state_dict(), getattr(models, net).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), net

@@ -316,3 +316,28 @@ def test_lora_on_sd2_end_to_end(sd2_refs, sd2, tmp_path, layout):
         v_pipe = pipe_of(StableDiffusionPipeline, sd2_refs, "dpmpp_2m_karras")
         theirs = run_reference(v_pipe, 4, prompt=PROMPT, negative_prompt=NEGATIVE, **SETTINGS)
     assert_same(mine, theirs)
+
+
+def test_an_embedding_on_sd2_stands_for_its_vectors(sd2):
+    """A textual-inversion embedding as wide as the OpenCLIP tower (here 128; 1024 for SD 2.x) whose vector is
+    the tower's own for "cat": "a <kitty>" encodes as "a cat", padded with 0, at the penultimate layer."""
+    from sd.embeddings import Embedding
+    [[cat]] = sd2.tokenizer.tokenize(["cat"])
+    vectors = sd2.models.clip.embeddings.token_embedding.weight[cat][None].clone()  # (1, 128)
+    sd2.add_embedding(Embedding("<kitty>", vectors, Path("kitty.pt"), "0" * 64))
+    try:
+        with torch.no_grad():
+            assert rel_err(sd2.encode_prompts(["a <kitty>"], None, 1), sd2.encode_prompts(["a cat"], None, 1)) < 1e-6
+    finally:
+        sd2.embeddings.clear()
+
+
+def test_float16_attention_is_computed_in_float32():
+    """Scores over float16's range (SD 2.1's, diffusers #1614) give the float32 answer, not inf or NaN."""
+    from sd.attention import plain_attention
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 64, generator=gen) * 80 for _ in range(3))  # q.k up to ~2e5 > 65504
+    expected = plain_attention(q, k, v)
+    out = plain_attention(q.half(), k.half(), v.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert rel_err(out.float(), expected) < 1e-2
