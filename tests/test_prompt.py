@@ -17,7 +17,7 @@ from sd.prompt import BREAK, MAX_CHUNKS, PromptParser, parse_emphasis
 from sd.tokenizer import BOS_ID, EOS_ID, CLIPTokenizer
 from tests.bad_files import attacks
 from tests.conftest import rel_err
-from tests.pipelines import assert_same, reference_context, reference_pipeline, reference_tokenizer, run_ours, run_reference
+from tests.pipelines import assert_same, reference_context, reference_pipeline, run_ours, run_reference
 from tests.reference import oracle
 
 TOL = 1e-4  # as the model tests: fp32 sums in another order
