@@ -32,7 +32,7 @@ from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.errors import CheckpointError, UnsupportedModelError, checkpoint_not_found
-from sd.families import (FAMILIES, SD1, SD2, SD_V1_SCALE, SD_V1_SIZE, UNET_PREFIX, V_CONTEXT, Family,
+from sd.families import (FAMILIES, SD1, SD2, SD_V1_SCALE, SD_V1_SIZE, UNET_CONTEXT_KEY, UNET_PREFIX, Family,
                          missing_networks)
 from sd.files import write_atomically
 from sd.prediction import V_PRED_KEY, decide, prediction_name
@@ -159,7 +159,7 @@ def detect_family(path: Path, state: dict[str, torch.Tensor]) -> Family:
     does not run yet, or a file of no Stable Diffusion at all, is refused with the reason."""
     family = next((f for f in FAMILIES.values() if f.detect(state)), None)
     if family is None:  # name what is missing for the family its UNet's text width suggests
-        context = state.get(V_CONTEXT)
+        context = state.get(UNET_CONTEXT_KEY)
         closest = SD2 if context is not None and context.dim() == 2 and context.shape[1] == 1024 else SD1
         missing = missing_networks(state, closest.prefixes)
         raise CheckpointError(f"{path} is not a Stable Diffusion checkpoint this project reads: as {closest.title} "

@@ -31,7 +31,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD_V1_SCALE = 0.18215  # SD v1's latent scale, for files without a stored scale_factor
 SD_V1_SIZE = 512
-V_CONTEXT = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"  # (C, context width)
+UNET_CONTEXT_KEY = "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"  # (C, context width)
 
 
 def transformer_blocks(s: StateDict, block: str) -> int:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sd.errors import CheckpointError, UnsafeCheckpointError, UnsupportedModelError
-from sd.families import V_CONTEXT
+from sd.families import UNET_CONTEXT_KEY
 from tests.tiny import VAE_PREFIX, tiny_compvis_state, write_tiny_checkpoint
 
 
@@ -115,7 +115,7 @@ def sd2_tower(**changes) -> dict[str, torch.Tensor]:
 def sd2_without_tower(folder):
     """An SD 2.x UNet (1024-wide context) with no text tower at all."""
     state = {k: v for k, v in tiny_state().items() if not k.startswith("cond_stage_model.")}
-    state[V_CONTEXT] = torch.zeros(64, 1024)
+    state[UNET_CONTEXT_KEY] = torch.zeros(64, 1024)
     return save_state(folder / "v2-unet-only.safetensors", state)
 
 
