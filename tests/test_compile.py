@@ -45,25 +45,34 @@ def test_compiled_equals_eager(tmp_path):
     assert np.abs(images - expected).max() < 1e-4, np.abs(images - expected).max()
 
 
-def run_cli(tmp_path, name: str, *flags: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "run_demo.py", "--checkpoint", str(tmp_path / "tiny.safetensors"),
-                           "--prompt", "a cat", "--no-progress", "--output", str(tmp_path / name),
-                           *FLAGS, *flags],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env})
+def start_cli(tmp_path, name: str, *flags: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "run_demo.py", "--checkpoint", str(tmp_path / "tiny.safetensors"),
+                             "--prompt", "a cat", "--no-progress", "--output", str(tmp_path / name),
+                             *FLAGS, *flags],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def test_the_command_line_compiles_or_warns_and_runs_uncompiled(tmp_path):
     write_tiny_checkpoint(tmp_path / "tiny.safetensors", **SMALL)
-    eager = run_cli(tmp_path, "eager.png")
-    compiled = run_cli(tmp_path, "compiled.png", "--compile")
+    cache = tmp_path / "inductor-cache"  # empty: nothing compiled before can stand in for the compiler
+    # Independent runs (each its own output file; the last its own empty cache), so they run at once: most of
+    # each is starting Python and importing torch, which leaves the other core idle.
+    runs = [start_cli(tmp_path, "eager.png"), start_cli(tmp_path, "compiled.png", "--compile"),
+            start_cli(tmp_path, "uncompiled.png", "--compile", CXX="/nonexistent/c++",
+                      TORCHINDUCTOR_CACHE_DIR=str(cache))]
+    eager, compiled, missing = (finish(run) for run in runs)
     assert eager.returncode == compiled.returncode == 0, (eager.stderr, compiled.stderr)
     assert "note: --compile: the UNet and the VAE decoder compile during the first image" in compiled.stderr
     assert compiled.stdout.splitlines()[-1].startswith(f"wrote {tmp_path / 'compiled.png'} (seed 1, ")
     pixels = {name: np.asarray(Image.open(tmp_path / name), dtype=int) for name in ("eager.png", "compiled.png")}
     assert np.abs(pixels["compiled.png"] - pixels["eager.png"]).max() <= 1
 
-    cache = tmp_path / "inductor-cache"  # empty: nothing compiled before can stand in for the compiler
-    missing = run_cli(tmp_path, "uncompiled.png", "--compile", CXX="/nonexistent/c++", TORCHINDUCTOR_CACHE_DIR=str(cache))
     assert missing.returncode == 0, missing.stderr
     warnings = [line for line in missing.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 1 and warnings[0].startswith("warning: torch.compile cannot run on cpu here (") and \

@@ -28,13 +28,19 @@ def image(sd):
     return sd.text_to_image(PROMPT, seed=1, progress=False)[0]
 
 
+@pytest.fixture(scope="module")
+def inverted(sd, image):
+    """The image's DDIM inversion in 25 steps: the start of both the reconstruction and the edit."""
+    return sd.invert(image, PROMPT, steps=25, progress=False)
+
+
 def error(a, b) -> float:
     """Mean absolute difference of two images, in 0..255."""
     return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean())
 
 
-def test_inverting_and_sampling_back_gives_the_image(sd, image):
-    latents = sd.invert(image, PROMPT, steps=25, progress=False)
+def test_inverting_and_sampling_back_gives_the_image(sd, image, inverted):
+    latents = inverted
     assert latents.shape == (1, 4, 8, 8)
     back = sd.text_to_image(PROMPT, latents=latents, sampler="ddim", steps=25, guidance_scale=1.0, progress=False)[0]
     other = sd.text_to_image(PROMPT, sampler="ddim", steps=25, guidance_scale=1.0, seed=5, progress=False)[0]
@@ -44,8 +50,8 @@ def test_inverting_and_sampling_back_gives_the_image(sd, image):
     assert error(back, image) < 1.5 * error(through_vae, image) and error(back, image) < 0.02 * error(other, image)
 
 
-def test_another_prompt_edits_the_inverted_image(sd, image):
-    latents = sd.invert(image, PROMPT, steps=25, progress=False)
+def test_another_prompt_edits_the_inverted_image(sd, image, inverted):
+    latents = inverted
     edited = sd.text_to_image(PROMPT.replace("red", "blue"), latents=latents, sampler="ddim", steps=25,
                               guidance_scale=1.0, progress=False)[0]
     original, changed = read(image), read(edited)
