@@ -81,7 +81,7 @@ def test_kl_term_matches_torch_distributions():
                                                           ("diffusion", "train", ("unet", "clip")),
                                                           ("diffusion", "freeze", ("unet",))])
 def test_each_stage_has_its_objective(stage, text_encoder, trains):
-    objective = OBJECTIVES[stage].from_args(SimpleNamespace(text_encoder=text_encoder))
+    objective = OBJECTIVES[stage].from_args(SimpleNamespace(text_encoder=text_encoder, prediction=None))
     assert isinstance(objective, {"vae": VAEObjective, "diffusion": DiffusionObjective}[stage])
     assert objective.trains == trains and objective.identity() == {}  # defaults: the identity of states before
 

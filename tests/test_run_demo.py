@@ -212,7 +212,7 @@ def test_help_documents_every_flag_with_its_default():
         "-h", "--prompt", "--negative-prompt", "--checkpoint", "--image", "--mask", "--invert", "--strength", "--steps",
         "--guidance-scale", "--sampler", "--seed", "--width", "--height", "--clip-skip", "--embedding", "--lora",
         "--hires-scale", "--hires-strength", "--hires-steps", "--hires-upscaler", "--deep-cache", "--deep-cache-branch",
-        "--tome", "--compile", "--num-images", "--device", "--dtype", "--output", "--overwrite", "--no-progress",
+        "--tome", "--prediction", "--compile", "--num-images", "--device", "--dtype", "--output", "--overwrite", "--no-progress",
         "--tiled-decode", "--from-png"]
     for entry in entries[1:]:
         assert "(default: " in entry, entry
