@@ -9,6 +9,7 @@ CLIP layer (the transformers naming of SD v1's file) has three Linear layers. A 
 table reads a file (`read`) and writes one (`write`).
 """
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sd.errors import CheckpointError
 PARTS = ("q", "k", "v")  # the order of the stacked projections in a fused in_proj tensor
 
 
+@functools.cache  # a few templates, matched against every key of a tower
 def template_pattern(template: str) -> re.Pattern:
     """'transformer.resblocks.{n}.ln_1.{p}' -> a pattern whose named groups are n and p (no dots inside)."""
     return re.compile(re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^.]+)", re.escape(template)))
