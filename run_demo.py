@@ -25,13 +25,14 @@ from PIL import Image
 from sd.checkpoint import SD_V1_SIZE, load_checkpoint, read_metadata
 from sd.cli import CommandParser, note, run_command, shown
 from sd.devices import DTYPES, check_memory, pick_device, pick_dtype
-from sd.errors import CheckpointError, InputError, SettingError
+from sd.errors import CheckpointError, InputError, SettingError, checkpoint_not_found
 from sd.files import DATA_DIR
 from sd.flags import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER, MAX_IMAGES, Flags, read_embeddings, settle_flags
 from sd.hashing import SHORT_HASH_DIGITS, file_sha256, model_hash
 from sd.lora import lora_tags
 from sd.outputs import check_output, default_output, output_paths, write_png
 from sd.parameters import TEXT_CHUNK, format_parameters, parse_parameters
+from sd.paths import check_unicode, plain_name, readable_file
 from sd.pipeline import (DEFAULT_GUIDANCE, DEFAULT_STEPS, UPSCALERS, VAE_FACTOR, StableDiffusion,
                          check_deep_cache_branch)
 from sd.prediction import CHOICES, SHORT, family_rule
@@ -136,29 +137,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def read_parameters(png: Path) -> dict:
     """The settings in the "parameters" text chunk of `png`, under the names of our flags (plus model,
     model_hash, which the checkpoint is checked against, and ti_hashes, lora_hashes)."""
-    if not png.is_file():
-        raise InputError(f"--from-png {png} not found; check the path")
+    readable_file(png, "--from-png", missing=InputError(f"--from-png {png} not found; check the path"))
     try:
         with Image.open(png) as image:
             text = getattr(image, "text", {}).get(TEXT_CHUNK)  # only PNGs have text chunks
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # a bomb: over PIL's pixel limit
         raise InputError(f"cannot read --from-png {png}: {e}") from None
     try:
-        return parse_parameters(text or "", png.parent)
+        stored = parse_parameters(text or "", png.parent)
     except ValueError:
         raise InputError(f"{png} holds no generation parameters that {PROG} can read (a 'parameters' text chunk "
                          f"ending in a line 'Steps: ..., Size: WxH, ...'); give a PNG made by {PROG}") from None
+    for key in ("image", "mask"):
+        if key in stored:
+            check_unicode(stored[key], f"the {key} that --from-png {png} names,")
+    return stored
 
 
 def default_checkpoint(model: str | None) -> Path:
     """data/<model>.safetensors or .ckpt for the model a --from-png names, else the v1.5 file, else the
     project's tiny model (with a note that says so and how to get the official weights)."""
-    if model is not None and Path(model).name != model:  # a PNG's "Model" names a file in data/, nothing else
-        raise InputError(f"--from-png names the model {model!r}, which is not a file name in {shown(DATA_DIR)}/; "
-                         f"pass --checkpoint PATH")
+    if model is not None:  # a PNG's "Model" names a file in data/, nothing else
+        plain_name(model, "--from-png", DATA_DIR, fix="pass --checkpoint PATH")
     for name in filter(None, (model, DEFAULT_MODEL)):
         for path in (DATA_DIR / f"{name}.safetensors", DATA_DIR / f"{name}.ckpt"):
-            if path.is_file():
+            if path.is_file():  # a link to a drive of models is fine: the user put it there
                 return path
     tiny = DATA_DIR / f"{TINY_MODEL}.safetensors"
     if tiny.is_file():
@@ -183,12 +186,24 @@ def run(argv: list[str] | None) -> None:
         raise e.for_flags() from None
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Every path typed may be any path, but each is printed or kept in the PNG's parameters: valid Unicode."""
+    for flag in ("checkpoint", "image", "mask", "from_png", "output"):
+        if getattr(args, flag) is not None:
+            check_unicode(getattr(args, flag), f"--{flag.replace('_', '-')}")
+    for flag in ("lora", "embedding"):
+        for value in getattr(args, flag):
+            check_unicode(value, f"--{flag}")
+
+
 def load_and_generate(args: argparse.Namespace) -> None:
+    check_paths(args)
     stored = read_parameters(args.from_png) if args.from_png else {}
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
-    assumed_size = read_metadata(checkpoint).get("image_size", SD_V1_SIZE) if checkpoint.is_file() else SD_V1_SIZE
+    checkpoint = readable_file(args.checkpoint, "checkpoint", missing=checkpoint_not_found(args.checkpoint)) \
+        if args.checkpoint else default_checkpoint(stored.get("model"))
+    assumed_size = read_metadata(checkpoint).get("image_size", SD_V1_SIZE)
     flags = settle_flags(args, stored, assumed_size, LORA_DIR)
     tokenizer = CLIPTokenizer()
     embeddings = read_embeddings(args, flags, stored, tokenizer, EMBEDDINGS_DIR)

@@ -40,12 +40,17 @@ def run_command(body: Callable[[], None], *, interrupted: str, out_of_memory: st
 
 
 def fail(message: str, status: int) -> int:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {printable(message)}", file=sys.stderr)
     return status
 
 
 def note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
+    print(f"note: {printable(message)}", file=sys.stderr)
+
+
+def printable(text: str) -> str:
+    """`text` with what cannot be written as UTF-8 (the lone surrogates of a file name that is not) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def shown(path: Path) -> str:

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sd.errors import InputError
+from sd.paths import inside, readable_file
 
 COLOURS = {
     "red": (220, 30, 30), "orange": (255, 140, 0), "yellow": (250, 225, 30), "green": (30, 160, 50),
@@ -148,18 +149,25 @@ class CaptionFolder:
         if not folder.is_dir():
             raise InputError(f"dataset folder {folder} not found; give a folder of images with captions "
                              f"(name.png beside name.txt)")
+        self.folder = folder
         self.image_size = image_size
-        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        self.images = sorted(self.own(p, "image") for p in folder.iterdir()
+                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.images:
             raise InputError(f"dataset folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put "
                              f"name.png beside name.txt for each")
         self.captions = [self.read_caption(p) for p in self.images]
 
-    @staticmethod
-    def read_caption(image: Path) -> str:
+    def own(self, path: Path, what: str, missing: InputError | None = None) -> Path:
+        """`path`, a readable file whose real path is inside the folder: a link out of it is refused, so that
+        nothing from elsewhere ends up in the trained model or its metadata."""
+        return inside(readable_file(path, what, missing), self.folder, f"{what} of dataset folder {self.folder}",
+                      "copy the file into the folder")
+
+    def read_caption(self, image: Path) -> str:
         path = image.with_suffix(".txt")
-        if not path.is_file():
-            raise InputError(f"caption {path} not found for image {image}; write the caption into {path.name}")
+        self.own(path, "caption", missing=InputError(f"caption {path} not found for image {image}; write the caption "
+                                                     f"into {path.name}"))
         try:
             return " ".join(path.read_text(encoding="utf-8").split())
         except (OSError, UnicodeDecodeError) as e:

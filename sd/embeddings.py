@@ -20,6 +20,7 @@ import torch
 from sd.checkpoint import is_safetensors, unreadable_safetensors
 from sd.errors import InputError
 from sd.hashing import SHORT_HASH_DIGITS, file_sha256
+from sd.paths import readable_file
 from sd.safe_pickle import load_pickle_checkpoint
 from sd.tokenizer import MAX_PROMPT_TOKENS, CLIPTokenizer
 
@@ -71,10 +72,7 @@ def vectors_of(path: Path, contents) -> tuple[torch.Tensor, str | None]:
 
 def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     """An embedding file of any of the three layouts, named `name` (default: see the module's text)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} is a folder; give the embedding file in it" if path.is_dir()
-                         else f"embedding file not found: {path}; check the path")
+    path = readable_file(Path(path), "embedding file")
     try:
         sha256 = file_sha256(path)
         if is_safetensors(path):

@@ -6,15 +6,15 @@ found here too, and the embeddings read and checked.
 """
 
 import argparse
-import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sd.cli import note, shown
 from sd.embeddings import EMBEDDING_SUFFIXES, Embedding, check_name, read_embedding
 from sd.errors import InputError
-from sd.lora import lora_tags
+from sd.lora import TAG_UNSAFE, lora_tags, with_lora
 from sd.parameters import NEGATIVE_MARK
+from sd.paths import exists, file_in, inside, readable_file
 from sd.prediction import prediction_name
 from sd.prompt import NUMBER, PromptParser, names_in
 from sd.samplers import DEFAULT_SAMPLER, make_sampler
@@ -140,35 +140,52 @@ def check_inversion(flag: dict) -> None:
 
 def path_and_suffix(value: str, is_suffix) -> tuple[Path, str | None]:
     """A flag's PATH or PATH:SUFFIX, SUFFIX being what `is_suffix` accepts; a PATH that exists as written wins
-    (so C:\\x.pt stays a path)."""
+    (so C:\\x.pt and my:style.safetensors stay paths)."""
     path, colon, suffix = value.rpartition(":")
-    if not colon or not path or Path(value).exists() or not is_suffix(suffix):
+    if not colon or not path or exists(Path(value)) or not is_suffix(suffix):
         return Path(value), None
     return Path(path), suffix
 
 
-def resolve_loras(prompt: str, values: list[str], folder: Path) -> tuple[str, list[tuple[Path, float]]]:
-    """The prompt and the LoRA files and weights to merge: each --lora PATH[:WEIGHT] of `values` becomes a
-    <lora:NAME:WEIGHT> tag in the prompt (or sets the weight of the tag of that name already there, as
-    --from-png gives it), then every tag is looked up in the --lora files and `folder`."""
-    given = {}
+def tag_name(path: Path) -> str:
+    """The name by which a --lora file is written into the prompt's <lora:NAME:WEIGHT> tag: its file name without
+    the suffix, which must be one a tag can hold."""
+    name = path.stem
+    bad = next((c for c in name if c in TAG_UNSAFE or not c.isprintable()), None)
+    if bad is not None or not name.strip():
+        raise InputError(f"--lora {path}: its name {name!r} cannot be written as <lora:NAME:WEIGHT> (the PNG's "
+                         f"prompt keeps each LoRA so){f' as it holds {bad!r}' if bad else ''}; rename the file")
+    return name
+
+
+def given_loras(prompt: str, values: list[str]) -> tuple[str, dict[str, Path]]:
+    """The prompt with a <lora:NAME:WEIGHT> tag for each --lora PATH[:WEIGHT] of `values` (or the weight of the
+    tag of that name already there set, as --from-png gives it), and the files by lower-case name."""
+    given: dict[str, Path] = {}
     for value in values:
         path, weight = path_and_suffix(value, NUMBER.fullmatch)
-        if not path.is_file():
-            raise InputError(f"--lora {path} not found; check the path")
-        given[path.stem.lower()] = path
-        tag = re.compile(rf"<lora:{re.escape(path.stem)}(:[^>]*)?>", re.IGNORECASE)
-        if not tag.search(prompt):
-            prompt += f" <lora:{path.stem}:{weight or 1}>"
-        elif weight is not None:
-            prompt = tag.sub(f"<lora:{path.stem}:{weight}>", prompt)
+        readable_file(path, "--lora", missing=InputError(f"--lora {path} not found; check the path"))
+        name = tag_name(path)
+        other = given.get(name.lower())
+        if other is not None and other.resolve() != path.resolve():
+            raise InputError(f"--lora {other} and --lora {path} would both be <lora:{name}> in the prompt; rename "
+                             f"one of the files")
+        given[name.lower()] = path
+        prompt = with_lora(prompt, name, weight)
+    return prompt, given
+
+
+def resolve_loras(prompt: str, values: list[str], folder: Path) -> tuple[str, list[tuple[Path, float]]]:
+    """The prompt and the LoRA files and weights to merge: the --lora PATH[:WEIGHT] of `values` become tags
+    (`given_loras`), then every tag is looked up in the --lora files and `folder`, where a tag names a file
+    only by its name (`sd.paths.file_in`)."""
+    prompt, given = given_loras(prompt, values)
     loras = []
     for name, weight in lora_tags(prompt)[1]:
         if weight and not NUMBER.fullmatch(weight):
             raise InputError(f"--prompt has <lora:{name}:{weight}>, whose weight {weight!r} is not a number; write "
                              f"<lora:{name}:0.8>")
-        found = [folder / f"{name}{suffix}" for suffix in LORA_SUFFIXES if (folder / f"{name}{suffix}").is_file()]
-        path = given.get(name.lower()) or next(iter(found), None)
+        path = given.get(name.lower()) or file_in(folder, name, LORA_SUFFIXES, f"<lora:{name}>", fix="pass --lora PATH")
         if path is None:
             raise InputError(f"--prompt has <lora:{name}>, but there is no {name}.safetensors in {shown(folder)}/; "
                              f"put the file there or pass --lora PATH")
@@ -195,7 +212,8 @@ def read_embeddings(args: argparse.Namespace, flags: Flags, stored: dict, tokeni
              if path.suffix.lower() in EMBEDDING_SUFFIXES} if folder.is_dir() else {}
     given = {name.lower() for name in loaded}
     for name in names_in(texts, [name for name in files if name.lower() not in given]):
-        add(read_embedding(files[name], name))
+        add(read_embedding(inside(files[name], folder, f"the embedding {name}", "copy the file into the folder or "
+                                  "pass --embedding PATH"), name))
     parser = PromptParser(tokenizer, loaded)
     parser.parse(flags.text)
     parser.parse(flags.negative_text, "negative_prompt")

@@ -230,6 +230,7 @@ class LoRAMerger:
 
 
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # AUTOMATIC1111's <lora:name:weight>
+TAG_UNSAFE = ":<>"  # what the name in such a tag cannot hold
 
 
 def lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
@@ -237,3 +238,16 @@ def lora_tags(prompt: str) -> tuple[str, list[tuple[str, str]]]:
     [(name, weight text)]); the weight text is '' where none is given."""
     tags = [(m[1], m[2] or "") for m in LORA_TAG.finditer(prompt)]
     return LORA_TAG.sub("", prompt), tags
+
+
+def with_lora(prompt: str, name: str, weight: str | None) -> str:
+    """The prompt with its tags of LoRA `name` (in any case) given `weight`, or, where it has none, one tag
+    `<lora:name:weight>` (weight 1 by default) added at the end."""
+    def same(match: re.Match) -> bool:
+        return match[1].lower() == name.lower()
+
+    if not any(same(m) for m in LORA_TAG.finditer(prompt)):
+        return f"{prompt} <lora:{name}:{weight or 1}>"
+    if weight is None:
+        return prompt
+    return LORA_TAG.sub(lambda m: f"<lora:{name}:{weight}>" if same(m) else m[0], prompt)

@@ -102,8 +102,9 @@ SHARED_KEYS = {key for key, rows in Counter(field.key for field in FIELDS).items
 
 
 def quote(value: str) -> str:
-    """A settings value, JSON-quoted if it holds a comma, colon, quote or newline (as AUTOMATIC1111 does)."""
-    return json.dumps(value, ensure_ascii=False) if re.search(r'[,:"\n]', value) else value
+    """A settings value, JSON-quoted if it holds a comma, colon, quote or newline (as AUTOMATIC1111 does), or
+    starts or ends with a space (a file name can), which reading would otherwise lose."""
+    return json.dumps(value, ensure_ascii=False) if re.search(r'[,:"\n]', value) or value != value.strip() else value
 
 
 def format_parameters(values: Values, folder: Path) -> str:

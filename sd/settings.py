@@ -15,6 +15,7 @@ from PIL import Image
 
 from sd.checkpoint import SD_V1_SIZE
 from sd.errors import InputError, SettingError
+from sd.paths import readable_file
 from sd.prompt import check_clip_skip, parse_emphasis
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.token_merging import MAX_RATIO, TokenMerging
@@ -33,9 +34,7 @@ ImageInput = Image.Image | str | Path
 def open_image(image: ImageInput, what: str, mode: str) -> Image.Image:
     """A PIL image in `mode` ("RGB" or "L") from an image or a path; errors name the file."""
     if not isinstance(image, Image.Image):
-        path = Path(image)
-        if not path.is_file():
-            raise InputError(f"{what} not found: {path}; check the path.")
+        path = readable_file(Path(image), what)
         try:
             with Image.open(path) as opened:
                 image = opened.copy()

@@ -174,7 +174,7 @@ def test_prompt_that_is_not_unicode(out_dir, checkpoints):
 
 def test_a_png_cannot_name_a_model_outside_the_data_folder():
     """--from-png's "Model" picks data/<Model>.safetensors when no --checkpoint is given: a forged path is refused."""
-    with pytest.raises(InputError, match=r"names the model '../../elsewhere/model', which is not a file name in"):
+    with pytest.raises(InputError, match=r"--from-png names '../../elsewhere/model', which is not a file name in"):
         run_demo.default_checkpoint("../../elsewhere/model")
 
 
