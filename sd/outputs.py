@@ -2,7 +2,6 @@
 (`sd.files.write_atomically`) with its "parameters" text, never over an existing file unless asked to."""
 
 import itertools
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from PIL import Image, PngImagePlugin
 from sd.cli import note
 from sd.errors import InputError
 from sd.files import write_atomically
+from sd.paths import writable_output
 from sd.parameters import TEXT_CHUNK
 
 DEFAULT_FOLDER = Path("outputs")
@@ -22,22 +22,14 @@ def default_output() -> Path:
 
 
 def check_output(path: Path, is_default: bool) -> None:
-    """Refuse an output that cannot be written, before any work is done."""
-    if path.is_dir():
-        raise InputError(f"--output {path} is a folder; give a file name ending in .png")
-    if path.suffix.lower() != ".png":
-        raise InputError(f"--output {path} must end in .png: the image keeps its parameters in a PNG text chunk")
-    folder = path.parent
-    try:
-        if is_default:
-            folder.mkdir(parents=True, exist_ok=True)
-        elif not folder.is_dir():
-            raise InputError(f"output folder {folder} does not exist; create it first or choose another --output")
-        probe = folder / f".{path.name}.{os.getpid()}.probe"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise InputError(f"cannot write to output folder {folder} ({e.strerror}); choose another --output") from None
+    """Refuse an output that cannot be written, before any work is done (`sd.paths.writable_output`); the
+    default folder is made."""
+    if is_default:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot make the output folder {path.parent} ({e.strerror}); pass --output") from None
+    writable_output(path, "--output", ".png")
 
 
 def numbered(path: Path, k: int) -> Path:

@@ -89,16 +89,18 @@ def file_in(folder: Path, name: str, suffixes: Iterable[str], what: str, fix: st
     return None
 
 
-def writable_output(path: Path, flag: str, suffix: str) -> None:
+def writable_output(path: Path, flag: str, suffix: str, made: Path | None = None) -> None:
     """Refuse an output that cannot be written, before any work: not ending in `suffix`, a folder, in a folder
-    that is missing or read-only. The probe file is created exclusively under a random name, so nothing there
-    is followed or replaced."""
+    that is missing (unless it is `made`, which the command makes first) or read-only. The probe file is created
+    exclusively under a random name, so nothing there is followed or replaced."""
     check_unicode(path, flag)
-    if path.suffix.lower() != suffix:
-        raise InputError(f"{flag} {path} must end in {suffix}")
     try:
         if path.is_dir():
             raise InputError(f"{flag} {path} is a folder; give a file name ending in {suffix}")
+        if path.suffix.lower() != suffix:
+            raise InputError(f"{flag} {path} must end in {suffix}")
+        if made is not None and path.parent == made and not made.exists():
+            return
         if not path.parent.is_dir():
             raise InputError(f"output folder {path.parent} does not exist; create it first or choose another {flag}")
         probe = path.parent / f".{os.urandom(8).hex()}.probe"

@@ -39,6 +39,7 @@ from sd.clip import CLIPConfig, CLIPTextModel
 from sd.datasets import CaptionedShapes, CaptionFolder, vocabulary
 from sd.errors import InputError, SDError
 from sd.files import write_atomically
+from sd.paths import writable_output
 from sd.objectives import OBJECTIVES, Objective
 from sd.prediction import SHORT, prediction_name
 from sd.prompt import words
@@ -382,8 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.text_encoder = args.text_encoder or ("freeze" if args.init else "train")
     if args.stage == "diffusion" and args.init is None:
         raise InputError("the diffusion stage alone needs --init CHECKPOINT (whose VAE it trains on); or run 'all'")
-    if args.output.suffix != ".safetensors":
-        raise InputError(f"--output {args.output} must end in .safetensors")
+    writable_output(args.output, "--output", ".safetensors", made=args.run_dir)
     for name in ("steps", "batch_size", "save_every", "sample_every", "image_size"):
         value = getattr(args, name)
         if value is not None and (value < 1 or (name == "image_size" and value % 8)):
