@@ -1,11 +1,13 @@
 """What the shipped tiny model means and costs: adherence to prompts, generation time, training speed.
 
     python -m benchmarks.tiny_shapes [--model data/tiny-shapes.safetensors] [--images 200] [--train-steps 20]
+                                     [--samplers]
 
 - adherence: --images generated images each for seen and held-out colour-shape pairs (default
   sampler and steps, guidance 7.5, seeds 0, 1, ...), and the seen ones again at guidance 1, read by
   the checker of tests/shapes_checker.py: share of colour, shape, position and all three right; and
   the same scenes rendered and passed through the model's VAE, the best the diffusion model can reach;
+- with --samplers: seen pairs at 20 steps for every sampler (LCM: 4 steps, guidance 1.5), as the tests run them;
 - demo: wall time of `python run_demo.py --prompt "a large red circle in the top left"` in a fresh
   process (loading included), the README's first command;
 - training: samples per second of each stage of the tiny-shapes preset on this machine (CPU, or CUDA
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 from sd.pipeline import StableDiffusion
+from sd.samplers import SAMPLERS
 from sd.train import PRESETS, Stage, dataset, initial_models, parse_args
 from sd.datasets import render, to_tensor
 from tests.shapes_checker import adherence, scenes, score
@@ -65,14 +68,22 @@ def training_speed(stage: str, steps: int) -> float:
         return steps * cfg.batch_size / (time.perf_counter() - start)
 
 
+def sampler_row(pipe: StableDiffusion, name: str, images: int) -> str:
+    options = dict(steps=4, guidance_scale=1.5) if name == "lcm" else dict(steps=20)
+    rates = adherence(pipe, scenes(images, held_out=False, seed=3), seed=3000, sampler=name, **options)
+    return (f"| {name}, seen pairs, {options['steps']} steps ({images} images) | {rates['colour']:.1%} | "
+            f"{rates['shape']:.1%} | {rates['position']:.1%} | {rates['all']:.1%} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "data" / "tiny-shapes.safetensors")
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--train-steps", type=int, default=20)
+    p.add_argument("--samplers", action="store_true", help="also every sampler at 20 steps on the seen pairs")
     args = p.parse_args()
     pipe = StableDiffusion.from_checkpoint(args.model)
-    rows = []
+    rows = [sampler_row(pipe, name, args.images) for name in (SAMPLERS if args.samplers else ())]
     start = time.perf_counter()
     seen = adherence(pipe, scenes(args.images, held_out=False, seed=10), seed=0)
     per_image = (time.perf_counter() - start) / args.images
