@@ -37,7 +37,7 @@ from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 # re-exported as the library's names: the defaults, `settle` and the checks it runs before loading
 from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, UPSCALERS,  # noqa: F401
-                         VAE_FACTOR, ImageInput, Settings, check_deep_cache_branch, check_hires, check_invertible,
+                         VAE_FACTOR, ImageInput, Settings, check_deep_cache_branch, check_hires, check_invertible, check_upscaled,
                          is_finite_number, settle)
 from sd.tokenizer import CLIPTokenizer
 from sd.unet import DeepCache, Speedups
@@ -200,6 +200,7 @@ class StableDiffusion:
         if hires_upscaler == "lanczos" and (not isinstance(prompt, str) or options.get("num_images", 1) != 1):
             raise SettingError(lambda n: f"{n('hires_upscaler')} lanczos redraws one image at a time; make one image "
                                          f"per call, or use the latent upscaler")
+        check_upscaled(*(options.get(side) or self.models.image_size for side in ("width", "height")), hires_scale)
         options.setdefault("seed", random.randrange(2**32))
         base = self.generate(prompt, negative_prompt, output_type="latent", **options)  # (B, 4, h, w)
         h, w = (int(side * VAE_FACTOR * hires_scale) // VAE_FACTOR for side in base.shape[2:])  # rounded down

@@ -36,6 +36,7 @@ ROUND_FACTOR = 1.1  # (text)
 SQUARE_FACTOR = 1 / 1.1  # [text]
 COMMA_BACKTRACK = 20  # a full chunk hands on the words after a comma this close to its end
 MAX_WEIGHT = 100  # of a run, nesting multiplied: beyond it CLIP's outputs overflow rather than steer
+MAX_CLIP_SKIP = 48  # before the text encoder is known: more layers than any has
 MAX_CHUNKS = 16  # 1200 tokens: longer prompts are refused rather than encoded without bound
 BREAK = None  # the run that stands for BREAK in a parsed prompt
 
@@ -293,7 +294,8 @@ def encode(stack: Sequence[TextEncoder], prompts: list[ParsedPrompt],
 
 def check_clip_skip(clip_skip, layers: int | None = None) -> None:
     """clip_skip: a whole number from 1 (CLIP's last layer, the normal output) to the number of layers."""
-    top = layers if layers is not None else math.inf
+    top = layers if layers is not None else MAX_CLIP_SKIP
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= top:
-        bound = f"between 1 and {layers}, the text encoder's layers" if layers is not None else "of at least 1"
+        bound = (f"between 1 and {layers}, the text encoder's layers" if layers is not None
+                 else f"of at least 1 (and at most {MAX_CLIP_SKIP})")
         raise SettingError(lambda n: f"{n('clip_skip')} must be a whole number {bound}, got {clip_skip!r}")

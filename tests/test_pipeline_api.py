@@ -156,8 +156,8 @@ def test_bad_arguments_raise_input_error(sd, options, message):
     (dict(negative_prompt=[1]), "negative_prompt must be a text or a non-empty list of texts"),
     (dict(negative_prompt="caf\udce9"), "negative_prompt holds characters that are not valid Unicode"),
     (dict(sampler=None), "sampler must be a sampler's name or a Sampler, got None"),
-    (dict(guidance_scale="7"), "guidance_scale must be a finite number, got '7'"),
-    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+    (dict(guidance_scale="7"), "guidance_scale must be between -100 and 100, got '7'"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be between -100 and 100, got nan"),
     (dict(image=np.zeros((64, 64, 3), np.uint8)), "image must be a PIL image or the path of an image file, got a "
                                                   "ndarray"),
     (dict(image=Image.new("RGB", (8, 8)), strength="0.5"), "strength must be between 0 and 1, got '0.5'"),
@@ -186,8 +186,8 @@ def test_settings_are_checked_without_weights():
     assert settle("a", image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64))).strength == 1.0
     with pytest.raises(SettingError) as error:
         settle("a cat", num_images=0)
-    assert str(error.value) == "num_images must be at least 1, got 0"
-    assert str(error.value.for_flags()) == "--num-images must be at least 1, got 0"
+    assert str(error.value) == "num_images must be a whole number between 1 and 10000, got 0"
+    assert str(error.value.for_flags()) == "--num-images must be a whole number between 1 and 10000, got 0"
 
 
 def test_callback_sees_every_step(sd):

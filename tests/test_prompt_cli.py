@@ -387,7 +387,7 @@ REFUSALS = {  # name: (arguments, fragments of the message); {name} is a path of
     "prompt_too_long": (["--prompt", LONG], ["--prompt is 2000 tokens long in 27 chunks of 75",
                                              "at most 16 chunks", "shorten it"]),
     "negative_prompt_too_long": (["--prompt", "x", "--negative-prompt", LONG], ["--negative-prompt is 2000 tokens"]),
-    "clip_skip_0": (["--prompt", "x", "--clip-skip", "0"], ["--clip-skip must be a whole number of at least 1, got 0"]),
+    "clip_skip_0": (["--prompt", "x", "--clip-skip", "0"], ["--clip-skip must be a whole number of at least 1 (and at most 48), got 0"]),
     "clip_skip_above_layers": (["--prompt", "x", "--clip-skip", str(LAYERS + 1)],
                                [f"--clip-skip must be a whole number between 1 and {LAYERS}, the text encoder's "
                                 f"layers, got {LAYERS + 1}"]),
