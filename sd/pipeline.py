@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from sd.attention import configure_attention
 from sd.checkpoint import StableDiffusionModels, load_checkpoint
 from sd.conditioning import Conditioning
+from sd.devices import check_memory
 from sd.embeddings import Embedding, check_name, check_width, read_embedding
 from sd.guidance import ClassifierFreeGuidance
 from sd.lora import LoRA, LoRAMerger, read_lora
@@ -275,6 +276,7 @@ class StableDiffusion:
         """
         s = settle(prompt, negative_prompt, image_size=self.models.image_size,
                    inpainting_model=self.models.is_inpainting, **settings)
+        check_memory(s.width, s.height, self.device, self.models.vae.dtype, tiled_decode, s.batch)
         generator = torch.Generator("cpu").manual_seed(s.seed)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
         check_clip_skip(s.clip_skip, self.clip_skip_limit)

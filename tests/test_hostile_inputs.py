@@ -1,17 +1,27 @@
 """Numbers held to their ranges (`sd.settings.RANGES`, `check_range`) on the three ways in: the library's
 arguments, the command line's flags and a PNG's parameters through --from-png. Every value of the family
 (NaN, inf, 1e308, huge and negative whole numbers, past either end, wrong types) is one SettingError or one
-`error:` line before any work: no model is loaded (the checkpoint named does not even exist)."""
+`error:` line before any work: no model is loaded (the checkpoint named does not even exist). The memory
+budget (`sd.devices.memory_budget`): the process's address-space limit and its cgroup's, not only the
+machine's free memory, and images made at once."""
 
 import math
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import run_demo
-from sd.errors import SettingError
+from sd import devices
+from sd.errors import InputError, SettingError
 from sd.outputs import write_png
+from sd.pipeline import StableDiffusion
 from sd.settings import MAX_SIDE, RANGES, check_hires, check_upscaled, settle
+from tests.tiny import write_tiny_checkpoint
 
 NON_FINITE = [math.nan, math.inf, -math.inf, 1e308, -1e308]
 HUGE_WHOLE = [2**70, -(2**70), 10**400, -(10**400)]
@@ -101,3 +111,43 @@ def test_a_png_s_parameters_out_of_range_are_refused(tmp_path, capsys, key, valu
     text = "a fox\n" + ", ".join(f"{k}: {v}" for k, v in line.items())
     png = write_png(Image.new("RGB", (8, 8)), tmp_path / "in.png", text, False)
     refused(capsys, ["--from-png", str(png)], "must be")
+
+
+# ---- the memory budget ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.safetensors"))
+
+
+def test_the_budget_is_the_process_s_address_space_limit():
+    """Under `ulimit -v` 8 GiB (far below the machine's free memory), 1536x1536 is refused before loading."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+    result = subprocess.run([sys.executable, "run_demo.py", "--checkpoint", "no-such-model.safetensors", "--prompt",
+                             "x", "--width", "1536", "--height", "1536", "--device", "cpu"], preexec_fn=limit,
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "1536x1536 needs about 9.7 GiB to decode but cpu has" in result.stderr and "free for this process" in result.stderr
+
+
+@pytest.mark.parametrize("limit, usage, budget", [("1073741824", "536870912", 2**29), ("max", "5", None),
+                                                  ("100", "200", 0), ("junk", "1", None)])
+def test_the_budget_is_the_cgroup_s_limit_minus_its_usage(tmp_path, monkeypatch, limit, usage, budget):
+    (tmp_path / "max").write_text(limit + "\n")
+    (tmp_path / "current").write_text(usage + "\n")
+    monkeypatch.setattr(devices, "CGROUP_FILES", ((str(tmp_path / "max"), str(tmp_path / "current")),))
+    assert devices.cgroup_left() == budget
+    if budget is not None:
+        assert devices.memory_budget(torch.device("cpu")) <= budget
+        with pytest.raises(InputError, match="1024x1024 needs about 4.3 GiB to decode but cpu has 0.[05] GiB free"):
+            devices.check_memory(1024, 1024, torch.device("cpu"), torch.float32, False)
+
+
+def test_the_library_refuses_more_images_at_once_than_memory_holds(tiny):
+    before = {key: value.clone() for key, value in tiny.models.unet.state_dict().items()}
+    with pytest.raises(InputError, match="10000 images of 512x512 needs about .* make fewer images at once"):
+        tiny.text_to_image("a fox", width=512, height=512, num_images=10_000, steps=1, progress=False)
+    with pytest.raises(SettingError, match="num_images must be a whole number between 1 and 10000, got 300000"):
+        tiny.text_to_image("a fox", num_images=300_000, steps=1, progress=False)
+    assert all(torch.equal(value, before[key]) for key, value in tiny.models.unet.state_dict().items())
