@@ -142,6 +142,16 @@ def is_finite_number(value) -> bool:
     return is_int(value) or isinstance(value, float) and math.isfinite(value)
 
 
+def check_argument(name: str, value, accepted: bool, what: str) -> None:
+    """A SettingError before any work if `accepted` is false: `name` must be `what`."""
+    if not accepted:
+        raise SettingError(lambda n: f"{n(name)} must be {what}, got {type(value).__name__} {value!r:.60}")
+
+
+def check_path(name: str, value) -> None:
+    check_argument(name, value, isinstance(value, (str, Path)) and str(value) != "", "the path of a file")
+
+
 def texts(name: str, value) -> list[str]:
     """A text or a non-empty list of texts, as a list."""
     values = [value] if isinstance(value, str) else value
@@ -230,9 +240,16 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
 
 
 def check_token_merging(value: float | TokenMerging | None) -> TokenMerging | None:
-    """A ratio (or a `TokenMerging`) checked; None (or ratio 0) for no merging."""
+    """A ratio (or a `TokenMerging`: its max_downsample and stride whole numbers from 1) checked; None (or
+    ratio 0) for no merging."""
     merging = value if isinstance(value, TokenMerging) else TokenMerging(value) if is_finite_number(value) else None
-    if value is not None and (merging is None or not 0.0 <= merging.ratio <= MAX_RATIO):
+    if isinstance(value, TokenMerging):
+        check_argument("token_merging", value, is_int(value.max_downsample) and value.max_downsample >= 1
+                       and isinstance(value.stride, tuple) and len(value.stride) == 2
+                       and all(is_int(side) and side >= 1 for side in value.stride),
+                       "a TokenMerging whose max_downsample and stride (rows, columns) are whole numbers from 1")
+    if value is not None and (merging is None or not is_finite_number(merging.ratio)
+                              or not 0.0 <= merging.ratio <= MAX_RATIO):
         raise SettingError(lambda n: f"{n('token_merging')} must be a share of the tokens between 0 and {MAX_RATIO}, "
                                      f"got {value!r}")
     return merging if merging is not None and merging.ratio > 0 else None
@@ -273,10 +290,14 @@ def check_invertible(image: Image.Image) -> None:
 
 
 def check_latents(latents, name: str, batch: int) -> torch.Tensor:
-    """Latents (4, h, w), (1, 4, h, w) or (batch, 4, h, w), finite, as (batch, 4, h, w) float32."""
-    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-        raise SettingError(lambda n: f"{n(name)} must be a float tensor (4, h, w) or (N, 4, h, w), got "
-                                     f"{type(latents).__name__}")
+    """Latents (4, h, w), (1, 4, h, w) or (batch, 4, h, w), finite, as (batch, 4, h, w) float32; a dense tensor
+    with values (not on the meta device)."""
+    if (not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.is_meta
+            or latents.layout != torch.strided):
+        kind = (f"a {latents.layout} {latents.dtype} tensor on {latents.device}" if isinstance(latents, torch.Tensor)
+                else f"a {type(latents).__name__}")
+        raise SettingError(lambda n: f"{n(name)} must be a dense float tensor (4, h, w) or (N, 4, h, w) with values, "
+                                     f"got {kind}")
     latents = latents[None] if latents.dim() == 3 else latents
     if latents.dim() != 4 or latents.shape[1] != 4 or latents.shape[0] not in (1, batch):
         raise SettingError(lambda n: f"{n(name)} must have the shape (4, h, w), (1, 4, h, w) or ({batch}, 4, h, w), "
