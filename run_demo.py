@@ -27,7 +27,8 @@ from sd.cli import CommandParser, note, run_command, shown
 from sd.devices import DTYPES, check_memory, pick_device, pick_dtype
 from sd.errors import CheckpointError, InputError, SettingError, checkpoint_not_found
 from sd.files import DATA_DIR
-from sd.flags import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER, MAX_IMAGES, Flags, read_embeddings, settle_flags
+from sd.flags import DEFAULT_HIRES_STRENGTH, DEFAULT_HIRES_UPSCALER, Flags, read_embeddings, settle_flags
+from sd.settings import MAX_IMAGES
 from sd.hashing import SHORT_HASH_DIGITS, file_sha256, model_hash
 from sd.lora import lora_tags
 from sd.outputs import check_output, default_output, output_paths, write_png

@@ -18,10 +18,9 @@ from sd.paths import exists, file_in, inside, readable_file
 from sd.prediction import prediction_name
 from sd.prompt import NUMBER, PromptParser, names_in
 from sd.samplers import DEFAULT_SAMPLER, make_sampler
-from sd.settings import MAX_SEED, VAE_FACTOR, Settings, check_hires, check_invertible, settle
+from sd.settings import MAX_SEED, Settings, check_hires, check_invertible, check_upscaled, settle
 from sd.tokenizer import CLIPTokenizer
 
-MAX_IMAGES = 10_000  # per run: each is named (and its name checked) before the first is made
 DEFAULT_HIRES_STRENGTH = 0.55
 DEFAULT_HIRES_UPSCALER = "latent"
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -68,9 +67,7 @@ class Flags:
     @property
     def final_size(self) -> tuple[int, int]:
         """The size of the images made: --width x --height, times --hires-scale (in whole latent pixels)."""
-        width, height = (int(side * (self.hires_scale or 1)) // VAE_FACTOR * VAE_FACTOR
-                         for side in (self.width, self.height))
-        return width, height
+        return check_upscaled(self.width, self.height, self.hires_scale or 1)
 
 
 def settle_flags(args: argparse.Namespace, stored: dict, image_size: int, lora_dir: Path) -> Flags:
@@ -95,10 +92,9 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int, lora_d
         prediction_name(flag["prediction"], "--prediction")
     given = {key: flag[key] for key in GENERATION_FLAGS if flag[key] is not None}
     inversion_size = {key: given[key] for key in ("width", "height") if key in given}
-    settings = settle(text, negative_text, image_size=image_size, **given)
-    if flag["num_images"] > MAX_IMAGES:
-        raise InputError(f"--num-images must be at most {MAX_IMAGES} in one run, got {flag['num_images']}; run again "
-                         f"for more")
+    settings = settle(text, negative_text, image_size=image_size, **given)  # num_images: at most MAX_IMAGES
+    if flag["hires_scale"] is not None:
+        check_upscaled(settings.width, settings.height, flag["hires_scale"])
     if settings.seed + flag["num_images"] - 1 > MAX_SEED:
         raise InputError(f"--seed {settings.seed} with --num-images {flag['num_images']} runs past 2**64-1 (image i "
                          f"uses seed+i-1); give a lower --seed")

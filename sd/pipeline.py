@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from sd.attention import configure_attention
 from sd.checkpoint import StableDiffusionModels, load_checkpoint
 from sd.conditioning import Conditioning
+from sd.devices import check_memory
 from sd.embeddings import Embedding, check_name, check_width, read_embedding
 from sd.guidance import ClassifierFreeGuidance
 from sd.lora import LoRA, LoRAMerger, read_lora
@@ -37,8 +38,8 @@ from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 # re-exported as the library's names: the defaults, `settle` and the checks it runs before loading
 from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, UPSCALERS,  # noqa: F401
-                         VAE_FACTOR, ImageInput, Settings, check_deep_cache_branch, check_hires, check_invertible,
-                         is_finite_number, settle)
+                         VAE_FACTOR, ImageInput, Settings, check_argument, check_deep_cache_branch, check_hires,
+                         check_invertible, check_path, check_upscaled, is_finite_number, is_int, settle)
 from sd.tokenizer import CLIPTokenizer
 from sd.unet import DeepCache, Speedups
 
@@ -75,6 +76,12 @@ def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> None:
         raise GenerationError(f"the {what} contain NaN or inf values, {cause}")
 
 
+def check_flags(**flags) -> None:
+    """Arguments that are True or False."""
+    for name, value in flags.items():
+        check_argument(name, value, isinstance(value, bool), "True or False")
+
+
 def compiler_missing(device: torch.device) -> str | None:
     """Why `torch.compile` cannot run on `device`, found by compiling a one-line function; None if it can."""
     try:
@@ -103,12 +110,19 @@ class StableDiffusion:
                         use_ema: bool = True, prediction: str | None = None) -> "StableDiffusion":
         """The model of an SD 1.x or 2.x checkpoint file; `prediction` "v" or "epsilon" overrides what the file
         says its UNet predicts (`sd.prediction`; the rule that decided is `models.prediction_rule`)."""
+        check_path("path", path)
+        check_argument("dtype", dtype, dtype in (torch.float32, torch.bfloat16, torch.float16),
+                       "torch.float32, torch.bfloat16 or torch.float16")
+        check_flags(use_ema=use_ema)
         return cls(load_checkpoint(path, device=device, dtype=dtype, use_ema=use_ema, prediction=prediction))
 
     def configure_attention(self, *, query_slice: int | None = None, fused: bool = True) -> None:
         """Attention of all three networks: sliced to `query_slice` query positions at a time (bounds the
         memory of attention kernels that hold the score matrix), and torch's fused kernel or the formula
         written out (`sd.attention.plain_attention`)."""
+        check_argument("query_slice", query_slice, query_slice is None or is_int(query_slice) and query_slice >= 1,
+                       "None or a whole number of query positions, at least 1")
+        check_argument("fused", fused, isinstance(fused, bool), "True or False")
         for net in (self.models.clip, self.models.unet, self.models.vae):
             configure_attention(net, query_slice=query_slice, fused=fused)
 
@@ -130,12 +144,15 @@ class StableDiffusion:
     def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
         """Load a textual-inversion embedding (AUTOMATIC1111, kohya or diffusers file): prompts then use it
         by `token`, by default the token the file names, else the file's name. Returns it."""
+        check_path("path", path)
+        check_argument("token", token, token is None or isinstance(token, str) and token != "", "None or a text")
         return self.add_embedding(read_embedding(path, token))
 
     def load_lora(self, path: str | Path, weight: float = 1.0) -> LoRA:
         """Merge a LoRA file (kohya's or diffusers/PEFT's layout) into the weights, scaled by `weight`;
         several LoRAs add up. Layers of the file that this model lacks are named in a warning. A file that
         does not fit is refused before any weight changes. Returns the LoRA read."""
+        check_path("path", path)
         if not is_finite_number(weight):
             raise SettingError(lambda n: f"the weight of LoRA {path} must be a finite number, got {weight!r}")
         lora = read_lora(path, self.models)
@@ -194,12 +211,15 @@ class StableDiffusion:
         new size, from fresh noise of the same seed, in `hires_steps` steps (default: `steps`). The
         upscaler: "latent" (bilinear in latent space, as AUTOMATIC1111's "Latent") or "lanczos" (decode,
         Lanczos, encode). Options: those of `generate` but image, mask and latents."""
+        check_flags(tiled_decode=tiled_decode)
         sampler = options.get("sampler", DEFAULT_SAMPLER)
+        check_argument("sampler", sampler, isinstance(sampler, (str, Sampler)), "a sampler's name or a Sampler")
         check_hires(scale=hires_scale, strength=hires_strength, steps=hires_steps, upscaler=hires_upscaler,
                     max_steps=(make_sampler(sampler) if isinstance(sampler, str) else sampler).max_steps)
         if hires_upscaler == "lanczos" and (not isinstance(prompt, str) or options.get("num_images", 1) != 1):
             raise SettingError(lambda n: f"{n('hires_upscaler')} lanczos redraws one image at a time; make one image "
                                          f"per call, or use the latent upscaler")
+        check_upscaled(*(options.get(side) or self.models.image_size for side in ("width", "height")), hires_scale)
         options.setdefault("seed", random.randrange(2**32))
         base = self.generate(prompt, negative_prompt, output_type="latent", **options)  # (B, 4, h, w)
         h, w = (int(side * VAE_FACTOR * hires_scale) // VAE_FACTOR for side in base.shape[2:])  # rounded down
@@ -223,6 +243,7 @@ class StableDiffusion:
         latent mean (no randomness); its sides must be multiples of 8 unless width and height are given."""
         if not isinstance(prompt, str):
             raise SettingError(lambda n: f"{n('prompt')} of an inversion must be one text, got {prompt!r:.60}")
+        check_flags(progress=progress)
         s = settle(prompt, negative_prompt, image=image, steps=steps, guidance_scale=guidance_scale,
                    sampler=DDIMInverseSampler(), width=width, height=height, clip_skip=clip_skip,
                    image_size=self.models.image_size, inpainting_model=self.models.is_inpainting)
@@ -272,8 +293,12 @@ class StableDiffusion:
             images; callback: called after every step with (step index, timestep, latents, predicted x0).
         Random numbers come from a CPU generator seeded with `seed`, drawn in diffusers' order.
         """
+        check_argument("callback", callback, callback is None or callable(callback),
+                       "None or a function (step, timestep, latents, predicted x0)")
+        check_flags(progress=progress, tiled_decode=tiled_decode)
         s = settle(prompt, negative_prompt, image_size=self.models.image_size,
                    inpainting_model=self.models.is_inpainting, **settings)
+        check_memory(s.width, s.height, self.device, self.models.vae.dtype, tiled_decode, s.batch)
         generator = torch.Generator("cpu").manual_seed(s.seed)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
         check_clip_skip(s.clip_skip, self.clip_skip_limit)

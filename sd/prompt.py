@@ -35,13 +35,15 @@ from sd.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, MAX_PROMPT_TOKENS, CLIP
 ROUND_FACTOR = 1.1  # (text)
 SQUARE_FACTOR = 1 / 1.1  # [text]
 COMMA_BACKTRACK = 20  # a full chunk hands on the words after a comma this close to its end
+MAX_WEIGHT = 100  # of a run, nesting multiplied: beyond it CLIP's outputs overflow rather than steer
+MAX_CLIP_SKIP = 48  # before the text encoder is known: more layers than any has
 MAX_CHUNKS = 16  # 1200 tokens: longer prompts are refused rather than encoded without bound
 BREAK = None  # the run that stands for BREAK in a parsed prompt
 
 _SYNTAX = re.compile(r"""
       \\(?P<escaped>[()\[\]\\]?)            # an escaped bracket or backslash (a lone backslash is dropped)
     | (?P<open>[(\[])
-    | :\s*(?P<weight>[^\s()\[\]:\\]*)\s*\)  # (text:weight)
+    | :\s*(?P<weight>[+-]?[.\d]+)\s*\)      # (text:weight); "(time: dusk)" is text, as in AUTOMATIC1111
     | (?P<close>[)\]])
     | (?P<text>[^\\()\[\]:]+|:)
 """, re.VERBOSE)
@@ -65,7 +67,7 @@ def parse_emphasis(prompt: str, what: str = "prompt") -> list[Run]:
 
     for m in _SYNTAX.finditer(prompt):
         if m["weight"] is not None and opened["("]:
-            if not NUMBER.fullmatch(m["weight"]):
+            if not NUMBER.fullmatch(m["weight"]):  # "1.2.3": digits and dots that AUTOMATIC1111 cannot read either
                 raise SettingError(lambda n, w=m["weight"]: f"{n(what)} has (...:{w}), whose weight {w!r} is not "
                                    f"a number; write (text:1.2), or \\( \\) for brackets in the text")
             scale_from(opened["("].pop(), float(m["weight"]))
@@ -80,6 +82,7 @@ def parse_emphasis(prompt: str, what: str = "prompt") -> list[Run]:
     for bracket, factor in (("(", ROUND_FACTOR), ("[", SQUARE_FACTOR)):  # close what is still open
         for start in opened[bracket]:
             scale_from(start, factor)
+    check_weights(runs, what)
     merged: list[list] = []
     for run in runs or [["", 1.0]]:
         if merged and run[0] is not None and merged[-1][0] is not None and merged[-1][1] == run[1]:
@@ -87,6 +90,14 @@ def parse_emphasis(prompt: str, what: str = "prompt") -> list[Run]:
         else:
             merged.append(run)
     return [BREAK if text is None else (text, weight) for text, weight in merged]
+
+
+def check_weights(runs: list[list], what: str) -> None:
+    """Every run's weight, nesting multiplied, within MAX_WEIGHT either way."""
+    for text, weight in runs:
+        if text is not None and not abs(weight) <= MAX_WEIGHT:
+            raise SettingError(lambda n: f"{n(what)} gives {text!r:.40} the weight {weight:.4g}, beyond +-{MAX_WEIGHT}; "
+                               f"write a smaller (text:weight) or fewer nested brackets")
 
 
 @dataclass
@@ -283,7 +294,8 @@ def encode(stack: Sequence[TextEncoder], prompts: list[ParsedPrompt],
 
 def check_clip_skip(clip_skip, layers: int | None = None) -> None:
     """clip_skip: a whole number from 1 (CLIP's last layer, the normal output) to the number of layers."""
-    top = layers if layers is not None else math.inf
+    top = layers if layers is not None else MAX_CLIP_SKIP
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 1 <= clip_skip <= top:
-        bound = f"between 1 and {layers}, the text encoder's layers" if layers is not None else "of at least 1"
+        bound = (f"between 1 and {layers}, the text encoder's layers" if layers is not None
+                 else f"of at least 1 (and at most {MAX_CLIP_SKIP})")
         raise SettingError(lambda n: f"{n('clip_skip')} must be a whole number {bound}, got {clip_skip!r}")

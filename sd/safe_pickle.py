@@ -16,8 +16,11 @@ first):
   never imports the module.
 It also refuses BUILD (set attributes) on a class or function, which would patch torch itself. So
 the only code that can run is what torch's weights_only mode trusts. And a pickle cannot make the
-loader allocate more than the file could hold: the builtin constructors that take a length
-(`bytearray(n)`, `list(range(n))`, ...) refuse one larger than the file's size in bytes.
+loader allocate more than the file could hold: every length the stream gives is refused when larger than
+the file's size in bytes: those of the builtin constructors (`bytearray(n)`, `list(range(n))`, ...), of
+BYTEARRAY8 (which allocates before it reads) and the element count of a storage (which the legacy format
+allocates before reading its data); the reads of BINBYTES8, BINUNICODE8, LONG4 and FRAME read at most the
+file's size.
 """
 
 import _compat_pickle
@@ -26,6 +29,7 @@ import contextvars
 import functools
 import os
 import pickle
+import struct
 import types
 import zipfile
 
@@ -104,17 +108,31 @@ def _reconstructor(cls, base, state):
     return cls() if state is None else cls(state)
 
 
+def _check_length(n, what: str) -> None:
+    """Refuse a length `n` (of items or bytes) that the stream gives, if larger than the file being loaded."""
+    limit = _file_size.get()
+    if isinstance(n, int) and n > limit:
+        raise _Refused(f"asks for a {what} of {n} items, more than its {limit} bytes could hold")
+
+
 def _bounded(constructor: type):
     """`constructor`, refusing an int or range argument larger than the file being loaded."""
     def build(*args):
-        limit = _file_size.get()
         for arg in args:
-            n = arg if isinstance(arg, int) else len(arg) if isinstance(arg, range) else 0
-            if n > limit:
-                raise _Refused(f"asks for a {constructor.__name__} of {n} items, more than its {limit} bytes "
-                               f"could hold")
+            _check_length(len(arg) if isinstance(arg, range) else arg, constructor.__name__)
         return constructor(*args)
     return build
+
+
+def _bounded_read(read, n: int) -> bytes:
+    """`read(n)` of the file, reading at most the file's size (a file object allocates n before it reads):
+    a longer read comes back short, which the unpickler reports as a truncated file."""
+    return read(min(n, _file_size.get()))
+
+
+def _is_storage(pid) -> bool:
+    """A persistent id ("storage", type, key, location, numel, ...), as torch.save writes for each storage."""
+    return isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")
 
 
 _ALLOWED_GLOBALS = {
@@ -125,6 +143,10 @@ _ALLOWED_GLOBALS = {
 
 
 class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so BUILD can be checked
+    def __init__(self, file, **kwargs):
+        super().__init__(file, **kwargs)
+        self._file_read = functools.partial(_bounded_read, file.read)  # BINBYTES8, BINUNICODE8, LONG4, FRAME
+
     def find_class(self, module, name):
         # What pickle.Unpickler.find_class does for Python 2 names (torch.save writes protocol 2).
         if (module, name) in _compat_pickle.NAME_MAPPING:
@@ -149,7 +171,20 @@ class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python unpickler, so 
                            f"how this program runs")
         super().load_build()
 
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+    def load_bytearray8(self):
+        # BYTEARRAY8 allocates its length before it reads: a few bytes could ask for gigabytes.
+        n, = struct.unpack("<Q", self.read(8))
+        _check_length(n, "bytearray")
+        self.append(bytearray(self.read(n)))
+
+    def load_binpersid(self):
+        # The legacy format allocates a storage's numel elements before it reads their data.
+        if _is_storage(self.stack[-1]):
+            _check_length(self.stack[-1][4], "storage")
+        super().load_binpersid()
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build,
+                pickle.BYTEARRAY8[0]: load_bytearray8, pickle.BINPERSID[0]: load_binpersid}
 
 
 # torch.load wants a pickle module: it subclasses `.Unpickler` (its find_class maps storage types

@@ -7,7 +7,7 @@ are opened here (`open_image`), so an unreadable file is refused before any work
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,53 @@ DEFAULT_GUIDANCE = 7.5
 OUTPUT_TYPES = ("pil", "np", "latent")
 UPSCALERS = ("latent", "lanczos")  # of hires_fix
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
+MAX_SIDE = 16384  # pixels, each way: a tiled decode's memory is bounded, not the UNet's
+MAX_IMAGES = 10_000  # per call or run
+MAX_GUIDANCE = 100  # beyond it, guidance overflows rather than steers
+MAX_HIRES_SCALE = 8
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a numeric setting must lie; `says` how the message puts it."""
+
+    low: float
+    high: float
+    whole: bool = False  # an int (not a bool)
+    above: bool = False  # `low` itself excluded
+    multiple: int = 1  # of a whole number
+    text: str = ""  # the range in words, else "[a whole number] between LOW and HIGH"
+
+    def holds(self, value) -> bool:
+        if not (is_int(value) if self.whole else is_finite_number(value)):
+            return False
+        return (value > self.low if self.above else value >= self.low) and value <= self.high and (
+            not self.whole or value % self.multiple == 0)
+
+    def says(self) -> str:
+        return self.text or f"{'a whole number ' * self.whole}between {self.low} and {self.high}"
+
+
+STEPS = Range(1, 1000, whole=True)  # the most any sampler takes (its `max_steps` may be fewer)
+SIDE = Range(VAE_FACTOR, MAX_SIDE, whole=True, multiple=VAE_FACTOR, text=f"a positive multiple of {VAE_FACTOR} up to {MAX_SIDE}")
+RANGES = {  # every numeric setting of a generation, of the hires fix, of the command line and of a PNG's parameters
+    "strength": Range(0, 1), "guidance_scale": Range(-MAX_GUIDANCE, MAX_GUIDANCE), "steps": STEPS,
+    "seed": Range(0, MAX_SEED, whole=True, text="between 0 and 2**64-1"),
+    "width": SIDE, "height": SIDE, "num_images": Range(1, MAX_IMAGES, whole=True),
+    "deep_cache": Range(1, STEPS.high, whole=True, text=f"a whole number of steps, at least 1 (1: no reuse) and "
+                                                        f"at most {STEPS.high}"),
+    "deep_cache_branch": Range(0, 100, whole=True),
+    "hires_scale": Range(1, MAX_HIRES_SCALE, above=True, text=f"a number above 1, at most {MAX_HIRES_SCALE}"),
+    "hires_strength": Range(0, 1), "hires_steps": STEPS,
+}
+
+
+def check_range(name: str, value, high: float | None = None) -> None:
+    """`value` of the setting `name` within its row of RANGES (up to `high` if given: a sampler's own
+    most steps); a SettingError before any work if not."""
+    bounds = RANGES[name] if high is None else replace(RANGES[name], high=high)
+    if not bounds.holds(value):
+        raise SettingError(lambda n: f"{n(name)} must be {bounds.says()}, got {value!r:.60}")
 
 ImageInput = Image.Image | str | Path
 
@@ -90,8 +137,18 @@ def is_int(value) -> bool:
 
 
 def is_finite_number(value) -> bool:
-    """An int or float (not a bool) that is neither infinite nor NaN."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """An int or float (not a bool) that is neither infinite nor NaN (an int of any size is finite)."""
+    return is_int(value) or isinstance(value, float) and math.isfinite(value)
+
+
+def check_argument(name: str, value, accepted: bool, what: str) -> None:
+    """A SettingError before any work if `accepted` is false: `name` must be `what`."""
+    if not accepted:
+        raise SettingError(lambda n: f"{n(name)} must be {what}, got {type(value).__name__} {value!r:.60}")
+
+
+def check_path(name: str, value) -> None:
+    check_argument(name, value, isinstance(value, (str, Path)) and str(value) != "", "the path of a file")
 
 
 def texts(name: str, value) -> list[str]:
@@ -126,12 +183,9 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     for name, text in [("prompt", p) for p in prompts] + [("negative_prompt", p) for p in negatives]:
         parse_emphasis(text, name)  # a malformed weight is refused before any work
     check_clip_skip(clip_skip)
-    if deep_cache is not None and (not is_int(deep_cache) or deep_cache < 1):
-        raise SettingError(lambda n: f"{n('deep_cache')} must be a whole number of steps, at least 1 (1: no "
-                                     f"reuse), got {deep_cache!r}")
-    if not is_int(deep_cache_branch) or deep_cache_branch < 0:
-        raise SettingError(lambda n: f"{n('deep_cache_branch')} must be a whole number, at least 0, got "
-                                     f"{deep_cache_branch!r}")
+    if deep_cache is not None:
+        check_range("deep_cache", deep_cache)
+    check_range("deep_cache_branch", deep_cache_branch)
     token_merging = check_token_merging(token_merging)
     for name, value in (("image", image), ("mask", mask)):
         if value is not None and not isinstance(value, (Image.Image, str, Path)):
@@ -139,8 +193,7 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
                                          f"{type(value).__name__}")
     if not isinstance(sampler, (str, Sampler)):
         raise SettingError(lambda n: f"{n('sampler')} must be a sampler's name or a Sampler, got {sampler!r}")
-    if not is_finite_number(guidance_scale):
-        raise SettingError(lambda n: f"{n('guidance_scale')} must be a finite number, got {guidance_scale!r}")
+    check_range("guidance_scale", guidance_scale)
     if len(negatives) != len(prompts):
         raise SettingError(lambda n: f"got {len(negatives)} values of {n('negative_prompt')} for {len(prompts)} "
                                      f"prompts; give one each")
@@ -157,17 +210,12 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     if inpainting_model and mask is None:
         raise SettingError(lambda n: f"this is an inpainting checkpoint: give {n('image')} and {n('mask')}")
     strength = (0.75 if mask is None else 1.0) if strength is None else strength  # with neither image: unused
-    if not is_finite_number(strength) or not 0.0 <= strength <= 1.0:
-        raise SettingError(lambda n: f"{n('strength')} must be between 0 and 1, got {strength!r}")
+    check_range("strength", strength)
     sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
-    max_steps = sampler.max_steps  # no run has more steps than training had timesteps (lcm: 50)
-    if not is_int(steps) or not 1 <= steps <= max_steps:
-        raise SettingError(lambda n: f"{n('steps')} must be a whole number between 1 and {max_steps}, got {steps!r}")
-    if not is_int(num_images) or num_images < 1:
-        raise SettingError(lambda n: f"{n('num_images')} must be at least 1, got {num_images!r}")
+    check_range("steps", steps, sampler.max_steps)  # no run has more steps than training had timesteps (lcm: 50)
+    check_range("num_images", num_images)
     seed = random.randrange(2**32) if seed is None else seed
-    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise SettingError(lambda n: f"{n('seed')} must be between 0 and 2**64-1, got {seed!r}")
+    check_range("seed", seed)
     if output_type not in OUTPUT_TYPES:
         raise SettingError(lambda n: f"{n('output_type')} must be one of {', '.join(OUTPUT_TYPES)}, "
                                      f"got {output_type!r}")
@@ -182,8 +230,7 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
         if given and value not in (None, own):
             raise SettingError(lambda n: f"{n(name)} {value} is not that of the latents, {own}; leave it out")
         value = own if value is None else value
-        if not is_int(value) or value < VAE_FACTOR or value % VAE_FACTOR:
-            raise SettingError(lambda n: f"{n(name)} must be a positive multiple of {VAE_FACTOR}, got {value!r}")
+        check_range(name, value)
         size[name] = value
     return Settings(prompts=prompts, negatives=negatives, image=image, mask=mask, strength=strength, steps=steps,
                     guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
@@ -192,9 +239,16 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
 
 
 def check_token_merging(value: float | TokenMerging | None) -> TokenMerging | None:
-    """A ratio (or a `TokenMerging`) checked; None (or ratio 0) for no merging."""
+    """A ratio (or a `TokenMerging`: its max_downsample and stride whole numbers from 1) checked; None (or
+    ratio 0) for no merging."""
     merging = value if isinstance(value, TokenMerging) else TokenMerging(value) if is_finite_number(value) else None
-    if value is not None and (merging is None or not 0.0 <= merging.ratio <= MAX_RATIO):
+    if isinstance(value, TokenMerging):
+        check_argument("token_merging", value, is_int(value.max_downsample) and value.max_downsample >= 1
+                       and isinstance(value.stride, tuple) and len(value.stride) == 2
+                       and all(is_int(side) and side >= 1 for side in value.stride),
+                       "a TokenMerging whose max_downsample and stride (rows, columns) are whole numbers from 1")
+    if value is not None and (merging is None or not is_finite_number(merging.ratio)
+                              or not 0.0 <= merging.ratio <= MAX_RATIO):
         raise SettingError(lambda n: f"{n('token_merging')} must be a share of the tokens between 0 and {MAX_RATIO}, "
                                      f"got {value!r}")
     return merging if merging is not None and merging.ratio > 0 else None
@@ -202,15 +256,21 @@ def check_token_merging(value: float | TokenMerging | None) -> TokenMerging | No
 
 def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
     """The settings of `StableDiffusion.hires_fix`, before its first pass."""
-    if not is_finite_number(scale) or scale <= 1:
-        raise SettingError(lambda n: f"{n('hires_scale')} must be a number above 1, got {scale!r}")
-    if not is_finite_number(strength) or not 0 <= strength <= 1:
-        raise SettingError(lambda n: f"{n('hires_strength')} must be between 0 and 1, got {strength!r}")
-    if steps is not None and (not is_int(steps) or not 1 <= steps <= max_steps):
-        raise SettingError(lambda n: f"{n('hires_steps')} must be a whole number between 1 and {max_steps}, got "
-                                     f"{steps!r}")
+    check_range("hires_scale", scale)
+    check_range("hires_strength", strength)
+    if steps is not None:
+        check_range("hires_steps", steps, max_steps)
     if upscaler not in UPSCALERS:
         raise SettingError(lambda n: f"{n('hires_upscaler')} must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
+
+
+def check_upscaled(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The size the hires fix upscales width x height to (whole latent pixels), refused above MAX_SIDE."""
+    final = tuple(int(side * scale) // VAE_FACTOR * VAE_FACTOR for side in (width, height))
+    if max(final) > MAX_SIDE:
+        raise SettingError(lambda n: f"{n('hires_scale')} {scale} upscales {width}x{height} to {final[0]}x{final[1]}, "
+                                     f"above {MAX_SIDE} a side; lower it, or {n('width')} and {n('height')}")
+    return final
 
 
 def check_deep_cache_branch(branch: int, unet) -> None:
@@ -229,10 +289,14 @@ def check_invertible(image: Image.Image) -> None:
 
 
 def check_latents(latents, name: str, batch: int) -> torch.Tensor:
-    """Latents (4, h, w), (1, 4, h, w) or (batch, 4, h, w), finite, as (batch, 4, h, w) float32."""
-    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
-        raise SettingError(lambda n: f"{n(name)} must be a float tensor (4, h, w) or (N, 4, h, w), got "
-                                     f"{type(latents).__name__}")
+    """Latents (4, h, w), (1, 4, h, w) or (batch, 4, h, w), finite, as (batch, 4, h, w) float32; a dense tensor
+    with values (not on the meta device)."""
+    if (not isinstance(latents, torch.Tensor) or not latents.is_floating_point() or latents.is_meta
+            or latents.layout != torch.strided):
+        kind = (f"a {latents.layout} {latents.dtype} tensor on {latents.device}" if isinstance(latents, torch.Tensor)
+                else f"a {type(latents).__name__}")
+        raise SettingError(lambda n: f"{n(name)} must be a dense float tensor (4, h, w) or (N, 4, h, w) with values, "
+                                     f"got {kind}")
     latents = latents[None] if latents.dim() == 3 else latents
     if latents.dim() != 4 or latents.shape[1] != 4 or latents.shape[0] not in (1, batch):
         raise SettingError(lambda n: f"{n(name)} must have the shape (4, h, w), (1, 4, h, w) or ({batch}, 4, h, w), "

@@ -64,16 +64,20 @@ def channels(index: torch.Tensor, c: int) -> torch.Tensor:
 def bipartite_soft_matching(metric: torch.Tensor, h: int, w: int, stride: tuple[int, int], r: int) -> TokenMerge:
     """Merge r of the source tokens of `metric` (B, h*w, C) into destinations: the top-left token of each
     whole stride cell is a destination, all others are sources. Each source's most similar destination
-    (cosine similarity) is its partner; the r sources closest to their partners merge."""
+    (cosine similarity) is its partner; the r sources closest to their partners merge. A grid with no
+    whole cell (a side below the stride) merges nothing."""
     sy, sx = stride
     is_src = torch.ones(h, w, dtype=torch.bool, device=metric.device)
     is_src[: h // sy * sy: sy, : w // sx * sx: sx] = False  # a grid that does not divide keeps its rim as sources
     n_dst = (h // sy) * (w // sx)
     dst, src = is_src.flatten().int().argsort(stable=True).split([n_dst, h * w - n_dst])  # (n_dst,), (n_src,)
+    r = min(r, len(src)) if n_dst else 0  # a grid smaller than one cell has no destination: nothing merges
+    if r <= 0:
+        none = src[None, :0].expand(len(metric), -1)  # (B, 0)
+        return TokenMerge(dst=dst, kept=src[None].expand(len(metric), -1), merged=none, into=none)
     unit = metric / metric.norm(dim=-1, keepdim=True)  # (B, N, C)
     scores = unit[:, src] @ unit[:, dst].transpose(1, 2)  # (B, n_src, n_dst)
     best, partner = scores.max(dim=-1)  # (B, n_src)
     order = best.argsort(dim=-1, descending=True)  # (B, n_src): the most redundant sources first
-    r = min(r, len(src))
     return TokenMerge(dst=dst, kept=src[order[:, r:]], merged=src[order[:, :r]],
                       into=partner.gather(1, order[:, :r]))

@@ -4,6 +4,7 @@ every row of its table and their combinations; texts in AUTOMATIC1111's form (bu
 JSON-quoted) read as the values they state, unknown keys ignored; the exact line written for each mode; and
 texts without a settings line refused."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,24 @@ def test_a_png_written_with_its_parameters_reads_back(tmp_path):
     Image.new("RGB", (8, 8)).save(folder / "plain.png")
     with pytest.raises(InputError, match="holds no generation parameters that python run_demo.py can read"):
         run_demo.read_parameters(folder / "plain.png")
+
+
+MEGABYTE = 1_000_000
+PATHOLOGICAL = {  # settings lines that a backtracking pattern takes quadratic time on, each 1 MB
+    "no colon": "a" * MEGABYTE, "words": "ab cd-ef/" * (MEGABYTE // 9), "tabs": "\t" * MEGABYTE,
+    "spaces": " " * MEGABYTE, "colons": "a:" * (MEGABYTE // 2), "commas": "a," * (MEGABYTE // 2),
+    "unclosed quotes": 'a:"' * (MEGABYTE // 3), "backslashes": 'a:"' + "\\" * MEGABYTE,
+    "quoted values": 'Steps:"x, ' * (MEGABYTE // 10), "punctuation": "a!" * (MEGABYTE // 2),
+    "long value": "Size: 8x8, Model: " + "x" * MEGABYTE, "comma spaces": ", " * (MEGABYTE // 2),
+    "non-ASCII": "\u00e9\u2603 " * (MEGABYTE // 3),
+}
+
+
+@pytest.mark.parametrize("case", PATHOLOGICAL)
+def test_the_settings_line_is_read_in_linear_time(case, tmp_path):
+    start = time.perf_counter()
+    try:
+        parse_parameters("a fox\n" + PATHOLOGICAL[case], tmp_path)
+    except ValueError:
+        pass
+    assert time.perf_counter() - start < 5  # a quadratic reader takes hours on 1 MB

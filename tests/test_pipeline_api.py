@@ -11,6 +11,7 @@ from sd.errors import InputError, SettingError
 from sd.guidance import ClassifierFreeGuidance
 from sd.pipeline import StableDiffusion, settle
 from sd.samplers import NoiseSchedule, make_sampler
+from sd.token_merging import TokenMerging
 from tests.conftest import rel_err
 from tests.tiny import write_tiny_checkpoint
 
@@ -156,8 +157,8 @@ def test_bad_arguments_raise_input_error(sd, options, message):
     (dict(negative_prompt=[1]), "negative_prompt must be a text or a non-empty list of texts"),
     (dict(negative_prompt="caf\udce9"), "negative_prompt holds characters that are not valid Unicode"),
     (dict(sampler=None), "sampler must be a sampler's name or a Sampler, got None"),
-    (dict(guidance_scale="7"), "guidance_scale must be a finite number, got '7'"),
-    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+    (dict(guidance_scale="7"), "guidance_scale must be between -100 and 100, got '7'"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be between -100 and 100, got nan"),
     (dict(image=np.zeros((64, 64, 3), np.uint8)), "image must be a PIL image or the path of an image file, got a "
                                                   "ndarray"),
     (dict(image=Image.new("RGB", (8, 8)), strength="0.5"), "strength must be between 0 and 1, got '0.5'"),
@@ -186,8 +187,8 @@ def test_settings_are_checked_without_weights():
     assert settle("a", image=Image.new("RGB", (64, 64)), mask=Image.new("L", (64, 64))).strength == 1.0
     with pytest.raises(SettingError) as error:
         settle("a cat", num_images=0)
-    assert str(error.value) == "num_images must be at least 1, got 0"
-    assert str(error.value.for_flags()) == "--num-images must be at least 1, got 0"
+    assert str(error.value) == "num_images must be a whole number between 1 and 10000, got 0"
+    assert str(error.value.for_flags()) == "--num-images must be a whole number between 1 and 10000, got 0"
 
 
 def test_callback_sees_every_step(sd):
@@ -211,3 +212,53 @@ def test_fp16_vae_overflow_falls_back_to_fp32_for_that_decode_only(sd, monkeypat
         assert np.isfinite(images).all() and vae.dtype == torch.float16
     finally:
         vae.float()
+
+
+# ---- every public method's arguments, checked before any work ------------------------------------------
+
+META, SPARSE = torch.zeros(1, 4, 6, 8, device="meta"), torch.zeros(1, 4, 6, 8).to_sparse()
+NOT_BOOLS = [1, 0, "yes", None, 1.0]
+# (method, argument, the other arguments it needs): bad values of that argument
+# (method, argument): bad values of that argument
+BAD_API_ARGUMENTS = {
+    ("generate", "callback"): [123, "print", object()],
+    ("generate", "progress"): NOT_BOOLS,
+    ("generate", "tiled_decode"): NOT_BOOLS,
+    ("generate", "latents"): [META, SPARSE, torch.zeros(1, 4, 6, 8, dtype=torch.complex64), torch.zeros(4, 0, 8),
+                                  torch.zeros(1, 4, 6, 8, dtype=torch.int64), torch.full((1, 4, 6, 8), float("nan"))],
+    ("generate", "image_latents"): [META, SPARSE, torch.zeros(1, 4, 6, 8, dtype=torch.complex64)],
+    ("generate", "token_merging"): [TokenMerging(0.5, max_downsample=0), TokenMerging(0.5, stride=(0, 2)),
+                                        TokenMerging(0.5, stride=(2,)), TokenMerging(float("nan")), TokenMerging(2.0)],
+    ("generate", "guidance_scale"): [1e30, -1e30, float("inf")],
+    ("hires_fix", "hires_scale"): [1e308, float("inf"), 1.0, 9],
+    ("hires_fix", "tiled_decode"): NOT_BOOLS,
+    ("hires_fix", "sampler"): [123, None],
+    ("invert", "progress"): NOT_BOOLS,
+    ("configure_attention", "query_slice"): [0, -1, 1.5, "8", True],
+    ("configure_attention", "fused"): NOT_BOOLS,
+    ("load_lora", "path"): [123, None, b"x.safetensors", ""],
+    ("load_embedding", "path"): [123, None, ""],
+    ("load_embedding", "token"): [123, b"x", ""],
+}
+NEEDS = {("invert", "progress"): {"image": Image.new("RGB", (64, 48))}, ("load_embedding", "token"): {"path": "x.pt"}}
+API_CASES = [(method, name, value) for (method, name), values in BAD_API_ARGUMENTS.items() for value in values]
+
+
+@pytest.mark.parametrize("method, name, value", API_CASES, ids=[f"{m}-{n}-{i}" for i, (m, n, _) in enumerate(API_CASES)])
+def test_every_bad_argument_is_refused_before_any_work(sd, monkeypatch, method, name, value):
+    calls, before = [], {key: value.clone() for key, value in sd.models.unet.state_dict().items()}
+    monkeypatch.setattr(sd.models.unet, "forward", lambda *args, **kwargs: calls.append(1))
+    options = {**SMALL, "prompt": "a cat"} if method in ("generate", "hires_fix") else {}
+    if method == "invert":
+        options = {"progress": False, "steps": 2}
+    with pytest.raises(SettingError, match=name):
+        getattr(sd, method)(**{**options, **NEEDS.get((method, name), {}), name: value})
+    assert calls == [] and all(torch.equal(v, before[k]) for k, v in sd.models.unet.state_dict().items())
+    assert all(layer.query_slice is None for layer in sd.models.unet.modules() if hasattr(layer, "query_slice"))
+
+
+@pytest.mark.parametrize("name, value", [("path", 123), ("dtype", "fp16"), ("dtype", torch.int8), ("use_ema", "no")])
+def test_from_checkpoint_checks_its_arguments(tmp_path, name, value):
+    arguments = {"path": write_tiny_checkpoint(tmp_path / "tiny.safetensors"), name: value}
+    with pytest.raises(SettingError, match=name):
+        StableDiffusion.from_checkpoint(**arguments)

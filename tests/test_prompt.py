@@ -53,17 +53,39 @@ OUR_CASES = {
     "(a BREAK b)": [("a", 1.1), BREAK, ("b", 1.1)],
     "BREAKFAST": [("BREAKFAST", 1.0)],
     "(a)(b)[c]": [("ab", 1.1), ("c", 1 / 1.1)],
+    "(x:100) (y:-100)": [("x", 100.0), (" ", 1.0), ("y", -100.0)],
+}
+# AUTOMATIC1111's documented rule, not computed by it: a weight is only `:` then digits and dots before the
+# `)`; any other `:` is text, and the bracket is (text), weight 1.1.
+TEXT_COLONS = {
+    "(time: dusk)": [("time: dusk", 1.1)],
+    "(style: watercolor), a fox": [("style: watercolor", 1.1), (", a fox", 1.0)],
+    "(x:abc)": [("x:abc", 1.1)],
+    "(x:)": [("x:", 1.1)],
+    "(best:1,2)": [("best:1,2", 1.1)],
+    "(x:1e5)": [("x:1e5", 1.1)],
+    "(x: 1 2)": [("x: 1 2", 1.1)],
+    "((a:b):1.5)": [("a:b", 1.1 * 1.5)],
+    "[x:2]": [("x:2", 1 / 1.1)],
+    "a:b": [("a:b", 1.0)],
 }
 
 
-@pytest.mark.parametrize("prompt", list(A1111_EXAMPLES) + list(OUR_CASES))
+@pytest.mark.parametrize("prompt", list(A1111_EXAMPLES) + list(OUR_CASES) + list(TEXT_COLONS))
 def test_emphasis_parser(prompt):
-    assert parse_emphasis(prompt) == {**A1111_EXAMPLES, **OUR_CASES}[prompt]
+    assert parse_emphasis(prompt) == {**A1111_EXAMPLES, **OUR_CASES, **TEXT_COLONS}[prompt]
 
 
-@pytest.mark.parametrize("prompt", ["(x:abc)", "(x:1.2.3)", "(x:)", "(best:1,2)", "(x:1e5)", "((x:.))"])
-def test_malformed_weights_are_refused(prompt):
+@pytest.mark.parametrize("prompt", ["(x:1.2.3)", "((x:.))", "(x:..)", "(x:1..2)", "(x:+.)", "(x: -.  )"])
+def test_weights_automatic1111_cannot_read_are_refused(prompt):
     with pytest.raises(SettingError, match="is not a number"):
+        parse_emphasis(prompt)
+
+
+@pytest.mark.parametrize("prompt", ["(x:100.01)", "(x:-101)", "(x:99999999999999999999999999999999999999999)",
+                                    "(((x:90)))", "[[(x:-200)]]", "(" * 49 + "x"])
+def test_weights_beyond_the_bound_are_refused(prompt):
+    with pytest.raises(SettingError, match="beyond"):
         parse_emphasis(prompt)
 
 

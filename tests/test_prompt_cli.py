@@ -379,14 +379,15 @@ def bad_files(folder: Path) -> dict[str, Path]:
 
 LONG = "a large red circle " * 500  # 2000 tokens, 27 chunks of 75
 REFUSALS = {  # name: (arguments, fragments of the message); {name} is a path of bad_files, {tmp} the folder
-    "weight_not_a_number": (["--prompt", "(x:abc)"], ["--prompt has (...:abc), whose weight 'abc' is not a number",
-                                                      "(text:1.2)"]),
+    "weight_not_a_number": (["--prompt", "(x:1..2)"], ["--prompt has (...:1..2), whose weight '1..2' is not a number",
+                                                       "(text:1.2)"]),
+    "weight_beyond_the_bound": (["--prompt", "(x:1000)"], ["--prompt gives 'x' the weight 1000, beyond +-100"]),
     "negative_weight_not_a_number": (["--prompt", "x", "--negative-prompt", "(x:1.2.3)"],
                                      ["--negative-prompt has (...:1.2.3), whose weight '1.2.3' is not a number"]),
     "prompt_too_long": (["--prompt", LONG], ["--prompt is 2000 tokens long in 27 chunks of 75",
                                              "at most 16 chunks", "shorten it"]),
     "negative_prompt_too_long": (["--prompt", "x", "--negative-prompt", LONG], ["--negative-prompt is 2000 tokens"]),
-    "clip_skip_0": (["--prompt", "x", "--clip-skip", "0"], ["--clip-skip must be a whole number of at least 1, got 0"]),
+    "clip_skip_0": (["--prompt", "x", "--clip-skip", "0"], ["--clip-skip must be a whole number of at least 1 (and at most 48), got 0"]),
     "clip_skip_above_layers": (["--prompt", "x", "--clip-skip", str(LAYERS + 1)],
                                [f"--clip-skip must be a whole number between 1 and {LAYERS}, the text encoder's "
                                 f"layers, got {LAYERS + 1}"]),

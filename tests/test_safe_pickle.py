@@ -1,8 +1,12 @@
 """Pickle checkpoints load without running code: dangerous globals are refused, unknown ones are inert."""
 
 import importlib
+import io
 import pickle
+import random
+import struct
 import sys
+import tracemalloc
 import zipfile
 from collections import OrderedDict
 
@@ -171,6 +175,81 @@ def test_a_pickle_cannot_allocate_more_than_its_file_holds(tmp_path):
         load_pickle_checkpoint(path)
     torch.save({"state_dict": weights(), "buffer": Allocates(100)}, path)  # within the file's size: loads
     assert load_pickle_checkpoint(path)["buffer"] == bytearray(100)
+
+
+HUGE = 1_500_000_000
+LENGTHS = {  # opcodes whose length, given in the stream, the unpickler allocates or reads: a few bytes asking HUGE
+    "BYTEARRAY8": pickle.BYTEARRAY8 + struct.pack("<Q", HUGE),
+    "BINBYTES8": pickle.BINBYTES8 + struct.pack("<Q", HUGE),
+    "BINUNICODE8": pickle.BINUNICODE8 + struct.pack("<Q", HUGE),
+    "BINBYTES": pickle.BINBYTES + struct.pack("<I", HUGE),
+    "BINUNICODE": pickle.BINUNICODE + struct.pack("<I", HUGE),
+    "LONG4": pickle.LONG4 + struct.pack("<i", HUGE),
+    "FRAME": pickle.FRAME + struct.pack("<Q", HUGE),
+}
+LEGACY_HEADER = b"".join(pickle.dumps(value, protocol=2) for value in (
+    torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION,
+    {"protocol_version": torch.serialization.PROTOCOL_VERSION, "little_endian": True,
+     "type_sizes": {"short": 2, "int": 4, "long": 4}}))
+
+
+def with_pickle(path, data: bytes, zip_format: bool):
+    """A torch.save file at `path` whose (main) pickle is `data`."""
+    if not zip_format:
+        return path.write_bytes(LEGACY_HEADER + data)
+    torch.save({"a": torch.ones(2)}, path)
+    with zipfile.ZipFile(path) as archive:
+        records = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in records.items():
+            archive.writestr(name, data if name.endswith("/data.pkl") else content)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("opcode", list(LENGTHS))
+def test_no_opcode_allocates_more_than_the_file_holds(tmp_path, opcode, zip_format):
+    path = tmp_path / "bomb.ckpt"
+    with_pickle(path, pickle.PROTO + b"\x05" + LENGTHS[opcode] + b"x" * 8, zip_format)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="asks for a bytearray of|truncated or corrupt"):
+            load_pickle_checkpoint(path)
+        assert tracemalloc.get_traced_memory()[1] < 50 * 2**20  # not HUGE bytes
+    finally:
+        tracemalloc.stop()
+
+
+class HugeStorage(pickle.Pickler):
+    """Writes a storage's persistent id as torch.save does, claiming HUGE elements."""
+
+    def persistent_id(self, obj):
+        return ("storage", torch.FloatStorage, "0", "cpu", HUGE, None) if obj is HugeStorage else None
+
+
+def test_a_legacy_storage_cannot_claim_more_elements_than_the_file_holds(tmp_path):
+    stream = io.BytesIO()
+    HugeStorage(stream, protocol=2).dump({"w": HugeStorage})
+    path = tmp_path / "bomb.ckpt"
+    path.write_bytes(LEGACY_HEADER + stream.getvalue() + pickle.dumps(["0"], protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match=f"asks for a storage of {HUGE} items"):
+        load_pickle_checkpoint(path)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_fuzzed_pickles_load_or_are_checkpoint_errors(tmp_path, zip_format):
+    """Seeded byte changes of a small checkpoint's pickle: each loads or is refused as a CheckpointError."""
+    stream = io.BytesIO()
+    pickle.dump({"step": 3, "name": "x" * 20, "items": [1.5, (2, b"ab")], "big": 2**70}, stream, protocol=5)
+    data, rng = stream.getvalue(), random.Random(0)
+    for case in range(60):
+        mutated = bytearray(data)
+        for _ in range(rng.randint(1, 4)):
+            mutated[rng.randrange(len(mutated))] = rng.choice([rng.randrange(256), 0xFF, 0x96, 0x8E, 0x95])
+        with_pickle(tmp_path / "fuzz.ckpt", bytes(mutated), zip_format)
+        try:
+            load_pickle_checkpoint(tmp_path / "fuzz.ckpt")
+        except CheckpointError:
+            pass
 
 
 def test_torchscript_archives_are_refused(tmp_path):

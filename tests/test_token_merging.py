@@ -108,3 +108,27 @@ def test_the_command_line_stores_the_ratio_and_remakes_the_image(tmp_path, capsy
     message = "--tome must be a share of the tokens between 0 and 0.75"
     assert_flag_round_trip(tmp_path, capsys, ["--tome", "0.5"], {"token_merging": 0.5},
                            [(["--tome", value], message) for value in ("1.5", "-1", "0.9")])
+
+
+SIDES = range(1, 9)  # latent sides of images 8 to 64 pixels
+
+
+@pytest.mark.parametrize("h", SIDES)
+@pytest.mark.parametrize("w", SIDES)
+def test_any_grid_merges_what_it_can_and_gives_every_token_back(h, w):
+    """A grid with a side below the stride has no destination: nothing merges; others merge up to their sources."""
+    torch.manual_seed(h * 10 + w)
+    x = torch.randn(2, h * w, 4)
+    merge = TokenMerging(0.75).matching(x, h, w)
+    merged = merge.merge(x)
+    assert merged.shape[1] == h * w - (min(int(h * w * 0.75), h * w - (h // 2) * (w // 2)) if h > 1 and w > 1 else 0)
+    assert merge.unmerge(merged).shape == x.shape
+    if merged.shape[1] == h * w:
+        assert torch.equal(merge.unmerge(merged), x)
+
+
+@pytest.mark.parametrize("width, height", [(8, 8), (8, 64), (64, 8), (8, 4096), (24, 8), (16, 16)])
+def test_token_merging_at_tiny_sizes_makes_the_image(tiny, width, height):
+    latents = tiny.text_to_image("a cat", steps=1, seed=2, width=width, height=height, token_merging=0.5,
+                                 output_type="latent", progress=False)
+    assert latents.shape == (1, 4, height // 8, width // 8) and torch.isfinite(latents).all()
