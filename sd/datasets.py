@@ -42,6 +42,7 @@ HELD_OUT = frozenset({("red", "star"), ("green", "triangle"), ("blue", "heart"),
 JITTER = 0.03  # positions move up to this fraction of the image each way; sizes up to 3 times it
 OPTIONAL_PART = 0.8  # chance that a caption names the size, the position, the background (each)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_CAPTION_BYTES = 64 * 1024  # a longer caption file is refused before it reaches the tokenizer
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,12 @@ class CaptionFolder:
         self.own(path, "caption", missing=InputError(f"caption {path} not found for image {image}; write the caption "
                                                      f"into {path.name}"))
         try:
-            return " ".join(path.read_text(encoding="utf-8").split())
+            with open(path, "rb") as f:
+                raw = f.read(MAX_CAPTION_BYTES + 1)  # bounded: a caption is a line, not a book
+            if len(raw) > MAX_CAPTION_BYTES:
+                raise InputError(f"caption {path} is over {MAX_CAPTION_BYTES // 1024} kB; a caption is a short text "
+                                 f"(CLIP reads its first 75 tokens): shorten it")
+            return " ".join(raw.decode("utf-8").split())
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read caption {path}: {e}; save it as UTF-8 text") from None
 

@@ -26,14 +26,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sd.checkpoint import StableDiffusionModels
+from sd.cli import note
 from sd.datasets import CaptionedShapes, CaptionFolder, to_tensor
 from sd.errors import InputError
 from sd.files import write_atomically
 from sd.parameterization import check_prediction_type, noised, scales, target
 from sd.pipeline import StableDiffusion
 from sd.prediction import prediction_name
+from sd.prompt import PromptParser
 from sd.samplers.schedule import NoiseSchedule
-from sd.tokenizer import CLIPTokenizer
+from sd.tokenizer import MAX_PROMPT_TOKENS, CLIPTokenizer
 from sd.vae import AutoencoderKL
 
 SAMPLE_PROMPTS = ["a large red circle in the top left", "a small blue square in the bottom right",
@@ -183,9 +185,24 @@ class DiffusionObjective(Objective):
         super().prepare(models, data, cfg, device)
         samples = first_images(data, cfg.pool)
         self.pool_mean, self.pool_std = encode_pool(models.vae, [s[0] for s in samples], device)  # 2 x (N, 4, h, w)
-        self.pool_captions = [s[1] for s in samples]
+        self.pool_captions = self.cut([s[1] for s in samples])
+        if isinstance(data, CaptionFolder):  # the sample grid's prompts, refused now rather than after training
+            parser = PromptParser(self.tokenizer)
+            for image, caption in zip(data.images[:8], self.pool_captions):
+                parser.parse(caption, f"the caption {image.with_suffix('.txt')} (a prompt of the sample grid)")
         self.pool_scenes = [s[2] for s in samples]
         self.alphas_cumprod = self.alphas_cumprod.to(device)
+
+    def cut(self, captions: list[str]) -> list[str]:
+        """Captions as CLIP reads them in training: longer ones cut to their first MAX_PROMPT_TOKENS tokens
+        (as SD's training did), with one note, so that the sample grid draws what was trained on."""
+        tokens = self.tokenizer.tokenize(captions)
+        long = [i for i, t in enumerate(tokens) if len(t) > MAX_PROMPT_TOKENS]
+        if long:
+            note(f"{len(long)} caption(s) are longer than CLIP's {MAX_PROMPT_TOKENS} tokens (the longest: "
+                 f"{max(len(tokens[i]) for i in long)}); training reads their first {MAX_PROMPT_TOKENS}")
+        return [self.tokenizer.decode(t[:MAX_PROMPT_TOKENS]) if i in long else c
+                for i, (c, t) in enumerate(zip(captions, tokens))]
 
     def caption(self, pool_index: int, draw: int) -> str:
         """A caption of pool image `pool_index`: drawn anew each time for the generated set, else its own."""
@@ -225,8 +242,7 @@ class DiffusionObjective(Objective):
     def sample(self, models: StableDiffusionModels, path: Path) -> None:
         """Eight prompts (the dataset's first captions for a folder), 20 steps of the default sampler."""
         pipe = StableDiffusion(dataclasses.replace(models, prediction_type=self.options.prediction_type), self.tokenizer)
-        prompts = (SAMPLE_PROMPTS if isinstance(self.data, CaptionedShapes) else
-                   [self.data.captions[i] for i in range(min(8, len(self.data)))])
+        prompts = SAMPLE_PROMPTS if isinstance(self.data, CaptionedShapes) else self.pool_captions[:8]
         save_grid(pipe.text_to_image(prompts, seed=0, steps=20, progress=False), 8, path)
 
 

@@ -89,22 +89,28 @@ def file_in(folder: Path, name: str, suffixes: Iterable[str], what: str, fix: st
     return None
 
 
-def writable_output(path: Path, flag: str, suffix: str, made: Path | None = None) -> None:
+def writable_output(path: Path, flag: str, suffix: str) -> None:
     """Refuse an output that cannot be written, before any work: not ending in `suffix`, a folder, in a folder
-    that is missing (unless it is `made`, which the command makes first) or read-only. The probe file is created
-    exclusively under a random name, so nothing there is followed or replaced."""
+    that is missing or read-only (`writable_folder`)."""
     check_unicode(path, flag)
     try:
         if path.is_dir():
             raise InputError(f"{flag} {path} is a folder; give a file name ending in {suffix}")
         if path.suffix.lower() != suffix:
             raise InputError(f"{flag} {path} must end in {suffix}")
-        if made is not None and path.parent == made and not made.exists():
-            return
         if not path.parent.is_dir():
             raise InputError(f"output folder {path.parent} does not exist; create it first or choose another {flag}")
-        probe = path.parent / f".{os.urandom(8).hex()}.probe"
+    except OSError as e:
+        raise InputError(f"cannot write to output folder {path.parent} ({e.strerror}); choose another {flag}") from None
+    writable_folder(path.parent, f"the folder of {flag}")
+
+
+def writable_folder(folder: Path, what: str) -> None:
+    """Refuse a folder no file can be created in (tried: permissions alone do not tell, for root or a read-only
+    disk). The probe file is created exclusively under a random name, so nothing there is followed or replaced."""
+    try:
+        probe = folder / f".{os.urandom(8).hex()}.probe"
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         probe.unlink()
     except OSError as e:
-        raise InputError(f"cannot write to output folder {path.parent} ({e.strerror}); choose another {flag}") from None
+        raise InputError(f"cannot write into {what} {folder} ({e.strerror}); choose a folder you can write to") from None

@@ -15,6 +15,11 @@ weights; the EMA copy is what is written. Every random draw of step k comes from
 exactly. Each stage keeps, in the run folder, its training state (`<stage>-state.pt`), its loss
 (`<stage>-loss.csv` and `.png`) and sample grids (`<stage>-samples-<step>.png`).
 
+The run folder's policy (`RunFolder`), checked before any model is built: one run at a time holds it (a
+lock file), a saved state or an existing --output is replaced only with --overwrite (or continued with
+--resume), and every path the run will write is checked first. A resume may change --lr, --steps and
+--batch-size (`RESUMABLE`: lower the learning rate after a NaN loss, extend a finished run), nothing else.
+
     python -m sd.train all --preset tiny-shapes --run-dir runs/tiny-shapes --output data/tiny-shapes.safetensors --half
 """
 
@@ -24,30 +29,48 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
 from sd.checkpoint import StableDiffusionModels, load_checkpoint, save_checkpoint
-from sd.cli import CommandParser, run_command
+from sd.cli import CommandParser, note, run_command
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.datasets import CaptionedShapes, CaptionFolder, vocabulary
+from sd.devices import memory_budget
 from sd.errors import InputError, SDError
 from sd.files import write_atomically
-from sd.paths import writable_output
+from sd.paths import writable_folder, writable_output
 from sd.objectives import OBJECTIVES, Objective
 from sd.prediction import SHORT, prediction_name
 from sd.prompt import words
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 PROG = "python -m sd.train"
 STAGES = ("vae", "diffusion")
+SEED_FACTOR, STAGE_FACTOR = 1_000_003, 100_000_019  # of `step_generator`
+MAX_STEPS = 10**9
+MAX_SEED = (2**64 - 1 - STAGE_FACTOR * (len(STAGES) - 1) - MAX_STEPS) // SEED_FACTOR  # every step's seed fits
+LIMITS = {"steps": (1, MAX_STEPS), "batch_size": (1, 65536), "save_every": (1, None), "sample_every": (1, None),
+          "image_size": (8, None), "seed": (0, MAX_SEED)}  # the integer flags' ranges, None: no upper bound
+RESUMABLE = ("lr", "steps", "batch_size")  # the StageConfig fields a --resume may change
+LOCK_NAME = "train.lock"
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # what torch.save and safetensors raise on a full disk
 
 
 @dataclass(frozen=True)
@@ -115,11 +138,26 @@ class TrainingError(SDError):
     """Training cannot go on: a non-finite loss, or a --resume state that does not fit the run."""
 
 
+class SaveError(OSError):
+    """A file of the run could not be written (a full disk, say); the message says what was kept."""
+
+
+@contextmanager
+def saving(path: Path, kept: str, errors: tuple = WRITE_ERRORS) -> Iterator[None]:
+    """Writing `path`; a failure is a `SaveError` in one line that says what was kept and what to do."""
+    try:
+        yield
+    except errors as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise SaveError(f"cannot write {path} ({reason}); {kept}: free some space, then continue with "
+                        f"--resume") from None
+
+
 # ---- the pieces ----------------------------------------------------------------------------------
 
 def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     """The generator of every random draw of one step: the same on resume as in an uninterrupted run."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + STAGES.index(stage) * 100_000_019 + step)
+    return torch.Generator().manual_seed(seed * SEED_FACTOR + STAGES.index(stage) * STAGE_FACTOR + step)
 
 
 def learning_rate(cfg: StageConfig, step: int) -> float:
@@ -142,6 +180,75 @@ class EMA:
         decay = min(self.decay, (1 + step) / (10 + step))  # short memory at first, as the CompVis LitEma
         for ema, p in zip(self.model.parameters(), model.parameters()):
             ema.lerp_(p.detach(), 1 - decay)
+
+
+# ---- training states -----------------------------------------------------------------------------
+
+def damaged_state(path: Path, what: str) -> TrainingError:
+    return TrainingError(f"--resume: {path} is not a training state written by {PROG} ({what}); start over with "
+                         f"--overwrite, or use another --run-dir")
+
+
+def read_state(path: Path, device: torch.device) -> dict:
+    """A saved state whose parts are of the kinds `Stage.save_state` writes (the tensors are checked later)."""
+    if not path.is_file():
+        raise damaged_state(path, "it is not a file")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        raise damaged_state(path, f"unreadable: {type(e).__name__}") from None
+    kinds = {"identity": str, "step": int, "optimizer": dict, "models": dict, "ema": dict, "scale_factor": float}
+    if not isinstance(state, dict):
+        raise damaged_state(path, f"it holds a {type(state).__name__}, not a dict")
+    wrong = [k for k, kind in kinds.items() if not isinstance(state.get(k), kind) or isinstance(state[k], bool)]
+    if wrong:
+        raise damaged_state(path, f"missing or wrong: {', '.join(wrong)}")
+    try:
+        identity = json.loads(state["identity"])
+    except ValueError:
+        identity = None
+    if not isinstance(identity, dict) or not isinstance(identity.get("cfg"), dict):
+        raise damaged_state(path, "its identity is not one of a run")
+    if not (0 < state["step"] <= MAX_STEPS and math.isfinite(state["scale_factor"]) and state["scale_factor"] > 0):
+        raise damaged_state(path, f"step {state['step']}, scale factor {state['scale_factor']}")
+    return state
+
+
+def check_weights(path: Path, part: str, saved, model: nn.Module) -> None:
+    """`saved` must be a state dict `model` loads: the same names, and dense finite tensors of its shapes
+    and dtypes."""
+    if not isinstance(saved, dict):
+        raise damaged_state(path, f"no {part}")
+    wanted = model.state_dict()
+    if saved.keys() != wanted.keys():
+        missing = sorted(wanted.keys() - saved.keys()) or sorted(saved.keys() - wanted.keys())
+        raise damaged_state(path, f"{part} has other weights than the network: {missing[0]} and "
+                                  f"{len(missing) - 1} more")
+    for key, ref in wanted.items():
+        t = saved[key]
+        if not (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.shape == ref.shape
+                and t.dtype == ref.dtype and not t.is_meta and not t.is_complex()):
+            raise damaged_state(path, f"{part}.{key} is not a {ref.dtype} tensor of shape {tuple(ref.shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise damaged_state(path, f"{part}.{key} holds NaN or inf values")
+
+
+def fixed(identity: dict, key: str):
+    """identity[key] as far as a resume must keep it: "cfg" without its `RESUMABLE` fields."""
+    value = identity.get(key)
+    if key == "cfg" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in RESUMABLE}
+    return value
+
+
+def read_losses(path: Path, step: int) -> list[tuple[int, float]]:
+    """The loss log's rows before `step`."""
+    try:
+        with open(path, newline="") as f:
+            return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)][:step]
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:
+        raise TrainingError(f"--resume: cannot read the loss log {path} ({type(e).__name__}); remove it (the "
+                            f"log then starts again at the saved step) and resume again") from None
 
 
 # ---- progress files ------------------------------------------------------------------------------
@@ -204,16 +311,26 @@ class Stage:
 
     # -- state ---------------------------------------------------------------------------------------
 
-    def save_state(self) -> None:
-        state = {"identity": self.identity, "step": self.step, "optimizer": self.optimizer.state_dict(),
+    def save_state(self, step: int) -> None:
+        """The state at `step` (self.step becomes it once written), then the loss CSV and curve."""
+        state = {"identity": self.identity, "step": step, "optimizer": self.optimizer.state_dict(),
                  "models": {n: getattr(self.models, n).state_dict() for n in self.trained},
                  "ema": {n: e.model.state_dict() for n, e in self.ema.items()},
                  "scale_factor": self.models.scale_factor}
-        write_atomically(self.state_path, lambda tmp: torch.save(state, tmp))
+        with saving(self.state_path, self.kept()):
+            write_atomically(self.state_path, lambda tmp: torch.save(state, tmp))
+        self.step = step
         rows = self.losses
-        write_atomically(self.loss_path, lambda tmp: self.write_csv(tmp, rows))
-        if len(rows) > 1:
-            draw_loss_curve(rows, self.loss_path.with_suffix(".png"), f"{self.name} stage")
+        with saving(self.loss_path, self.kept()):
+            write_atomically(self.loss_path, lambda tmp: self.write_csv(tmp, rows))
+            if len(rows) > 1:
+                draw_loss_curve(rows, self.loss_path.with_suffix(".png"), f"{self.name} stage")
+
+    def kept(self) -> str:
+        """What a failure now leaves behind, in words."""
+        if self.step == 0:
+            return f"no training state of this run was saved yet (the first save is at step {self.args.save_every})"
+        return f"the training state of step {self.step} is kept in {self.state_path}"
 
     @staticmethod
     def write_csv(path: Path, rows: list[tuple[int, float]]) -> None:
@@ -223,31 +340,46 @@ class Stage:
             writer.writerows((s, f"{loss:.6g}") for s, loss in rows)
 
     def load_state(self) -> None:
+        """The saved state, checked whole (identity, step, every tensor) before any of it is loaded."""
+        state = read_state(self.state_path, self.device)
+        self.check_identity(json.loads(state["identity"]), state["step"])
+        for part in ("models", "ema"):
+            for net in self.trained:
+                check_weights(self.state_path, f"{part}.{net}", state[part].get(net), getattr(self.models, net))
         try:
-            state = torch.load(self.state_path, map_location=self.device, weights_only=True)
-            identity = state["identity"]
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            raise TrainingError(f"cannot read the training state {self.state_path} ({type(e).__name__}); it is "
-                                f"not a state written by {PROG}: start without --resume") from None
-        if identity != self.identity:
-            ours, theirs = json.loads(self.identity), json.loads(identity)
-            differs = [k for k in sorted(ours.keys() | theirs.keys()) if ours.get(k) != theirs.get(k)]
-            raise TrainingError(f"--resume: {self.state_path} was written by a run with another configuration "
-                                f"(differs in: {', '.join(differs)}); resume with the same flags, or use another "
-                                f"--run-dir")
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+            raise damaged_state(self.state_path, f"its optimizer state does not fit ({type(e).__name__})") from None
+        if any(isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape
+               for p in self.params for v in self.optimizer.state[p].values()):
+            raise damaged_state(self.state_path, "its optimizer state is for networks of other shapes")
         for net in self.trained:
             getattr(self.models, net).load_state_dict(state["models"][net])
             self.ema[net].model.load_state_dict(state["ema"][net])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.models.scale_factor = state["step"], state["scale_factor"]
-        if self.loss_path.is_file():
-            with open(self.loss_path, newline="") as f:
-                self.losses = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)][:self.step]
+        self.step, self.models.scale_factor = state["step"], float(state["scale_factor"])
+        self.losses = read_losses(self.loss_path, self.step) if self.loss_path.is_file() else []
+
+    def check_identity(self, saved: dict, step: int) -> None:
+        """The saved run must be this one, but for the `RESUMABLE` settings (noted when they changed), and
+        must not be past this run's last step."""
+        ours = json.loads(self.identity)
+        differs = [k for k in sorted(ours.keys() | saved.keys()) if fixed(ours, k) != fixed(saved, k)]
+        if differs:
+            raise TrainingError(f"--resume: {self.state_path} was written by a run with another configuration "
+                                f"(differs in: {', '.join(differs)}); resume with the same flags (only --lr, "
+                                f"--steps and --batch-size may change), or use another --run-dir")
+        if step > self.cfg.steps:
+            raise TrainingError(f"--resume: {self.state_path} is at step {step}, past --steps {self.cfg.steps}: "
+                                f"give --steps above {step} to train on, or use another --run-dir")
+        changed = [f"{k} {ours['cfg'][k]} (was {saved['cfg'].get(k)})" for k in RESUMABLE
+                   if ours["cfg"][k] != saved["cfg"].get(k)]
+        if changed:
+            note(f"resuming the {self.name} stage at step {step} with {', '.join(changed)}")
 
     # -- the loop ------------------------------------------------------------------------------------
 
     def run(self, resume: bool) -> StableDiffusionModels:
-        if resume and self.state_path.is_file():
+        if resume and self.state_path.exists():
             self.load_state()
         self.prepare()
         bar = tqdm(range(self.step, self.cfg.steps), initial=self.step, total=self.cfg.steps, desc=self.name,
@@ -258,9 +390,9 @@ class Stage:
             with self.autocast:
                 loss = self.loss(step, step_generator(self.args.seed, self.name, step))
             if not torch.isfinite(loss):
-                raise TrainingError(f"the {self.name} loss became {loss.item()} at step {step}; the last good "
-                                    f"state (step {self.step}) is kept in {self.state_path}: lower --lr and "
-                                    f"continue with --resume")
+                again = "run again" if self.step == 0 else "continue with --resume"
+                raise TrainingError(f"the {self.name} loss became {loss.item()} at step {step}; {self.kept()}: "
+                                    f"lower --lr and {again}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
@@ -271,8 +403,7 @@ class Stage:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             done = step + 1
             if done % self.args.save_every == 0 or done == self.cfg.steps:
-                self.step = done
-                self.save_state()
+                self.save_state(done)
             if done % self.args.sample_every == 0 or done == self.cfg.steps:
                 self.sample(done)
         for net, ema in self.ema.items():
@@ -294,7 +425,93 @@ class Stage:
         return self.objective.loss(step, gen)
 
     def sample(self, step: int) -> None:
-        self.objective.sample(self.with_ema(), self.run_dir / f"{self.name}-samples-{step:06d}.png")
+        path = self.run_dir / f"{self.name}-samples-{step:06d}.png"
+        with saving(path, self.kept(), OSError):
+            self.objective.sample(self.with_ema(), path)
+
+
+# ---- the run folder and the memory a stage needs ---------------------------------------------------
+
+class RunFolder:
+    """The run folder's policy, before any model is built: every path the run writes can be written (the
+    folders exist and take files, no name is a folder), a saved state or the --output is replaced only with
+    --overwrite (continued with --resume), and one run at a time holds the folder (`hold`)."""
+
+    def __init__(self, args: argparse.Namespace, stages: tuple[str, ...]):
+        self.args, self.path = args, Path(args.run_dir)
+        self.files = [self.path / f"{n}{end}" for n in stages for end in ("-state.pt", "-loss.csv", "-loss.png")]
+        self.files += [self.path / "vae.safetensors"] if len(stages) > 1 else []
+
+    def check(self) -> None:
+        output = self.args.output
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"--run-dir {self.path} is a file, not a folder; give a folder for the run's state")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create --run-dir {self.path} ({e.strerror}); choose another folder") from None
+        writable_folder(self.path, "--run-dir")
+        writable_output(output, "--output", ".safetensors")
+        self.refuse_to_replace([output], "--output")
+        for path in self.files:
+            if path.exists() and not path.is_file():
+                raise InputError(f"{path} in --run-dir is not a file; remove it or use another --run-dir")
+        self.refuse_to_replace([f for f in self.files if f.name.endswith("-state.pt")], "a training state")
+
+    def refuse_to_replace(self, paths: list[Path], what: str) -> None:
+        if self.args.resume or self.args.overwrite:
+            return
+        for path in paths:
+            if path.exists():
+                raise InputError(f"{what} {path} already exists; continue that run with --resume, replace it with "
+                                 f"--overwrite, or use another {'--output' if what == '--output' else '--run-dir'}")
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """The run folder's lock file, held until the run ends (none where fcntl is missing)."""
+        if fcntl is None:
+            yield
+            return
+        with open(self.path / LOCK_NAME, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.seek(0)
+                raise InputError(f"--run-dir {self.path} is in use by another training run (process "
+                                 f"{lock.read().strip() or 'unknown'}); wait for it to end, or use another "
+                                 f"--run-dir") from None
+            lock.truncate(0)
+            lock.write(str(os.getpid()))
+            lock.flush()
+            yield
+
+
+# Training memory per pixel of each image of a batch, measured on the micro preset (32 channels: 5 kB per
+# pixel for the VAE stage, 0.8 kB for the diffusion stage), scaled by the networks' widths; the diffusion
+# stage also encodes its pool 32 images at a time (inference: about SD's decoder's 1100 numbers per pixel
+# at 128 channels).
+VAE_NUMBERS_PER_PIXEL_PER_CHANNEL = 40
+UNET_NUMBERS_PER_PIXEL_PER_CHANNEL = 6
+ENCODE_NUMBERS_PER_PIXEL_PER_CHANNEL = 9
+ENCODE_BATCH = 32  # of `sd.objectives.encode_pool`
+
+
+def training_memory(name: str, models: StableDiffusionModels, cfg: StageConfig) -> int:
+    """Bytes that stage `name` needs at its batch size and the models' image size (estimate, float32)."""
+    pixels, width = models.image_size ** 2, models.vae.config.base_channels
+    if name == "vae":
+        return 4 * cfg.batch_size * pixels * VAE_NUMBERS_PER_PIXEL_PER_CHANNEL * width
+    train_pass = cfg.batch_size * pixels * UNET_NUMBERS_PER_PIXEL_PER_CHANNEL * models.unet.config.model_channels
+    encode = min(ENCODE_BATCH, cfg.pool) * pixels * ENCODE_NUMBERS_PER_PIXEL_PER_CHANNEL * width
+    return 4 * max(train_pass, encode)
+
+
+def check_memory(name: str, models: StableDiffusionModels, cfg: StageConfig, device: torch.device) -> None:
+    need, room = training_memory(name, models, cfg), memory_budget(device)
+    if room is not None and need > room:
+        raise InputError(f"the {name} stage at {models.image_size}x{models.image_size}, {cfg.batch_size} images "
+                         f"per step, needs about {need / 2**30:.1f} GiB but this process can use "
+                         f"{max(room, 0) / 2**30:.1f} GiB on {device.type}; lower --image-size or --batch-size")
 
 
 # ---- the command ---------------------------------------------------------------------------------
@@ -320,31 +537,47 @@ def words_of(data) -> tuple[str, ...]:
     return tuple(sorted({w for c in data.captions for w in words(c)}))
 
 
+def stage_config(preset: Preset, name: str, args: argparse.Namespace) -> StageConfig:
+    cfg = getattr(preset, f"{name}_stage")
+    return dataclasses.replace(cfg, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
+                                                         ("lr", args.lr)) if v is not None})
+
+
 def train(args: argparse.Namespace) -> None:
     preset = PRESETS[args.preset]
     if args.prediction is not None:
         prediction_name(args.prediction, "--prediction")
-    models = initial_models(args, preset)
-    if args.prediction is None and args.init is not None:  # fine-tuning keeps what the model predicts
-        args = argparse.Namespace(**{**vars(args), "prediction": SHORT[models.prediction_type]})
-    if args.image_size:
-        models.image_size = args.image_size
-    data = dataset(args, models.image_size)
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     stages = STAGES if args.stage == "all" else (args.stage,)
-    for name in stages:
-        cfg = getattr(preset, f"{name}_stage")
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
-                                                             ("lr", args.lr)) if v is not None})
-        if name == "diffusion" and args.stage == "all":  # the VAE stage's result, as a resumable hand-over
-            models = load_checkpoint(Path(args.run_dir) / "vae.safetensors")
-        models = Stage(name, models, data, cfg, args).run(args.resume)
-        if args.init is None or models.vocabulary is not None:  # a model that knows only its training words
-            models.vocabulary = tuple(sorted(set(models.vocabulary or ()) | set(words_of(data))))
-        last = name == stages[-1]
-        path = Path(args.output) if last else Path(args.run_dir) / "vae.safetensors"
+    folder = RunFolder(args, stages)
+    folder.check()
+    with folder.hold():
+        folder.check()  # again, now that no other run can change the folder
+        models = initial_models(args, preset)
+        if args.prediction is None and args.init is not None:  # fine-tuning keeps what the model predicts
+            args = argparse.Namespace(**{**vars(args), "prediction": SHORT[models.prediction_type]})
+        if args.image_size:
+            models.image_size = args.image_size
+        for name in stages:
+            check_memory(name, models, stage_config(preset, name, args), torch.device(args.device))
+        data = dataset(args, models.image_size)
+        for name in stages:
+            models = run_stage(name, models, data, stage_config(preset, name, args), args, last=name == stages[-1])
+
+
+def run_stage(name: str, models: StableDiffusionModels, data, cfg: StageConfig, args: argparse.Namespace,
+              last: bool) -> StableDiffusionModels:
+    """One stage, and the checkpoint it writes: --output after the last, else the VAE's hand-over."""
+    run_dir = Path(args.run_dir)
+    if name == "diffusion" and args.stage == "all":  # the VAE stage's result, as a resumable hand-over
+        models = load_checkpoint(run_dir / "vae.safetensors")
+    models = Stage(name, models, data, cfg, args).run(args.resume)
+    if args.init is None or models.vocabulary is not None:  # a model that knows only its training words
+        models.vocabulary = tuple(sorted(set(models.vocabulary or ()) | set(words_of(data))))
+    path = Path(args.output) if last else run_dir / "vae.safetensors"
+    with saving(path, f"the training states in {run_dir} are kept"):
         save_checkpoint(models, path, torch.float16 if last and args.half else None)
-        print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {path}", file=sys.stderr)
+    return models
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -361,7 +594,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-dir", type=Path, required=True, help="folder for the training state, loss curve and samples")
     p.add_argument("--output", type=Path, required=True, help="the checkpoint to write (.safetensors)")
     p.add_argument("--half", action="store_true", help="write the output checkpoint in fp16 (half the size)")
-    p.add_argument("--resume", action="store_true", help="continue from the training state in --run-dir")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the training state in --run-dir (--lr, "
+                                                             "--steps and --batch-size may differ from the saved run's)")
+    again.add_argument("--overwrite", action="store_true", help="start over, replacing the training state in "
+                                                                "--run-dir and --output (default: refuse)")
     p.add_argument("--text-encoder", choices=("train", "freeze"),
                    help="diffusion stage: train the text encoder jointly, or keep it frozen (default: train from "
                         "scratch, freeze with --init)")
@@ -383,14 +620,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.text_encoder = args.text_encoder or ("freeze" if args.init else "train")
     if args.stage == "diffusion" and args.init is None:
         raise InputError("the diffusion stage alone needs --init CHECKPOINT (whose VAE it trains on); or run 'all'")
-    writable_output(args.output, "--output", ".safetensors", made=args.run_dir)
-    for name in ("steps", "batch_size", "save_every", "sample_every", "image_size"):
+    for name, (low, high) in LIMITS.items():
         value = getattr(args, name)
-        if value is not None and (value < 1 or (name == "image_size" and value % 8)):
-            kind = "multiple of 8" if name == "image_size" else "whole number"
-            raise InputError(f"--{name.replace('_', '-')} must be a positive {kind}, got {value}")
+        if value is not None and not (low <= value <= (high or value)):
+            flag = f"--{name.replace('_', '-')}"
+            raise InputError(f"{flag} must be {f'between {low} and {high}' if high else f'at least {low}'}, got {value}")
+    if args.image_size is not None and args.image_size % 8:
+        raise InputError(f"--image-size must be a multiple of 8, got {args.image_size}")
     if args.lr is not None and not (0 < args.lr < 1):
-        raise InputError(f"--lr must be between 0 and 1, got {args.lr}")
+        raise InputError(f"--lr must be between 0 and 1 (exclusive), got {args.lr}")
     return args
 
 

@@ -91,9 +91,24 @@ def test_resume_from_another_configuration_is_refused(trained, tmp_path, capsys)
             str(tmp_path), "--output", str(tmp_path / "out.safetensors")]
     assert train.main(args) == 0
     capsys.readouterr()
-    assert train.main([*args, "--resume", "--lr", "0.01"]) == 2
+    before = (tmp_path / "diffusion-state.pt").read_bytes()
+    assert train.main([*args, "--resume", "--prediction", "v"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: --resume: ") and "differs in: cfg" in err
+    assert err.count("\n") == 1 and err.startswith("error: --resume: ") and "differs in: prediction_type" in err
+    assert (tmp_path / "diffusion-state.pt").read_bytes() == before
+
+
+def test_resume_with_a_lower_lr_and_more_steps(trained, tmp_path, capsys):
+    """The README's advice after a NaN loss: a lower --lr, then --resume; and --steps extends a finished run."""
+    args = ["diffusion", *MICRO, "--init", str(trained / "vae.safetensors"), "--run-dir", str(tmp_path),
+            "--output", str(tmp_path / "out.safetensors")]
+    assert train.main([*args, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert train.main([*args, "--steps", "3", "--lr", "1e-4", "--resume"]) == 0
+    assert "note: resuming the diffusion stage at step 2 with lr 0.0001 (was 0.001), steps 3 (was 2)" in \
+        capsys.readouterr().err
+    assert torch.load(tmp_path / "diffusion-state.pt", weights_only=True)["step"] == 3
+    assert [s for s, _ in map(tuple, enumerate(losses(tmp_path, "diffusion")))] == [0, 1, 2]
 
 
 def test_a_non_finite_loss_stops_keeping_the_last_good_state(trained, tmp_path, monkeypatch, capsys):
@@ -104,7 +119,7 @@ def test_a_non_finite_loss_stops_keeping_the_last_good_state(trained, tmp_path, 
             "--run-dir", str(tmp_path), "--output", str(tmp_path / "out.safetensors")]
     assert train.main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "loss became nan at step 7" in err and "step 5" in err
+    assert err.count("\n") == 1 and "loss became nan at step 7" in err and "state of step 5 is kept" in err
     assert torch.load(tmp_path / "diffusion-state.pt", weights_only=True)["step"] == 5
     assert not (tmp_path / "out.safetensors").exists()
 
