@@ -108,11 +108,12 @@ def test_the_v_model_read_as_epsilon_draws_nothing_as_prompted(v_model, v_pipe):
 
 @pytest.mark.parametrize("model", BOTH_MODELS)
 def test_guidance_raises_adherence(request, model):
+    """Measured, all three right: 81% guided against 61% unguided (epsilon), 61% against 39% (v)."""
     pipe = request.getfixturevalue(model)
     chosen = scenes(100, held_out=False, seed=4)
     guided = adherence(pipe, chosen, seed=4000, guidance_scale=7.5)
     unguided = adherence(pipe, chosen, seed=4000, guidance_scale=1.0)
-    assert guided["colour+position"] > unguided["colour+position"], (guided, unguided)
+    assert guided["all"] >= unguided["all"] + 0.1, (guided, unguided)
 
 
 @pytest.mark.parametrize("model", BOTH_MODELS)
