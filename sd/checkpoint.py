@@ -14,7 +14,8 @@ Sizes are read off the tensors, so the same code loads the full model and tiny t
 written by `save_checkpoint` (the models this project trains) also carry their exact configurations,
 image size, prediction type and caption vocabulary as JSON in the safetensors metadata (`METADATA_KEY`). The
 models are built on the meta device and take the file's tensors as they are (`assign=True`), so
-the weights are never held twice in memory.
+the weights are never held twice in memory. Each network's tensors are checked first (`sd.tensor_checks`:
+floating point, not empty, finite, no larger than float16 holds), every tensor of the file for being one.
 
 The public steps of `load_checkpoint`, for tools that work on the tensors (`weights_converter`):
 `read_state_dict`, `read_metadata`, `detect_family`, `has_ema` and `apply_ema`, `split_checkpoint`,
@@ -39,6 +40,7 @@ from sd.prediction import V_PRED_KEY, decide, prediction_name
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 from sd.safe_pickle import LEGACY_MAGIC, ZIP_MAGIC, load_pickle_checkpoint
+from sd.tensor_checks import check_tensors, structure_fault
 
 PREFIXES = SD1.prefixes
 EMA_PREFIX = "model_ema."
@@ -129,11 +131,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, what: st
         if isinstance(state, dict) else {}
     if not weights:
         raise CheckpointError(f"{path} holds no model weights: it is not a Stable Diffusion {what}.")
-    for key, tensor in weights.items():
-        if tensor.is_meta or tensor.layout != torch.strided or tensor.is_complex():
-            kind = "meta" if tensor.is_meta else "complex" if tensor.is_complex() else str(tensor.layout)[6:]
-            raise CheckpointError(f"{path}: {key} is a {kind} tensor, which holds no weights as SD stores them; the "
-                                  f"file is damaged or not a Stable Diffusion {what}.")
+    check_tensors(path, weights, what, structure_fault)
     return weights
 
 
@@ -218,6 +216,7 @@ def build_network(path: Path, family: Family, net: str, weights: dict[str, torch
     def named(key: str) -> str:  # our key as the file names it, for messages
         return family.prefixes[net][0] + (layout.file_key(key) if layout is not None else key)
 
+    check_tensors(path, weights, "checkpoint", named=named)  # before the configuration is read off their shapes
     try:
         cfg = config_from_json(net, stored) if stored else family.configs[net](weights)
         with torch.device("meta"):
@@ -239,9 +238,6 @@ def build_network(path: Path, family: Family, net: str, weights: dict[str, torch
         if weights[key].shape != param.shape:
             raise CheckpointError(f"{path}: {named(key)} has shape {tuple(weights[key].shape)}, "
                                   f"expected {tuple(param.shape)}; the file is not an {family.title} checkpoint.")
-        if param.is_floating_point() and not weights[key].is_floating_point():
-            raise CheckpointError(f"{path}: {named(key)} holds {str(weights[key].dtype)[6:]} numbers "
-                                  f"where weights are floating point; the file is damaged or not a checkpoint.")
     # Convert tensor by tensor, dropping each source as we go, so at most one extra tensor is held.
     model.load_state_dict({k: weights.pop(k).to(device=device, dtype=dtype) for k in list(weights)}, assign=True)
     return model.eval().requires_grad_(False)

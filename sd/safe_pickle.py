@@ -17,13 +17,15 @@ first):
 It also refuses BUILD (set attributes) on a class or function, which would patch torch itself. So
 the only code that can run is what torch's weights_only mode trusts. And a pickle cannot make the
 loader allocate more than the file could hold: the builtin constructors that take a length
-(`bytearray(n)`, `list(range(n))`, ...) refuse one larger than the file's size in bytes.
+(`bytearray(n)`, `list(range(n))`, ...) refuse one larger than the file's size in bytes, and so does
+the rebuild of a tensor (a zero-stride view of a few bytes can have any shape).
 """
 
 import _compat_pickle
 import builtins
 import contextvars
 import functools
+import math
 import os
 import pickle
 import types
@@ -117,8 +119,24 @@ def _bounded(constructor: type):
     return build
 
 
+def _bounded_view(rebuild):
+    """torch's tensor rebuild `rebuild(storage, offset, size, stride, ...)`, refusing a tensor of more bytes
+    than the file: a view of a few stored bytes with zero strides is legal, but as a weight it would be
+    materialised (`.contiguous()`, `.to(dtype)`) at its full size."""
+    @functools.wraps(rebuild)
+    def build(storage, offset, size, *rest):
+        limit, numel = _file_size.get(), math.prod(size)
+        if numel * storage.dtype.itemsize > limit:
+            raise _Refused(f"asks for a tensor of shape {tuple(size)} ({numel} values) from "
+                           f"{storage._untyped_storage.nbytes()} stored bytes, more than its {limit} bytes could hold")
+        return rebuild(storage, offset, size, *rest)
+    return build
+
+
+_STORAGE_REBUILDS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_qtensor")
 _ALLOWED_GLOBALS = {
     **_get_allowed_globals(),
+    **{f"torch._utils.{name}": _bounded_view(getattr(torch._utils, name)) for name in _STORAGE_REBUILDS},
     **{f"builtins.{name}": getattr(builtins, name) for name in _SAFE_BUILTINS},
     "copyreg._reconstructor": _reconstructor,
 }
