@@ -24,6 +24,7 @@ The public steps of `load_checkpoint`, for tools that work on the tensors (`weig
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
-from sd.errors import CheckpointError, UnsupportedModelError, checkpoint_not_found
+from sd.errors import CheckpointError, InputError, UnsupportedModelError, checkpoint_not_found
 from sd.families import (FAMILIES, SD1, SD2, SD_V1_SCALE, SD_V1_SIZE, UNET_CONTEXT_KEY, UNET_PREFIX, Family,
                          missing_networks)
 from sd.files import write_atomically
@@ -105,11 +106,19 @@ def unreadable_safetensors(path: Path, e: Exception) -> CheckpointError:
                            f"download it again.")
 
 
+def as_path(value, what: str) -> Path:
+    """The path argument `value` of a reader of `what` files, refused in one line when it is no path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InputError(f"the {what} file must be given as a path (str or Path), got {type(value).__name__} "
+                         f"{value!r:.60}")
+    return Path(value)
+
+
 def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The flat {key: tensor} dict of a .ckpt or .safetensors file, without executing pickled code;
     `dtype`: the floating-point type the caller will convert to, which lets .safetensors files of
     another type be converted while reading; `what` the file is, in messages ("checkpoint", "LoRA")."""
-    path = Path(path)
+    path = as_path(path, what)
     if not path.is_file():
         raise checkpoint_not_found(path) if what == "checkpoint" else CheckpointError(
             f"{what} file not found: {path}; check the path")
@@ -275,7 +284,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
                     use_ema: bool = True, prediction: str | None = None) -> StableDiffusionModels:
     """Load the text encoder, VAE and UNet of an SD 1.x or 2.x checkpoint (.ckpt or .safetensors), as its family
     (`detect_family`) says; `prediction`: "v" or "epsilon" to override what `sd.prediction` decides."""
-    path = Path(path)
+    path = as_path(path, "checkpoint")
     if prediction is not None:
         prediction_name(prediction)  # before any reading
     state = read_state_dict(path, dtype)

@@ -34,12 +34,15 @@ from tests.tiny import write_tiny_checkpoint
 KINDS = re.compile(r"(down_blocks_1|mid_block|up_blocks_0|up_blocks_1_attentions_2|text_model_encoder_layers_(0|11))_")
 
 
+SPELLINGS = {False: ("lora_unet_", "lora_te_text_model_"), True: ("unet.", "text_encoder.text_model.")}  # by peft
+
+
 def random_lora(models, seed: int, rank: int = 4, alpha: float | None = 2.0, peft: bool = False) -> dict:
     """A LoRA for the layers KINDS picks, random, in kohya's layout (or diffusers/PEFT's)."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, module in lora_targets(models).items():
-        if not name.startswith(("unet.", "text_encoder.") if peft else "lora_") or \
+        if not name.startswith(SPELLINGS[peft]) or \
                 not KINDS.search(name.replace(".", "_")):
             continue
         w = module.weight
@@ -106,7 +109,7 @@ def reference_layers(ours_models, refs) -> dict[str, tuple[torch.nn.Module, torc
             if name.startswith(prefix):
                 spelled[module] = ref.get_submodule(name[len(prefix):])
     return {name: (module, spelled[module]) for name, module in targets.items()
-            if name.startswith("lora_") and KINDS.search(name)}
+            if name.startswith(SPELLINGS[False]) and KINDS.search(name)}
 
 
 @contextlib.contextmanager
@@ -186,9 +189,9 @@ def bad_lora_files(folder, models) -> dict[str, tuple]:
     good = random_lora(models, 4)
     key = next(k for k in good if k.startswith("lora_unet") and k.endswith("lora_down.weight"))
     files = {
-        "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
-                  "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, "for SDXL"),
-        "shapes": ({**good, key: torch.zeros(4, 7)}, "for another model"),
+        "sdxl": ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+                  "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, "for SDXL"),
+        "shapes": ({**good, key: torch.zeros(4, 7, *good[key].shape[2:])}, "for another model"),
         "nothing_matches": ({"lora_unet_foo.lora_down.weight": torch.zeros(2, 3),
                              "lora_unet_foo.lora_up.weight": torch.zeros(3, 2)}, "none of its 1 layers"),
         "no_lora_keys": ({"weight": torch.zeros(2)}, "holds no LoRA layers"),
@@ -250,8 +253,8 @@ def cli_files(tmp_path_factory):
     models = StableDiffusion.from_checkpoint(checkpoint).models
     (folder / "lora").mkdir()
     save_file(random_lora(models, 6), folder / "lora" / "style.safetensors")
-    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, folder / "xl.safetensors")
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, folder / "xl.safetensors")
     return folder, checkpoint
 
 
