@@ -187,9 +187,10 @@ def test_a_layer_named_twice_is_refused(tiny, tmp_path):
 
 @pytest.mark.parametrize("dtype, values, weight", [(torch.float16, 60000.0, 10.0), (torch.float32, 60000.0, 1e35),
                                                    (torch.float32, -60000.0, -1e35)])
-def test_a_merge_that_would_overflow_changes_nothing(tmp_path, dtype, values, weight):
+def test_a_merge_that_would_overflow_changes_nothing(tiny, tmp_path, dtype, values, weight):
     """The second layer's sum overflows: refused, and the first layer is not merged either."""
-    sd = StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path / "t.safetensors"), dtype=dtype)
+    sd = tiny if dtype == torch.float32 else \
+        StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path / "t.safetensors"), dtype=dtype)
     state = lora_state(sd)
     last = sorted(k for k in state if k.endswith("lora_up.weight"))[-1]
     state[last] = torch.full_like(state[last], values)
