@@ -14,7 +14,8 @@ Sizes are read off the tensors, so the same code loads the full model and tiny t
 written by `save_checkpoint` (the models this project trains) also carry their exact configurations,
 image size, prediction type and caption vocabulary as JSON in the safetensors metadata (`METADATA_KEY`). The
 models are built on the meta device and take the file's tensors as they are (`assign=True`), so
-the weights are never held twice in memory.
+the weights are never held twice in memory. Each network's tensors are checked first (`sd.tensor_checks`:
+floating point, not empty, finite, no larger than float16 holds), every tensor of the file for being one.
 
 The public steps of `load_checkpoint`, for tools that work on the tensors (`weights_converter`):
 `read_state_dict`, `read_metadata`, `detect_family`, `has_ema` and `apply_ema`, `split_checkpoint`,
@@ -23,6 +24,7 @@ The public steps of `load_checkpoint`, for tools that work on the tensors (`weig
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
-from sd.errors import CheckpointError, UnsupportedModelError, checkpoint_not_found
+from sd.errors import CheckpointError, InputError, UnsupportedModelError, checkpoint_not_found
 from sd.families import (FAMILIES, SD1, SD2, SD_V1_SCALE, SD_V1_SIZE, UNET_CONTEXT_KEY, UNET_PREFIX, Family,
                          missing_networks)
 from sd.files import write_atomically
@@ -39,6 +41,7 @@ from sd.prediction import V_PRED_KEY, decide, prediction_name
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 from sd.safe_pickle import LEGACY_MAGIC, ZIP_MAGIC, load_pickle_checkpoint
+from sd.tensor_checks import check_tensors, structure_fault
 
 PREFIXES = SD1.prefixes
 EMA_PREFIX = "model_ema."
@@ -103,11 +106,19 @@ def unreadable_safetensors(path: Path, e: Exception) -> CheckpointError:
                            f"download it again.")
 
 
+def as_path(value, what: str) -> Path:
+    """The path argument `value` of a reader of `what` files, refused in one line when it is no path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise InputError(f"the {what} file must be given as a path (str or Path), got {type(value).__name__} "
+                         f"{value!r:.60}")
+    return Path(value)
+
+
 def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The flat {key: tensor} dict of a .ckpt or .safetensors file, without executing pickled code;
     `dtype`: the floating-point type the caller will convert to, which lets .safetensors files of
     another type be converted while reading; `what` the file is, in messages ("checkpoint", "LoRA")."""
-    path = Path(path)
+    path = as_path(path, what)
     if not path.is_file():
         raise checkpoint_not_found(path) if what == "checkpoint" else CheckpointError(
             f"{what} file not found: {path}; check the path")
@@ -129,11 +140,7 @@ def read_state_dict(path: str | Path, dtype: torch.dtype | None = None, what: st
         if isinstance(state, dict) else {}
     if not weights:
         raise CheckpointError(f"{path} holds no model weights: it is not a Stable Diffusion {what}.")
-    for key, tensor in weights.items():
-        if tensor.is_meta or tensor.layout != torch.strided or tensor.is_complex():
-            kind = "meta" if tensor.is_meta else "complex" if tensor.is_complex() else str(tensor.layout)[6:]
-            raise CheckpointError(f"{path}: {key} is a {kind} tensor, which holds no weights as SD stores them; the "
-                                  f"file is damaged or not a Stable Diffusion {what}.")
+    check_tensors(path, weights, what, structure_fault)
     return weights
 
 
@@ -218,6 +225,7 @@ def build_network(path: Path, family: Family, net: str, weights: dict[str, torch
     def named(key: str) -> str:  # our key as the file names it, for messages
         return family.prefixes[net][0] + (layout.file_key(key) if layout is not None else key)
 
+    check_tensors(path, weights, "checkpoint", named=named)  # before the configuration is read off their shapes
     try:
         cfg = config_from_json(net, stored) if stored else family.configs[net](weights)
         with torch.device("meta"):
@@ -239,9 +247,6 @@ def build_network(path: Path, family: Family, net: str, weights: dict[str, torch
         if weights[key].shape != param.shape:
             raise CheckpointError(f"{path}: {named(key)} has shape {tuple(weights[key].shape)}, "
                                   f"expected {tuple(param.shape)}; the file is not an {family.title} checkpoint.")
-        if param.is_floating_point() and not weights[key].is_floating_point():
-            raise CheckpointError(f"{path}: {named(key)} holds {str(weights[key].dtype)[6:]} numbers "
-                                  f"where weights are floating point; the file is damaged or not a checkpoint.")
     # Convert tensor by tensor, dropping each source as we go, so at most one extra tensor is held.
     model.load_state_dict({k: weights.pop(k).to(device=device, dtype=dtype) for k in list(weights)}, assign=True)
     return model.eval().requires_grad_(False)
@@ -279,7 +284,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
                     use_ema: bool = True, prediction: str | None = None) -> StableDiffusionModels:
     """Load the text encoder, VAE and UNet of an SD 1.x or 2.x checkpoint (.ckpt or .safetensors), as its family
     (`detect_family`) says; `prediction`: "v" or "epsilon" to override what `sd.prediction` decides."""
-    path = Path(path)
+    path = as_path(path, "checkpoint")
     if prediction is not None:
         prediction_name(prediction)  # before any reading
     state = read_state_dict(path, dtype)

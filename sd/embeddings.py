@@ -7,7 +7,8 @@ prompt names them like a word, and the vectors take the place of that word's tok
   (the original implementation's) pickle the inner dict as a torch ParameterDict;
 - kohya's `.safetensors` / `.pt`: {"emb_params": (n, C)};
 - diffusers' `learned_embeds.bin` / `.safetensors`: {"<token>": (C,) or (n, C)}.
-Pickles go through `sd.safe_pickle`, never a plain `torch.load`. The name used in prompts is the one
+Pickles go through `sd.safe_pickle`, never a plain `torch.load`, and the vectors through `sd.tensor_checks`
+(floating point, finite, no larger than float16 holds). The name used in prompts is the one
 given, else the token a diffusers file names, else the file's name (as AUTOMATIC1111 does).
 """
 
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from sd.checkpoint import is_safetensors, unreadable_safetensors
+from sd.checkpoint import as_path, is_safetensors, unreadable_safetensors
 from sd.errors import InputError
 from sd.hashing import SHORT_HASH_DIGITS, file_sha256
 from sd.paths import readable_file
 from sd.safe_pickle import load_pickle_checkpoint
+from sd.tensor_checks import check_tensors
 from sd.tokenizer import MAX_PROMPT_TOKENS, CLIPTokenizer
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
@@ -41,38 +43,48 @@ class Embedding:
         return self.sha256[:SHORT_HASH_DIGITS]
 
 
+def a1111_parameters(params) -> dict:
+    """The {string: tensor} of AUTOMATIC1111's `string_to_param`: a dict, or a pickled ParameterDict (kept as a
+    placeholder whose state holds `_parameters`); {} for anything else."""
+    state = getattr(params, "state", None)
+    params = state if isinstance(state, dict) else params
+    params = params.get("_parameters", params) if isinstance(params, dict) else {}
+    return params if isinstance(params, dict) else {}
+
+
+def found_vectors(contents) -> tuple[str, object, str | None]:
+    """(the key, the value, the token its layout names) of the vectors of a loaded file, by its layout."""
+    contents = contents if isinstance(contents, dict) else {}
+    if "string_to_param" in contents:  # AUTOMATIC1111
+        return "string_to_param['*']", a1111_parameters(contents["string_to_param"]).get("*"), None
+    if "emb_params" in contents:  # kohya
+        return "emb_params", contents["emb_params"], None
+    if len(contents) == 1:  # diffusers
+        [(token, found)] = contents.items()
+        return repr(token), found, token
+    return "", None, None
+
+
 def vectors_of(path: Path, contents) -> tuple[torch.Tensor, str | None]:
     """The (n, C) vectors in a loaded file and the token its layout names (diffusers'), or None."""
-    if not isinstance(contents, dict):
-        contents = {}
-    if "string_to_param" in contents:  # AUTOMATIC1111
-        params = contents["string_to_param"]
-        params = getattr(params, "state", None) or params  # a ParameterDict, kept as a placeholder
-        params = params.get("_parameters", params) if isinstance(params, dict) else {}
-        found, token = params.get("*"), None
-    elif "emb_params" in contents:  # kohya
-        found, token = contents["emb_params"], None
-    elif len(contents) == 1:  # diffusers
-        [(token, found)] = contents.items()
-    else:
-        found = token = None
+    key, found, token = found_vectors(contents)
     if not isinstance(found, torch.Tensor) or not isinstance(token, (str, type(None))):
-        keys = ", ".join(map(repr, list(contents)[:5])) or "none"
+        keys = ", ".join(map(repr, list(contents)[:5])) if isinstance(contents, dict) and contents else "none"
         raise InputError(f"{path} is not a textual-inversion embedding: it holds no 'string_to_param', 'emb_params' "
                          f"or single token's vectors (its keys: {keys}); give an embedding file")
-    vectors = found.detach()
-    vectors = vectors[None] if vectors.dim() == 1 else vectors
-    if vectors.dim() != 2 or not 1 <= vectors.shape[0] <= MAX_PROMPT_TOKENS or not vectors.is_floating_point():
-        raise InputError(f"{path} holds vectors of shape {tuple(found.shape)} and type {found.dtype}; an embedding "
-                         f"is 1 to {MAX_PROMPT_TOKENS} floating-point vectors (n, width)")
-    if not torch.isfinite(vectors).all():
-        raise InputError(f"{path} holds NaN or inf values; the embedding is damaged: get it again")
-    return vectors.float().contiguous(), token
+    check_tensors(path, {key: found}, "embedding", error=InputError)
+    if found.dim() > 2 or not 1 <= found[None].shape[-2] <= MAX_PROMPT_TOKENS:
+        raise InputError(f"{path} holds vectors of shape {tuple(found.shape)}; an embedding is 1 to "
+                         f"{MAX_PROMPT_TOKENS} vectors (n, width)")
+    return found.detach().reshape(-1, found.shape[-1]).float().contiguous(), token
 
 
 def read_embedding(path: str | Path, name: str | None = None) -> Embedding:
     """An embedding file of any of the three layouts, named `name` (default: see the module's text)."""
-    path = readable_file(Path(path), "embedding file")
+    path = readable_file(as_path(path, "embedding"), "embedding file")
+    if not isinstance(name, (str, type(None))):
+        raise InputError(f"the name of embedding {path} must be a str (or None: the file's), got "
+                         f"{type(name).__name__} {name!r:.60}")
     try:
         sha256 = file_sha256(path)
         if is_safetensors(path):

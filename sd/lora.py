@@ -16,9 +16,15 @@ adds `delta` to the weights. Trainable, unmerged layers that save as such a file
 Two file layouts:
 - kohya's (what model sites share): `lora_unet_<diffusers module path, "." -> "_">` and
   `lora_te_<transformers text-model path>` keys with `.lora_down.weight`, `.lora_up.weight`, `.alpha`
-  (alpha missing or 0 means alpha = r);
+  (alpha missing or 0 means alpha = r); diffusers' `convert_state_dict_to_kohya` writes SD v1's text
+  encoder as `lora_te1_` (AUTOMATIC1111 reads it as `lora_te_` on SD v1 and 2.x; `lora_te2_` is SDXL's);
 - diffusers/PEFT's: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight` and
   `text_encoder.<transformers path>...`, alpha = r unless an `.alpha` key says otherwise.
+The text encoder's path is `text_model.encoder.layers...` up to transformers 4 and `encoder.layers...` from
+transformers 5 on (its CLIPTextModel lost the `text_model` level): both spellings are read, in both layouts.
+Every tensor a layer uses is checked (`sd.tensor_checks`), and so are the shapes of the pair, before
+anything is merged; the merger also computes every new weight once before it changes the first, so a LoRA
+that would overflow the model's dtype is refused with the model unchanged.
 Our UNet keeps CompVis names, so the diffusers path of each of its layers is derived by the rules of
 `diffusers_unet_path` (those of AUTOMATIC1111's `convert_diffusers_name_to_compvis`, run backwards).
 """
@@ -31,14 +37,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sd.checkpoint import StableDiffusionModels, read_state_dict
-from sd.errors import InputError
+from sd.checkpoint import StableDiffusionModels, as_path, read_state_dict
+from sd.errors import CheckpointError, InputError
+from sd.tensor_checks import check_tensors, tensor_fault, value_fault
 from sd.unet import UNetConfig
 
-PREFIXES = {"unet": ("lora_unet_", "unet."), "clip": ("lora_te_text_model_", "text_encoder.text_model.")}
+# Each network's spellings of a module path: (kohya's prefixes, diffusers/PEFT's); the first is the one we write.
+PREFIXES = {"unet": (("lora_unet_",), ("unet.",)),
+            "clip": (("lora_te_text_model_", "lora_te1_text_model_", "lora_te_", "lora_te1_"),
+                     ("text_encoder.text_model.", "text_encoder."))}
 RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-OTHER_FAMILIES = {"lora_te1_": "SDXL", "lora_te2_": "SDXL", "text_encoder_2.": "SDXL"}
+OTHER_FAMILIES = {"lora_te2_": "SDXL", "text_encoder_2.": "SDXL"}
 _DOWN, _UP = (".lora_down.weight", ".lora_A.weight"), (".lora_up.weight", ".lora_B.weight")
 
 
@@ -70,13 +80,13 @@ def diffusers_unet_path(path: str, cfg: UNetConfig) -> str:
     return f"{block}.{tail}"
 
 
-def lora_names(net: str, path: str, config) -> tuple[str, str]:
-    """The names a LoRA file gives the module at `path` of our network `net` ('unet' or 'clip'): kohya's and
-    diffusers/PEFT's spellings, e.g. ('lora_unet_down_blocks_1_attentions_0_proj_in',
+def lora_names(net: str, path: str, config) -> tuple[str, ...]:
+    """The names a LoRA file gives the module at `path` of our network `net` ('unet' or 'clip'): kohya's
+    spellings, then diffusers/PEFT's, e.g. ('lora_unet_down_blocks_1_attentions_0_proj_in',
     'unet.down_blocks.1.attentions.0.proj_in')."""
     kohya, peft = PREFIXES[net]
     name = diffusers_unet_path(path, config) if net == "unet" else path
-    return kohya + name.replace(".", "_"), peft + name
+    return *(k + name.replace(".", "_") for k in kohya), *(p + name for p in peft)
 
 
 def lora_targets(models: StableDiffusionModels) -> dict[str, nn.Module]:
@@ -109,10 +119,33 @@ class Patch:
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-def file_alpha(state: dict[str, torch.Tensor], name: str, rank: int) -> float:
+def alpha_fault(alpha: torch.Tensor) -> str | None:
+    """Why a (structurally sound) `.alpha` tensor is not one number, finite and at most MAX_MAGNITUDE; or None."""
+    if alpha.numel() != 1:
+        return f"has shape {tuple(alpha.shape)} where alpha is one number"
+    if alpha.dtype == torch.bool:
+        return "is a bool where alpha is a number"
+    return value_fault(alpha.double(), min_dim=0)
+
+
+def file_alpha(state: dict[str, torch.Tensor], name: str, path: Path, rank: int) -> float:
     """The `.alpha` of layer `name`; missing or 0 means alpha = r (no scaling)."""
     alpha = state.get(name + ".alpha")
-    return float(alpha) if alpha is not None and float(alpha) != 0 else float(rank)
+    if alpha is None:
+        return float(rank)
+    check_tensors(path, {name + ".alpha": alpha}, "LoRA", alpha_fault)
+    return float(alpha) or float(rank)
+
+
+def pair_fault(down: torch.Tensor, up: torch.Tensor) -> str | None:
+    """Why down and up cannot be a low-rank pair, down (r, in[, k, k]) and up (out, r[, 1, 1]); or None."""
+    shapes = f"down {tuple(down.shape)} and up {tuple(up.shape)}"
+    if down.dim() not in (2, 4) or up.dim() != down.dim():
+        return f"has matrices of shapes {shapes}, where a pair is (r, in) and (out, r) or, for a convolution, " \
+               f"(r, in, k, k) and (out, r, 1, 1)"
+    if up.shape[2:] != (1, 1)[: up.dim() - 2] or up.shape[1] != down.shape[0]:
+        return f"has matrices of shapes {shapes}: up must be (out, r) or (out, r, 1, 1), with down's rank r"
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,11 +159,16 @@ class LoRAPatch(Patch):
 
     @classmethod
     def read(cls, state: dict[str, torch.Tensor], name: str, path: Path) -> "LoRAPatch":
-        down = state[name + _DOWN[0]] if name + _DOWN[0] in state else state[name + _DOWN[1]]
-        up = next((state[name + s] for s in _UP if name + s in state), None)
-        if up is None:
+        down_key = next(name + s for s in _DOWN if name + s in state)
+        up_key = next((name + s for s in _UP if name + s in state), None)
+        if up_key is None:
             raise InputError(f"{path}: {name} has a down matrix but no up matrix; the file is damaged")
-        return cls(down, up, file_alpha(state, name, down.shape[0]))
+        check_tensors(path, {down_key: state[down_key], up_key: state[up_key]}, "LoRA", lambda t: tensor_fault(t, 2))
+        down, up = state[down_key], state[up_key]
+        problem = pair_fault(down, up)
+        if problem:
+            raise CheckpointError(f"{path}: {name} {problem}; the LoRA is damaged: get a trusted copy")
+        return cls(down, up, file_alpha(state, name, path, down.shape[0]))
 
     @property
     def rank(self) -> int:
@@ -139,9 +177,6 @@ class LoRAPatch(Patch):
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.up.shape[0], self.down.shape[1], *self.down.shape[2:])  # (out, in[, k, k])
-
-    def fits(self, shape: torch.Size) -> bool:
-        return self.up.shape[1] == self.rank and super().fits(shape)
 
     def delta(self, shape: torch.Size, strength: float = 1.0) -> torch.Tensor:
         """strength (alpha / r) up @ down in float32, shaped like the weight: (out, in) or (out, in, k, k)."""
@@ -168,7 +203,7 @@ class LoRA:
 def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
     """A kohya or diffusers/PEFT LoRA file, its layers matched to the model's; refused in one line if it is
     for another architecture or its shapes do not fit."""
-    path = Path(path)
+    path = as_path(path, "LoRA")
     state = read_state_dict(path, what="LoRA")
     for prefix, family in OTHER_FAMILIES.items():
         if any(key.startswith(prefix) for key in state):
@@ -179,13 +214,17 @@ def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
         raise InputError(f"{path} holds no LoRA layers (no keys ending in {' or '.join(PATCHES)}); give "
                          f"a LoRA file")
     targets = lora_targets(models)
-    layers, unmatched = {}, []
+    layers, unmatched, named = {}, [], {}  # named: the layer name each module was found under
     for name in sorted(kinds):
         patch = kinds[name].read(state, name, path)
         target = targets.get(name)
         if target is None:
             unmatched.append(name)
             continue
+        if target in named:
+            raise CheckpointError(f"{path} changes one layer twice, as {named[target]} and as {name}; the LoRA "
+                                  f"is damaged: get a trusted copy")
+        named[target] = name
         if not patch.fits(target.weight.shape):
             raise InputError(f"{path}: {name} makes a change of shape {tuple(patch.shape)} for a layer of shape "
                              f"{tuple(target.weight.shape)}; the LoRA is for another model than this "
@@ -197,10 +236,16 @@ def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
     return LoRA(path, layers, unmatched)
 
 
-def add_patch(weight: torch.Tensor, patch: Patch, strength: float) -> None:
-    """weight += strength * the patch's change, summed in float32 and rounded once to the weight's dtype."""
+def patched(weight: torch.Tensor, patch: Patch, strength: float) -> torch.Tensor:
+    """weight + strength * the patch's change, summed in float32 and rounded once to the weight's dtype."""
     with torch.no_grad():
-        weight.copy_((weight.float() + patch.to(weight.device).delta(weight.shape, strength)).to(weight.dtype))
+        return (weight.float() + patch.to(weight.device).delta(weight.shape, strength)).to(weight.dtype)
+
+
+def add_patch(weight: torch.Tensor, patch: Patch, strength: float) -> None:
+    """weight += strength * the patch's change (`patched`)."""
+    with torch.no_grad():
+        weight.copy_(patched(weight, patch, strength))
 
 
 class LoRAMerger:
@@ -213,7 +258,14 @@ class LoRAMerger:
         self.loaded: list[tuple[LoRA, float]] = []
 
     def merge(self, lora: LoRA, weight: float) -> None:
+        """Add `lora` at `weight`; refused, with no weight changed, if a merged weight would not be finite."""
         targets = lora_targets(self.models)
+        for name, patch in lora.layers.items():  # the whole sum once, before the first weight changes
+            dtype = targets[name].weight.dtype
+            if not torch.isfinite(patched(targets[name].weight, patch, weight)).all():
+                raise InputError(f"LoRA {lora.path} at weight {weight:g} makes the weights of {name} overflow "
+                                 f"{str(dtype).removeprefix('torch.')}: use a lower weight, or load the model in "
+                                 f"float32")
         for name, patch in lora.layers.items():
             module = targets[name]
             if module not in self.originals:

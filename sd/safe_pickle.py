@@ -18,15 +18,16 @@ It also refuses BUILD (set attributes) on a class or function, which would patch
 the only code that can run is what torch's weights_only mode trusts. And a pickle cannot make the
 loader allocate more than the file could hold: every length the stream gives is refused when larger than
 the file's size in bytes: those of the builtin constructors (`bytearray(n)`, `list(range(n))`, ...), of
-BYTEARRAY8 (which allocates before it reads) and the element count of a storage (which the legacy format
-allocates before reading its data); the reads of BINBYTES8, BINUNICODE8, LONG4 and FRAME read at most the
-file's size.
+BYTEARRAY8 (which allocates before it reads), the element count of a storage (which the legacy format
+allocates before reading its data) and the shape of a rebuilt tensor (a zero-stride view of a few bytes can
+have any shape); the reads of BINBYTES8, BINUNICODE8, LONG4 and FRAME read at most the file's size.
 """
 
 import _compat_pickle
 import builtins
 import contextvars
 import functools
+import math
 import os
 import pickle
 import struct
@@ -135,8 +136,24 @@ def _is_storage(pid) -> bool:
     return isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage")
 
 
+def _bounded_view(rebuild):
+    """torch's tensor rebuild `rebuild(storage, offset, size, stride, ...)`, refusing a tensor of more bytes
+    than the file: a view of a few stored bytes with zero strides is legal, but as a weight it would be
+    materialised (`.contiguous()`, `.to(dtype)`) at its full size."""
+    @functools.wraps(rebuild)
+    def build(storage, offset, size, *rest):
+        limit, numel = _file_size.get(), math.prod(size)
+        if numel * storage.dtype.itemsize > limit:
+            raise _Refused(f"asks for a tensor of shape {tuple(size)} ({numel} values) from "
+                           f"{storage._untyped_storage.nbytes()} stored bytes, more than its {limit} bytes could hold")
+        return rebuild(storage, offset, size, *rest)
+    return build
+
+
+_STORAGE_REBUILDS = ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_qtensor")
 _ALLOWED_GLOBALS = {
     **_get_allowed_globals(),
+    **{f"torch._utils.{name}": _bounded_view(getattr(torch._utils, name)) for name in _STORAGE_REBUILDS},
     **{f"builtins.{name}": getattr(builtins, name) for name in _SAFE_BUILTINS},
     "copyreg._reconstructor": _reconstructor,
 }

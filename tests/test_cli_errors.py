@@ -87,16 +87,15 @@ def test_missing_default_checkpoint_says_what_to_get(tmp_path, out_dir, monkeypa
     assert os.listdir(out_dir) == []
 
 
-def test_nan_is_reported_instead_of_a_black_image(tmp_path, out_dir):
-    """A model that overflows (here: an inf planted in the decoder, as fp16 overflow leaves one) gives
-    a one-line error naming the likely cause, and no image."""
+def test_non_finite_weights_are_refused_before_sampling(tmp_path, out_dir):
+    """A checkpoint with an inf weight (here in the decoder) is refused when read, naming the key; no image."""
     from tests.compvis import VAE_PREFIX, save_checkpoint
     from tests.tiny import tiny_compvis_state
     state = tiny_compvis_state()
     state[VAE_PREFIX + "decoder.conv_out.bias"][0] = float("inf")
     path = save_checkpoint(state, tmp_path / "overflowing.safetensors")
     refused(out_dir, "--prompt", "a cat", "--checkpoint", path, "--steps", "1", "--width", "64", "--height", "64",
-            fragments=("NaN or inf", "damaged weights"))
+            fragments=(VAE_PREFIX + "decoder.conv_out.bias holds inf values", "get a trusted copy"))
 
 
 def test_inpainting_checkpoint_needs_a_mask(out_dir, checkpoints):

@@ -1,5 +1,5 @@
 """Fuzzing the readers of untrusted files: checkpoints (.safetensors headers and offsets, zip and legacy
-pickle .ckpt files through the restricted unpickler) and the "parameters" of PNGs. Seeded random and
+pickle .ckpt files through the restricted unpickler), LoRAs and embeddings, and the "parameters" of PNGs. Seeded random and
 mutation-based inputs; each must give a result (weights, a loaded model, settings) or the project's
 own error, never another exception, and reading files of a few hundred kB never raises the process's
 peak memory by more than 512 MB."""
@@ -8,6 +8,8 @@ import json
 import random
 import resource
 import struct
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from PIL import Image, PngImagePlugin
 
 import run_demo
 from sd.checkpoint import load_checkpoint, read_state_dict
+from sd.embeddings import read_embedding
+from sd.lora import lora_targets
 from sd.errors import SDError
 from sd.flags import Flags, settle_flags
 from tests.tiny import save_checkpoint, tiny_compvis_state
@@ -96,6 +100,67 @@ def test_mutated_checkpoints_are_read_or_refused(tmp_path, originals, kind):
     assert 0 < read < CASES  # both outcomes happen: the mutations are neither all harmless nor all fatal
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
     assert grown < 512 * 1024, f"reading files of {len(originals[kind])} bytes raised the peak memory by {grown} kB"
+
+
+FILE_CASES = 600  # per kind of LoRA or embedding file
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from sd.pipeline import StableDiffusion
+    from tests.tiny import write_tiny_checkpoint
+    return StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path_factory.mktemp("sd") / "t.safetensors"))
+
+
+def small_files(folder, sd) -> dict[str, Path]:
+    """A LoRA of four layers (kohya's layout, .safetensors and .pt) and an embedding (AUTOMATIC1111's .pt,
+    kohya's .safetensors)."""
+    from safetensors.torch import save_file
+    gen, lora = torch.Generator().manual_seed(0), {}
+    for name, module in [(n, m) for n, m in lora_targets(sd.models).items() if n.startswith("lora_unet_")][:4]:
+        w = module.weight
+        lora.update({f"{name}.lora_down.weight": torch.randn(2, *w.shape[1:], generator=gen) * 0.1,
+                     f"{name}.lora_up.weight": torch.randn(w.shape[0], 2, *(1,) * (w.dim() - 2), generator=gen) * 0.1,
+                     f"{name}.alpha": torch.tensor(1.0)})
+    vectors = torch.randn(2, 64, generator=gen)
+    save_file(lora, folder / "lora.safetensors")
+    torch.save(lora, folder / "lora.pt")
+    torch.save({"string_to_param": {"*": vectors}, "name": "x"}, folder / "emb.pt")
+    save_file({"emb_params": vectors}, folder / "emb.safetensors")
+    return {kind: folder / kind for kind in ("lora.safetensors", "lora.pt", "emb.pt", "emb.safetensors")}
+
+
+@pytest.mark.parametrize("kind", ["lora.safetensors", "lora.pt", "emb.pt", "emb.safetensors"])
+def test_mutated_loras_and_embeddings_load_or_are_refused(tmp_path, tiny_sd, kind):
+    """Each mutation loads (and unloads) or is refused with the project's error, the model then unchanged."""
+    original = small_files(tmp_path, tiny_sd)[kind].read_bytes()
+    rng = random.Random(f"fuzz-{kind}")
+    layers = [m for n, m in lora_targets(tiny_sd.models).items() if n.startswith("lora_unet_")][:4]
+    before = [m.weight.clone() for m in layers]  # those the file changes
+    loaded, peak = 0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for case in range(FILE_CASES):
+        data = original
+        if kind.endswith(".safetensors") and rng.random() < 0.5:
+            data = edit_safetensors_header(data, rng)
+        for _ in range(rng.randint(0, 2) if data is not original else rng.randint(1, 3)):
+            data = flip(data, rng)
+        path = tmp_path / f"case{case % 2}{Path(kind).suffix}"
+        path.write_bytes(data)
+        try:
+            if kind.startswith("lora"):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tiny_sd.load_lora(path)
+                tiny_sd.unload_lora()
+            else:
+                assert torch.isfinite(read_embedding(path).vectors).all()
+            loaded += 1
+        except SDError as e:
+            assert "\n" not in str(e), str(e)
+        assert all(torch.equal(w, m.weight) for w, m in zip(before, layers)), case
+    assert 0 < loaded < FILE_CASES
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    assert grown < 512 * 1024, f"reading files of {len(original)} bytes raised the peak memory by {grown} kB"
 
 
 def degenerate_states(rng: random.Random):

@@ -34,12 +34,15 @@ from tests.tiny import write_tiny_checkpoint
 KINDS = re.compile(r"(down_blocks_1|mid_block|up_blocks_0|up_blocks_1_attentions_2|text_model_encoder_layers_(0|11))_")
 
 
+SPELLINGS = {False: ("lora_unet_", "lora_te_text_model_"), True: ("unet.", "text_encoder.text_model.")}  # by peft
+
+
 def random_lora(models, seed: int, rank: int = 4, alpha: float | None = 2.0, peft: bool = False) -> dict:
     """A LoRA for the layers KINDS picks, random, in kohya's layout (or diffusers/PEFT's)."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, module in lora_targets(models).items():
-        if not name.startswith(("unet.", "text_encoder.") if peft else "lora_") or \
+        if not name.startswith(SPELLINGS[peft]) or \
                 not KINDS.search(name.replace(".", "_")):
             continue
         w = module.weight
@@ -106,7 +109,7 @@ def reference_layers(ours_models, refs) -> dict[str, tuple[torch.nn.Module, torc
             if name.startswith(prefix):
                 spelled[module] = ref.get_submodule(name[len(prefix):])
     return {name: (module, spelled[module]) for name, module in targets.items()
-            if name.startswith("lora_") and KINDS.search(name)}
+            if name.startswith(SPELLINGS[False]) and KINDS.search(name)}
 
 
 @contextlib.contextmanager
@@ -186,9 +189,9 @@ def bad_lora_files(folder, models) -> dict[str, tuple]:
     good = random_lora(models, 4)
     key = next(k for k in good if k.startswith("lora_unet") and k.endswith("lora_down.weight"))
     files = {
-        "sdxl": ({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
-                  "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, "for SDXL"),
-        "shapes": ({**good, key: torch.zeros(4, 7)}, "for another model"),
+        "sdxl": ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+                  "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, "for SDXL"),
+        "shapes": ({**good, key: torch.zeros(4, 7, *good[key].shape[2:])}, "for another model"),
         "nothing_matches": ({"lora_unet_foo.lora_down.weight": torch.zeros(2, 3),
                              "lora_unet_foo.lora_up.weight": torch.zeros(3, 2)}, "none of its 1 layers"),
         "no_lora_keys": ({"weight": torch.zeros(2)}, "holds no LoRA layers"),
@@ -250,8 +253,8 @@ def cli_files(tmp_path_factory):
     models = StableDiffusion.from_checkpoint(checkpoint).models
     (folder / "lora").mkdir()
     save_file(random_lora(models, 6), folder / "lora" / "style.safetensors")
-    save_file({"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
-               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, folder / "xl.safetensors")
+    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)}, folder / "xl.safetensors")
     return folder, checkpoint
 
 
@@ -443,3 +446,90 @@ def test_wrap_lora_refuses_a_pattern_that_matches_nothing():
     message = "no Linear or Conv2d layer of the Holder has a path matching 'nope'"
     with pytest.raises(InputError, match=re.escape(message)):
         wrap_lora(Holder(torch.nn.Linear(2, 3)), "nope", 2, 2.0)
+
+
+# ---- the layouts diffusers and peft write today, against peft's merge (tiny reference models) ---------
+
+def tiny_references():
+    """diffusers' UNet and transformers' CLIP text model at the tiny sizes (`tests.tiny`), seeded."""
+    from tests.reference import randomize_
+    from tests.tiny import TINY_CLIP, TINY_UNET
+    transformers = oracle("transformers")
+    unet = oracle("diffusers").UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64),
+        cross_attention_dim=TINY_UNET.context_dim, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=TINY_CLIP.width, intermediate_size=4 * TINY_CLIP.width,
+        num_hidden_layers=TINY_CLIP.layers, num_attention_heads=TINY_CLIP.heads, max_position_embeddings=77,
+        hidden_act="quick_gelu"))
+    return randomize_(unet, seed=41), randomize_(clip, seed=42)
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "time_emb_proj", "conv_shortcut", "conv"]
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+@pytest.fixture(scope="module")
+def peft_written(tmp_path_factory):
+    """A LoRA (random, both halves non-zero) put on the tiny references by peft and written by diffusers as
+    its own file and as kohya's (`convert_state_dict_to_kohya`: `lora_te1_`); the checkpoint of the references
+    without it, and the CompVis weights of the references with peft's merge."""
+    from tests.compvis import save_checkpoint, training_buffers
+    from tests.reference import to_compvis
+    from tests.tiny import TINY_CLIP, TINY_UNET, VAE_PREFIX, tiny_compvis_state
+    peft, diffusers = oracle("peft"), oracle("diffusers")
+    folder = tmp_path_factory.mktemp("peft")
+    unet, clip = tiny_references()
+    nets = {"unet": (unet, TINY_UNET), "clip": (clip, TINY_CLIP)}
+    base = {k: v.clone() for net, (ref, cfg) in nets.items() for k, v in to_compvis(net, ref, cfg).items()}
+    vae = {k: v for k, v in tiny_compvis_state().items() if k.startswith(VAE_PREFIX)}
+    checkpoint = save_checkpoint({**base, **vae, **training_buffers()}, folder / "tiny.safetensors")
+    torch.manual_seed(43)
+    for ref, targets in ((unet, UNET_TARGETS), (clip, CLIP_TARGETS)):
+        ref.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    layers = {f"{prefix}.{k}": v for prefix, ref in (("unet", unet), ("text_encoder", clip))
+              for k, v in peft.utils.get_peft_model_state_dict(ref).items()}
+    assert any(k.startswith("text_encoder.encoder.layers.") for k in layers)  # transformers 5's names
+    diffusers.StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers={
+        k[len("unet."):]: v for k, v in layers.items() if k.startswith("unet.")}, text_encoder_lora_layers={
+        k[len("text_encoder."):]: v for k, v in layers.items() if k.startswith("text_encoder.")})
+    kohya = diffusers.utils.convert_state_dict_to_kohya(layers)
+    assert any(k.startswith("lora_te1_encoder_layers_") for k in kohya)
+    save_file(kohya, folder / "kohya.safetensors")
+    merged = {}
+    with torch.no_grad():
+        for net, (ref, cfg) in nets.items():
+            for module in ref.modules():
+                if isinstance(module, peft.tuners.lora.LoraLayer):
+                    module.merge()
+            merged.update(to_compvis(net, unwrapped(ref), cfg))
+    assert sum(not torch.equal(merged[k], base[k]) for k in base) == len(kohya) // 3  # each layer changed
+    return {"checkpoint": checkpoint, "diffusers": folder / "pytorch_lora_weights.safetensors",
+            "kohya": folder / "kohya.safetensors", "merged": merged, "layers": len(kohya) // 3}
+
+
+def unwrapped(ref):
+    """A copy of a peft-adapted (and merged) model with its base layers back in place of the LoRA layers."""
+    peft = oracle("peft")
+    ref = copy.deepcopy(ref)
+    for path, module in list(ref.named_modules()):
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            parent, _, name = path.rpartition(".")
+            setattr(ref.get_submodule(parent), name, module.get_base_layer())
+    return ref
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_the_layouts_diffusers_writes_merge_as_peft_does(peft_written, layout):
+    """Files of transformers 5's text-encoder names (`text_encoder.encoder.layers...`) and of
+    `convert_state_dict_to_kohya` (`lora_te1_`) are read whole and merge to peft's weights."""
+    ours = StableDiffusion.from_checkpoint(peft_written["checkpoint"])
+    lora = ours.load_lora(peft_written[layout])
+    assert not lora.unmatched and len(lora.layers) == peft_written["layers"]
+    assert any(n.startswith(("text_encoder.encoder.", "lora_te1_")) for n in lora.layers)
+    for net, prefix in (("unet", UNET_PREFIX), ("clip", CLIP_PREFIX)):
+        for key, value in getattr(ours.models, net).state_dict().items():
+            assert rel_err(value, peft_written["merged"][prefix + key]) < 1e-6, key

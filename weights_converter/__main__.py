@@ -108,9 +108,9 @@ def convert_file(args: argparse.Namespace) -> None:
     state = read_state_dict(args.input)
     family = detect_family(args.input, state)
     ema_copies = any(k.startswith(EMA_PREFIX + "diffusion_model") for k in state)
-    state = convert(args.input, state, args.ema_only, args.half)
     stored = read_metadata(args.input)
-    check_loadable(args.input, family, state, stored.get("configs", {}))
+    check_loadable(args.input, family, state, stored.get("configs", {}))  # before any tensor is converted
+    state = convert(args.input, state, args.ema_only, args.half)
     decision = decide(args.input, family, lambda: probe_unet(args.input, family, state, stored.get("configs", {})),
                       requested=args.prediction, marked=V_PRED_KEY in state, stored=stored.get("prediction_type"))
     if decision.rule != family_rule(family):  # said where the family alone did not decide
