@@ -72,7 +72,8 @@ def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
 def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> None:
     if not torch.isfinite(x).all():
         cause = (f"most likely an overflow in {dtype}: run again in float32 (or bfloat16)"
-                 if dtype != torch.float32 else "in float32 that means damaged weights: download the checkpoint again")
+                 if dtype != torch.float32 else "in float32, with weights and settings checked on the way in, a fault of this program: please report "
+                 "it with the command that made it")
         raise GenerationError(f"the {what} contain NaN or inf values, {cause}")
 
 

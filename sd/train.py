@@ -53,6 +53,7 @@ from sd.paths import writable_folder, writable_output
 from sd.objectives import OBJECTIVES, Objective
 from sd.prediction import SHORT, prediction_name
 from sd.prompt import words
+from sd.tensor_checks import structure_fault, value_fault
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 
@@ -226,11 +227,12 @@ def check_weights(path: Path, part: str, saved, model: nn.Module) -> None:
                                   f"{len(missing) - 1} more")
     for key, ref in wanted.items():
         t = saved[key]
-        if not (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.shape == ref.shape
-                and t.dtype == ref.dtype and not t.is_meta and not t.is_complex()):
-            raise damaged_state(path, f"{part}.{key} is not a {ref.dtype} tensor of shape {tuple(ref.shape)}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise damaged_state(path, f"{part}.{key} holds NaN or inf values")
+        fault = structure_fault(t) or (t.shape != ref.shape or t.dtype != ref.dtype) and \
+            f"is not a {ref.dtype} tensor of shape {tuple(ref.shape)}"
+        if not fault and t.is_floating_point():
+            fault = value_fault(t, min_dim=0)
+        if fault:
+            raise damaged_state(path, f"{part}.{key} {fault}")
 
 
 def fixed(identity: dict, key: str):
