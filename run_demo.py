@@ -202,9 +202,9 @@ def load_and_generate(args: argparse.Namespace) -> None:
     stored = read_parameters(args.from_png) if args.from_png else {}
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    checkpoint = readable_file(args.checkpoint, "checkpoint", missing=checkpoint_not_found(args.checkpoint)) \
-        if args.checkpoint else default_checkpoint(stored.get("model"))
-    assumed_size = read_metadata(checkpoint).get("image_size", SD_V1_SIZE)
+    checkpoint = args.checkpoint or default_checkpoint(stored.get("model"))
+    assumed_size = read_metadata(readable_file(checkpoint, "checkpoint")).get("image_size", SD_V1_SIZE) \
+        if checkpoint.is_file() else SD_V1_SIZE  # a missing one is named by load_checkpoint, after the flags
     flags = settle_flags(args, stored, assumed_size, LORA_DIR)
     tokenizer = CLIPTokenizer()
     embeddings = read_embeddings(args, flags, stored, tokenizer, EMBEDDINGS_DIR)

@@ -203,7 +203,8 @@ def test_output_folder_not_writable(tmp_path, checkpoints):
         folder = Path("/sys")
     result = subprocess.run(command("--prompt", "a cat", "--checkpoint", checkpoints[4], "--output",
                                     folder / "image.png"), cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert_refused(result, tmp_path / "read-only", f"cannot write to output folder {folder}", "choose another --output")
+    assert_refused(result, tmp_path / "read-only", f"cannot write into the folder of --output {folder}",
+                   "choose a folder you can write to")
 
 
 # ---- interruptions and failures -------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import random
 import resource
 import struct
+import time
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from sd.embeddings import read_embedding
 from sd.lora import lora_targets
 from sd.errors import SDError
 from sd.flags import Flags, settle_flags
+from sd.parameters import parse_parameters
 from tests.tiny import save_checkpoint, tiny_compvis_state
 from weights_converter import __main__ as converter
 
@@ -195,9 +197,12 @@ def test_degenerate_tensors_load_or_are_refused(tmp_path, capsys):
         assert status == 0 or (status == 2 and err.startswith("error: ") and err.count("\n") == 1), (status, err)
 
 
+PARAMETERS_ALPHABET = 'abc019 .,:-x"\\\nNegative prompt: Steps Size Seed Sampler CFG scale Init image Mask Model hash'
+
+
 def test_mutated_png_parameters_are_read_or_refused(tmp_path):
     rng = random.Random("png")
-    alphabet = 'abc019 .,:-x"\\\nNegative prompt: Steps Size Seed Sampler CFG scale Init image Mask Model hash'
+    alphabet = PARAMETERS_ALPHABET
     valid = ('a cat\nNegative prompt: dogs\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 5, '
              'Size: 64x48, Model hash: 0123456789, Model: tiny, Denoising strength: 0.5, Init image: "a, b.png"')
     for case in range(CASES):
@@ -216,3 +221,19 @@ def test_mutated_png_parameters_are_read_or_refused(tmp_path):
             assert "\n" not in str(e), str(e)
         else:
             assert isinstance(flags, Flags) and flags.steps >= 1 and flags.width % 8 == 0
+
+
+def test_long_random_parameters_are_read_in_time(tmp_path):
+    """The settings parser on long settings lines (20 kB to 400 kB) that repeat a random piece of the same alphabet: a
+    result or the project's error, each in time linear in its length (a bound far above it: the quadratic
+    parser took minutes on 200 kB)."""
+    rng = random.Random("long parameters")
+    for case in range(30):
+        piece = "".join(rng.choices(PARAMETERS_ALPHABET.replace("\n", ""), k=rng.randint(1, 30)))  # one line
+        text = piece * (rng.randint(20_000, 400_000) // len(piece))
+        start = time.perf_counter()
+        try:
+            parse_parameters(text, tmp_path)
+        except (SDError, ValueError) as e:  # ValueError: what run_demo.read_parameters turns into one line
+            assert "\n" not in str(e), str(e)
+        assert time.perf_counter() - start < 5.0, (case, piece, len(text))

@@ -76,7 +76,7 @@ def test_the_command_line_writes_automatic1111_parameters_and_remakes_the_image(
     for extra, message in ((["--hires-scale", "0.5"], "--hires-scale must be a number above 1"),
                            (["--hires-scale", "2", "--hires-strength", "1.5"], "--hires-strength must be between 0 and 1"),
                            (["--hires-scale", "2", "--image", tmp_path / "hires.png"], "leave out --image"),
-                           (["--hires-scale", "100000"], "lower --width and --height"),
+                           (["--hires-scale", "100000"], "--hires-scale must be a number above 1, at most 8"),
                            (["--hires-steps", "5"], "--hires-steps sets the hires fix, which --hires-scale S turns on")):
         assert run_demo.main(list(map(str, [*common, "--prompt", PROMPT, *extra, "--output", tmp_path / "bad.png"]))) == 2
         err = capsys.readouterr().err

@@ -245,11 +245,11 @@ def test_odd_string_to_param_objects_are_refused(tmp_path, kind):
 def test_path_arguments_that_are_no_path(tiny, tmp_path, value):
     before = weights_of(tiny)
     for load in (tiny.load_lora, tiny.load_embedding, load_checkpoint):
-        with pytest.raises(InputError, match="must be given as a path"):
+        with pytest.raises(InputError, match="must be (given as a path|the path of a file)"):
             load(value)
     assert_unchanged(tiny, before)
     torch.save({"emb_params": torch.ones(1, 64)}, tmp_path / "e.pt")
     if value is not None:
-        with pytest.raises(InputError, match="must be a str"):
+        with pytest.raises(InputError, match="must be (a str|None or a text)"):
             tiny.load_embedding(tmp_path / "e.pt", token=value)
     assert not tiny.embeddings

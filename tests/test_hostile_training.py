@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import random
 import resource
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from PIL import Image
 from sd import devices, objectives, paths, train
 from sd.checkpoint import save_checkpoint
 from sd.errors import SettingError
+from tests.test_fuzz import flip
 
 MICRO = ["--preset", "micro", "--no-progress", "--sample-every", "1000", "--batch-size", "2"]
 
@@ -414,3 +416,24 @@ def test_a_caption_of_many_tokens_is_cut_to_what_clip_reads_and_drawn(init, tmp_
     assert train.main(args) == 0
     assert "1 caption(s) are longer than CLIP's 75 tokens (the longest: 15000)" in capsys.readouterr().err
     assert (tmp_path / "run" / "diffusion-samples-000002.png").is_file()
+
+
+STATE_FUZZ_CASES = 60
+
+
+def test_mutated_resume_states_resume_or_are_refused_in_one_line(init, saved, tmp_path, capsys):
+    """Seeded random mutations of a real state file (flipped bits, cuts, inserted bytes): each resumes or is
+    refused in one line naming the file, never a traceback; both outcomes happen."""
+    rng, refused = random.Random("resume states"), 0
+    for case in range(STATE_FUZZ_CASES):
+        run_dir = tmp_path / str(case)
+        run_dir.mkdir()
+        state = run_dir / "diffusion-state.pt"
+        state.write_bytes(flip(saved, rng))
+        code = train.main(diffusion_args(init, run_dir, "--resume", "--steps", "3"))
+        if code:
+            assert str(state) in one_error(capsys, code), case
+            refused += 1
+        else:
+            assert "Traceback" not in capsys.readouterr().err and (run_dir / "out.safetensors").is_file()
+    assert 0 < refused < STATE_FUZZ_CASES, refused
