@@ -29,7 +29,7 @@ def pick_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
         key = f"cuda:{device.index or 0}" if device.type == "cuda" else device.type
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):  # not a device's name at all
         key = None
     if key not in available:
         raise InputError(f"device {name!r} is unknown or not available on this machine; use one of: "

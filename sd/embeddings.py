@@ -72,11 +72,16 @@ def vectors_of(path: Path, contents) -> tuple[torch.Tensor, str | None]:
         keys = ", ".join(map(repr, list(contents)[:5])) if isinstance(contents, dict) and contents else "none"
         raise InputError(f"{path} is not a textual-inversion embedding: it holds no 'string_to_param', 'emb_params' "
                          f"or single token's vectors (its keys: {keys}); give an embedding file")
+    check_vectors(path, key, found)
+    return found.detach().reshape(-1, found.shape[-1]).float().contiguous(), token
+
+
+def check_vectors(path: Path, key: str, found: torch.Tensor) -> None:
+    """Vectors that can stand for a word: a sound tensor (`sd.tensor_checks`) of 1 to 75 vectors (n, width)."""
     check_tensors(path, {key: found}, "embedding", error=InputError)
     if found.dim() > 2 or not 1 <= found[None].shape[-2] <= MAX_PROMPT_TOKENS:
         raise InputError(f"{path} holds vectors of shape {tuple(found.shape)}; an embedding is 1 to "
                          f"{MAX_PROMPT_TOKENS} vectors (n, width)")
-    return found.detach().reshape(-1, found.shape[-1]).float().contiguous(), token
 
 
 def read_embedding(path: str | Path, name: str | None = None) -> Embedding:

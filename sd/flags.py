@@ -14,11 +14,11 @@ from sd.embeddings import EMBEDDING_SUFFIXES, Embedding, check_name, read_embedd
 from sd.errors import InputError
 from sd.lora import TAG_UNSAFE, lora_tags, with_lora
 from sd.parameters import NEGATIVE_MARK
-from sd.paths import exists, file_in, inside, readable_file
+from sd.paths import exists, file_in, readable_file
 from sd.prediction import prediction_name
 from sd.prompt import NUMBER, PromptParser, names_in
 from sd.samplers import DEFAULT_SAMPLER, make_sampler
-from sd.settings import MAX_SEED, Settings, check_hires, check_invertible, check_upscaled, settle
+from sd.settings import MAX_SEED, RANGES, Settings, check_hires, check_invertible, check_upscaled, settle
 from sd.tokenizer import CLIPTokenizer
 
 DEFAULT_HIRES_STRENGTH = 0.55
@@ -186,6 +186,9 @@ def resolve_loras(prompt: str, values: list[str], folder: Path) -> tuple[str, li
             raise InputError(f"--prompt has <lora:{name}>, but there is no {name}.safetensors in {shown(folder)}/; "
                              f"put the file there or pass --lora PATH")
         loras.append((path, float(weight or 1)))
+        if not RANGES["lora_weight"].holds(loras[-1][1]):
+            raise InputError(f"--prompt has <lora:{name}:{weight}>, whose weight must be "
+                             f"{RANGES['lora_weight'].says()}; LoRAs are merged at about -2 to 2")
     return prompt, loras
 
 
@@ -208,8 +211,7 @@ def read_embeddings(args: argparse.Namespace, flags: Flags, stored: dict, tokeni
              if path.suffix.lower() in EMBEDDING_SUFFIXES} if folder.is_dir() else {}
     given = {name.lower() for name in loaded}
     for name in names_in(texts, [name for name in files if name.lower() not in given]):
-        add(read_embedding(inside(files[name], folder, f"the embedding {name}", "copy the file into the folder or "
-                                  "pass --embedding PATH"), name))
+        add(read_embedding(files[name], name))
     parser = PromptParser(tokenizer, loaded)
     parser.parse(flags.text)
     parser.parse(flags.negative_text, "negative_prompt")

@@ -3,9 +3,11 @@
 - A path the user types (--checkpoint, --lora PATH, --image, --output, a --data folder) may be any path, absolute
   or relative to the current folder; it must be valid Unicode (it is printed and written into a PNG's parameters)
   and, for an input, a file this process can read (`readable_file`).
-- A name that comes from text (a prompt's <lora:NAME> tag, a PNG's "Model") names a file inside one folder only:
-  a plain file name, no folder part, no `..` (`plain_name`), and its real path, symlinks followed, inside that
-  folder (`file_in`). So does a file that a folder lists (a dataset's images and captions: `inside`).
+- A name that comes from text (a prompt's <lora:NAME> tag, a PNG's "Model") names a file in one folder only: a
+  plain file name, no folder part, no `..` (`plain_name`, `file_in`). A link the user put in that folder (models
+  shared between programs) is theirs to follow.
+- A file that a folder lists (a dataset's images and captions) must really be inside it, links followed
+  (`inside`): its text ends up in a published checkpoint's metadata.
 """
 
 import os
@@ -79,13 +81,13 @@ def inside(path: Path, folder: Path, what: str, fix: str) -> Path:
 
 
 def file_in(folder: Path, name: str, suffixes: Iterable[str], what: str, fix: str) -> Path | None:
-    """The file `name` + the first of `suffixes` that is in `folder`, by the policy above (`plain_name`, `inside`,
+    """The file `name` + the first of `suffixes` that is in `folder`, by the policy above (`plain_name`,
     `readable_file`; `fix`: what to do instead); None if there is none."""
     plain_name(name, what, folder, fix)
     for suffix in suffixes:
         path = folder / f"{name}{suffix}"
         if exists(path) and (path.is_file() or path.is_dir()):
-            return inside(readable_file(path, what), folder, what, f"copy the file into the folder or {fix}")
+            return readable_file(path, what)
     return None
 
 

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from sd.attention import configure_attention
 from sd.checkpoint import StableDiffusionModels, load_checkpoint
 from sd.conditioning import Conditioning
-from sd.devices import check_memory
-from sd.embeddings import Embedding, check_name, check_width, read_embedding
+from sd.devices import check_memory, pick_device
+from sd.embeddings import Embedding, check_name, check_vectors, check_width, read_embedding
 from sd.guidance import ClassifierFreeGuidance
 from sd.lora import LoRA, LoRAMerger, read_lora
 from sd.errors import GenerationError, SettingError
@@ -37,7 +37,7 @@ from sd.prompt import PromptParser, TextEncoder, check_clip_skip, encode, words
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 # re-exported as the library's names: the defaults, `settle` and the checks it runs before loading
-from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, UPSCALERS,  # noqa: F401
+from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, RANGES, UPSCALERS,  # noqa: F401
                          VAE_FACTOR, ImageInput, Settings, check_argument, check_deep_cache_branch, check_hires,
                          check_invertible, check_path, check_upscaled, is_finite_number, is_int, settle)
 from sd.tokenizer import CLIPTokenizer
@@ -112,6 +112,7 @@ class StableDiffusion:
         """The model of an SD 1.x or 2.x checkpoint file; `prediction` "v" or "epsilon" overrides what the file
         says its UNet predicts (`sd.prediction`; the rule that decided is `models.prediction_rule`)."""
         check_path("path", path)
+        device = pick_device(device)
         check_argument("dtype", dtype, dtype in (torch.float32, torch.bfloat16, torch.float16),
                        "torch.float32, torch.bfloat16 or torch.float16")
         check_flags(use_ema=use_ema)
@@ -154,8 +155,7 @@ class StableDiffusion:
         several LoRAs add up. Layers of the file that this model lacks are named in a warning. A file that
         does not fit is refused before any weight changes. Returns the LoRA read."""
         check_path("path", path)
-        if not is_finite_number(weight):
-            raise SettingError(lambda n: f"the weight of LoRA {path} must be a finite number, got {weight!r}")
+        check_argument("weight", weight, RANGES["lora_weight"].holds(weight), RANGES["lora_weight"].says())
         lora = read_lora(path, self.models)
         if lora.unmatched:
             warnings.warn(f"{len(lora.unmatched)} of the {len(lora.unmatched) + len(lora.layers)} layers of LoRA "
@@ -169,6 +169,9 @@ class StableDiffusion:
         self.loras.unmerge()
 
     def add_embedding(self, embedding: Embedding) -> Embedding:
+        """Use `embedding` (read by `sd.embeddings.read_embedding`, or made in code) in prompts by its name."""
+        check_argument("embedding", embedding, isinstance(embedding, Embedding), "an sd.embeddings.Embedding")
+        check_vectors(embedding.path, "vectors", embedding.vectors)
         check_width(embedding, self.models.clip.config.width)
         check_name(embedding, self.tokenizer, self.embeddings)
         self.embeddings[embedding.name] = embedding

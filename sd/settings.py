@@ -31,6 +31,8 @@ MAX_SIDE = 16384  # pixels, each way: a tiled decode's memory is bounded, not th
 MAX_IMAGES = 10_000  # per call or run
 MAX_GUIDANCE = 100  # beyond it, guidance overflows rather than steers
 MAX_HIRES_SCALE = 8
+MAX_LORA_WEIGHT = 100  # LoRAs are merged at about -2 to 2; beyond this a weight only overflows
+MAX_LATENT = 1e4  # initial noise is about N(0, 1) and image latents within about ±50: beyond, values overflow
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,7 @@ RANGES = {  # every numeric setting of a generation, of the hires fix, of the co
     "deep_cache_branch": Range(0, 100, whole=True),
     "hires_scale": Range(1, MAX_HIRES_SCALE, above=True, text=f"a number above 1, at most {MAX_HIRES_SCALE}"),
     "hires_strength": Range(0, 1), "hires_steps": STEPS,
+    "lora_weight": Range(-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT),
 }
 
 
@@ -301,6 +304,8 @@ def check_latents(latents, name: str, batch: int) -> torch.Tensor:
     if latents.dim() != 4 or latents.shape[1] != 4 or latents.shape[0] not in (1, batch):
         raise SettingError(lambda n: f"{n(name)} must have the shape (4, h, w), (1, 4, h, w) or ({batch}, 4, h, w), "
                                      f"got {tuple(latents.shape)}")
-    if not torch.isfinite(latents).all():
-        raise SettingError(lambda n: f"{n(name)} hold NaN or inf values")
+    largest = float(latents.abs().max()) if latents.numel() else 0.0
+    if not largest <= MAX_LATENT:  # NaN too
+        raise SettingError(lambda n: f"{n(name)} hold values as large as {largest:.3g} (NaN or inf included); latents "
+                                     f"are about N(0, 1), at most {MAX_LATENT:g}")
     return latents.to(LATENT_DTYPE).expand(batch, -1, -1, -1)

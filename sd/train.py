@@ -30,6 +30,7 @@ import dataclasses
 import json
 import math
 import os
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ from sd.paths import writable_folder, writable_output
 from sd.objectives import OBJECTIVES, Objective
 from sd.prediction import SHORT, prediction_name
 from sd.prompt import words
+from sd.safe_pickle import load_pickle_checkpoint
 from sd.tensor_checks import structure_fault, value_fault
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
@@ -190,14 +192,15 @@ def damaged_state(path: Path, what: str) -> TrainingError:
                          f"--overwrite, or use another --run-dir")
 
 
-def read_state(path: Path, device: torch.device) -> dict:
-    """A saved state whose parts are of the kinds `Stage.save_state` writes (the tensors are checked later)."""
+def read_state(path: Path) -> dict:
+    """A saved state whose parts are of the kinds `Stage.save_state` writes (the tensors are checked later),
+    read by the restricted unpickler: no code runs and nothing is allocated beyond what the file could hold."""
     if not path.is_file():
         raise damaged_state(path, "it is not a file")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-        raise damaged_state(path, f"unreadable: {type(e).__name__}") from None
+        state = load_pickle_checkpoint(path, "training state")
+    except SDError as e:
+        raise damaged_state(path, f"unreadable: {str(e).removesuffix('.')}") from None
     kinds = {"identity": str, "step": int, "optimizer": dict, "models": dict, "ema": dict, "scale_factor": float}
     if not isinstance(state, dict):
         raise damaged_state(path, f"it holds a {type(state).__name__}, not a dict")
@@ -343,7 +346,7 @@ class Stage:
 
     def load_state(self) -> None:
         """The saved state, checked whole (identity, step, every tensor) before any of it is loaded."""
-        state = read_state(self.state_path, self.device)
+        state = read_state(self.state_path)
         self.check_identity(json.loads(state["identity"]), state["step"])
         for part in ("models", "ema"):
             for net in self.trained:
@@ -392,7 +395,8 @@ class Stage:
             with self.autocast:
                 loss = self.loss(step, step_generator(self.args.seed, self.name, step))
             if not torch.isfinite(loss):
-                again = "run again" if self.step == 0 else "continue with --resume"
+                saved = self.step or any(self.run_dir.glob("*-state.pt"))  # this stage's, or an earlier one's
+                again = "continue with --resume" if saved else "run again"
                 raise TrainingError(f"the {self.name} loss became {loss.item()} at step {step}; {self.kept()}: "
                                     f"lower --lr and {again}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -474,7 +478,15 @@ class RunFolder:
         if fcntl is None:
             yield
             return
-        with open(self.path / LOCK_NAME, "a+") as lock:
+        try:  # never through a link planted at the name, and only a plain file
+            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise InputError(f"cannot open the lock file {self.path / LOCK_NAME} ({e.strerror}); remove what is at "
+                             f"that name, or use another --run-dir") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise InputError(f"{self.path / LOCK_NAME} is not a plain file; remove it, or use another --run-dir")
+        with os.fdopen(fd, "r+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -130,8 +130,10 @@ def test_bad_input(tmp_path, name):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["{in}", "{tmp}/out.ckpt"], "must end in .safetensors"),
+    (["{in}", "{tmp}/out.ckpt"], "OUT {tmp}/out.ckpt must end in .safetensors"),
     (["{in}", "{tmp}/no/such/folder/out.safetensors"], "folder {tmp}/no/such/folder does not exist"),
+    (["{in}", "/proc/out.safetensors"], "cannot write into the folder of OUT /proc"),
+    (["{in}", "{tmp}"], "is a folder"),
     (["{in}"], "the following arguments are required: OUT"),
     (["{in}", "{tmp}/out.safetensors", "--fp16"], "unrecognized arguments: --fp16"),
     (["{tmp}/same.safetensors", "{tmp}/same.safetensors", "--overwrite"], "input and output are the same file"),

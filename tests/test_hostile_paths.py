@@ -60,7 +60,7 @@ TAGS = {  # name in the tag: a fragment of the refusal, or None where it is foun
     "../outside/x": "not a file name in", "../../x": "not a file name in", "..": "not a file name in",
     ".": "not a file name in", "{tmp}/outside/x": "not a file name in", "sub/deep": "not a file name in",
     "sub\\deep": "not a file name in", "..\\outside\\x": "not a file name in", " ": "not a file name in",
-    "escape": "is a link to", "dir": "is a folder", LONG: "there is no", "nowhere": "there is no",
+    "escape": "escape.safetensors", "dir": "is a folder", LONG: "there is no", "nowhere": "there is no",
     "style": "style.safetensors", "STYLE": "there is no", "inner": "inner.safetensors",
     " spaced ": " spaced .safetensors", "ü&;$": "ü&;$.safetensors",
 }
@@ -72,15 +72,14 @@ def test_a_tag_names_a_file_in_the_folder_only(place, name):
     fragment = TAGS.get(name, TAGS.get("{tmp}/outside/x"))
     if fragment.endswith(".safetensors"):
         _, [(path, weight)] = resolve_loras(f"a cat <lora:{name}:0.5>", [], place / "lora")
-        assert path == place / "lora" / fragment and weight == 0.5
-        assert path.resolve().is_relative_to((place / "lora").resolve())
+        assert path == place / "lora" / fragment and weight == 0.5  # a link the user put there: followed
     else:
         with pytest.raises(InputError, match=None) as info:
             resolve_loras(f"a cat <lora:{name}:0.5>", [], place / "lora")
         assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["../outside/x", "{tmp}/outside/x", "escape", "..\\outside\\x"])
+@pytest.mark.parametrize("name", ["../outside/x", "{tmp}/outside/x", "..\\outside\\x"])
 def test_a_png_s_tag_cannot_reach_outside_either(place, checkpoint, monkeypatch, capsys, name):
     """The same tags from a PNG's parameters through --from-png: refused before any model is loaded."""
     monkeypatch.setattr(run_demo, "LORA_DIR", place / "lora")
@@ -338,3 +337,9 @@ def test_init_image_names_come_back_through_the_parameters(tmp_path, name):
               "lora_hashes": {}, "tiled_decode": False}
     found = parse_parameters(format_parameters(values, tmp_path), tmp_path)
     assert found["image"] == found["mask"] == Path(os.path.normpath(tmp_path / name))
+
+
+@pytest.mark.parametrize("weight", ["101", "-1000", "99999999999999999999999999999"])
+def test_a_tag_weight_beyond_the_range_is_refused(place, weight):
+    with pytest.raises(InputError, match="whose weight must be between -100 and 100"):
+        resolve_loras(f"a cat <lora:style:{weight}>", [], place / "lora")

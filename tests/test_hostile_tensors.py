@@ -5,12 +5,13 @@ impossible shapes, merges that would overflow, views larger than their file, odd
 path or name arguments that are no path or name alike."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from sd.checkpoint import load_checkpoint, read_state_dict
-from sd.embeddings import read_embedding
+from sd.embeddings import Embedding, read_embedding
 from sd.errors import CheckpointError, InputError, UnsafeCheckpointError
 from sd.lora import lora_targets
 from sd.pipeline import StableDiffusion
@@ -185,10 +186,12 @@ def test_a_layer_named_twice_is_refused(tiny, tmp_path):
         tiny.load_lora(tmp_path / "twice.pt")
 
 
-@pytest.mark.parametrize("dtype, values, weight", [(torch.float16, 60000.0, 10.0), (torch.float32, 60000.0, 1e35),
-                                                   (torch.float32, -60000.0, -1e35)])
-def test_a_merge_that_would_overflow_changes_nothing(tiny, tmp_path, dtype, values, weight):
-    """The second layer's sum overflows: refused, and the first layer is not merged either."""
+@pytest.mark.parametrize("dtype, values, weight, refusal", [
+    (torch.float16, 60000.0, 10.0, "overflow float16: use a lower weight"),
+    (torch.float32, 60000.0, 1e35, "weight must be between -100 and 100"),  # fp32 cannot overflow within the range
+    (torch.float32, -60000.0, -1e35, "weight must be between -100 and 100")])
+def test_a_merge_that_would_overflow_changes_nothing(tiny, tmp_path, dtype, values, weight, refusal):
+    """The second layer's sum would overflow: refused, and the first layer is not merged either."""
     sd = tiny if dtype == torch.float32 else \
         StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path / "t.safetensors"), dtype=dtype)
     state = lora_state(sd)
@@ -196,7 +199,7 @@ def test_a_merge_that_would_overflow_changes_nothing(tiny, tmp_path, dtype, valu
     state[last] = torch.full_like(state[last], values)
     torch.save(state, tmp_path / "loud.pt")
     before = weights_of(sd)
-    with pytest.raises(InputError, match=f"overflow {str(dtype)[6:]}: use a lower weight"):
+    with pytest.raises(InputError, match=refusal):
         sd.load_lora(tmp_path / "loud.pt", weight)
     assert_unchanged(sd, before)
     assert not sd.loras.originals and not sd.loras.loaded
@@ -253,3 +256,11 @@ def test_path_arguments_that_are_no_path(tiny, tmp_path, value):
         with pytest.raises(InputError, match="must be (a str|None or a text)"):
             tiny.load_embedding(tmp_path / "e.pt", token=value)
     assert not tiny.embeddings
+
+
+@pytest.mark.parametrize("vectors", [torch.full((1, 64), float("nan")), torch.full((2, 64), 1e30), torch.ones(1, 2, 64),
+                                     torch.ones(0, 64), torch.ones(76, 64)], ids=["nan", "1e30", "3-d", "empty", "76"])
+def test_an_embedding_made_in_code_gets_the_same_check(tiny, vectors):
+    with pytest.raises(InputError, match="made-in-code"):
+        tiny.add_embedding(Embedding("<x>", vectors, Path("made-in-code"), sha256="0" * 64))
+    assert "<x>" not in tiny.embeddings

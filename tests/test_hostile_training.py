@@ -222,6 +222,35 @@ def test_a_run_folder_held_by_another_run_is_refused(init, tmp_path, capsys, mon
     assert "in use by another training run (process 12345)" in error and snapshot(tmp_path) == {}
 
 
+@pytest.mark.parametrize("planted", ["link", "folder", "fifo"])
+def test_a_lock_name_that_is_no_plain_file_is_refused_and_nothing_is_written_through(init, tmp_path, capsys,
+                                                                                       monkeypatch, planted):
+    monkeypatch.setattr(train.Stage, "run", lambda *a: pytest.fail("trained without the lock"))
+    run_dir, victim = tmp_path / "run", tmp_path / "victim.txt"
+    run_dir.mkdir()
+    victim.write_text("precious")
+    lock = run_dir / train.LOCK_NAME
+    {"link": lambda: lock.symlink_to(victim), "folder": lock.mkdir, "fifo": lambda: os.mkfifo(lock)}[planted]()
+    error = one_error(capsys, train.main(diffusion_args(init, run_dir)))
+    assert train.LOCK_NAME in error and victim.read_text() == "precious"
+
+
+class Allocates:
+    """A pickle that asks for a bytearray of 400 MB from a file of about a kilobyte."""
+
+    def __reduce__(self):
+        return bytearray, (400_000_000,)
+
+
+def test_a_state_that_asks_for_more_memory_than_its_size_is_refused_in_bounded_memory(init, saved, tmp_path, capsys):
+    state = tmp_path / "diffusion-state.pt"
+    torch.save({"identity": Allocates()}, state)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    error = one_error(capsys, train.main(diffusion_args(init, tmp_path, "--resume")))
+    assert str(state) in error and "bytearray" in error
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: far below the 400 MB asked
+
+
 # ---- resume states that are not this run's --------------------------------------------------------------
 
 def edited(state_bytes: bytes, edit) -> bytes:

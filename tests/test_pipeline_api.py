@@ -225,6 +225,7 @@ BAD_API_ARGUMENTS = {
     ("generate", "progress"): NOT_BOOLS,
     ("generate", "tiled_decode"): NOT_BOOLS,
     ("generate", "latents"): [META, SPARSE, torch.zeros(1, 4, 6, 8, dtype=torch.complex64), torch.zeros(4, 0, 8),
+                                  torch.full((1, 4, 6, 8), 3e38), torch.full((1, 4, 6, 8), -1e5),
                                   torch.zeros(1, 4, 6, 8, dtype=torch.int64), torch.full((1, 4, 6, 8), float("nan"))],
     ("generate", "image_latents"): [META, SPARSE, torch.zeros(1, 4, 6, 8, dtype=torch.complex64)],
     ("generate", "token_merging"): [TokenMerging(0.5, max_downsample=0), TokenMerging(0.5, stride=(0, 2)),
@@ -238,9 +239,12 @@ BAD_API_ARGUMENTS = {
     ("configure_attention", "fused"): NOT_BOOLS,
     ("load_lora", "path"): [123, None, b"x.safetensors", ""],
     ("load_embedding", "path"): [123, None, ""],
+    ("load_lora", "weight"): [1e30, -101, float("nan"), "1"],
+    ("add_embedding", "embedding"): [123, None, "x.pt"],
     ("load_embedding", "token"): [123, b"x", ""],
 }
-NEEDS = {("invert", "progress"): {"image": Image.new("RGB", (64, 48))}, ("load_embedding", "token"): {"path": "x.pt"}}
+NEEDS = {("invert", "progress"): {"image": Image.new("RGB", (64, 48))}, ("load_embedding", "token"): {"path": "x.pt"},
+         ("load_lora", "weight"): {"path": "x.safetensors"}}
 API_CASES = [(method, name, value) for (method, name), values in BAD_API_ARGUMENTS.items() for value in values]
 
 
@@ -255,6 +259,12 @@ def test_every_bad_argument_is_refused_before_any_work(sd, monkeypatch, method, 
         getattr(sd, method)(**{**options, **NEEDS.get((method, name), {}), name: value})
     assert calls == [] and all(torch.equal(v, before[k]) for k, v in sd.models.unet.state_dict().items())
     assert all(layer.query_slice is None for layer in sd.models.unet.modules() if hasattr(layer, "query_slice"))
+
+
+@pytest.mark.parametrize("device", ["gpu", 123, "cuda:7", ["cpu"], "cpu:x"])
+def test_from_checkpoint_refuses_a_device_this_machine_lacks_before_reading(tmp_path, device):
+    with pytest.raises(InputError, match="device .* is unknown or not available"):
+        StableDiffusion.from_checkpoint(tmp_path / "not-read.safetensors", device=device)
 
 
 @pytest.mark.parametrize("name, value", [("path", 123), ("dtype", "fp16"), ("dtype", torch.int8), ("use_ema", "no")])

@@ -26,6 +26,7 @@ from sd.cli import CommandParser, run_command
 from sd.errors import CheckpointError, InputError
 from sd.families import Family
 from sd.files import write_atomically
+from sd.paths import writable_output
 from sd.prediction import CHOICES, SHORT, V_PRED_KEY, decide, family_rule, prediction_name
 
 PROG = "python -m weights_converter"
@@ -49,12 +50,7 @@ def parse_args(argv):
 
 def check_output(args) -> None:
     out = args.output
-    if out.suffix != ".safetensors":
-        raise InputError(f"output {out} must end in .safetensors")
-    if not out.parent.is_dir():
-        raise InputError(f"output folder {out.parent} does not exist; create it first")
-    if out.is_dir():
-        raise InputError(f"output {out} is a folder; give a file name ending in .safetensors")
+    writable_output(out, "OUT", ".safetensors")
     if out.exists():
         if args.input.exists() and os.path.samefile(args.input, out):
             raise InputError(f"input and output are the same file ({out}); write to a new file")
