@@ -42,7 +42,8 @@ def bad_values(name: str) -> list:
 IMAGE = Image.new("RGB", (16, 16))
 NEEDS = {"strength": {"image": IMAGE}}  # what a setting needs beside it to be read
 HIRES = {"hires_scale": 2.0, "hires_strength": 0.5, "hires_steps": None}
-SETTLED = [name for name in RANGES if name not in HIRES]
+LORA = "lora_weight"  # read by load_lora and the tags, not by settle
+SETTLED = [name for name in RANGES if name not in HIRES and name != LORA]
 
 
 @pytest.mark.parametrize("name, value", [(name, value) for name in SETTLED for value in bad_values(name)],
@@ -118,6 +119,13 @@ def test_a_png_s_parameters_out_of_range_are_refused(tmp_path, capsys, key, valu
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.safetensors"))
+
+
+@pytest.mark.parametrize("value", bad_values(LORA), ids=lambda v: repr(v)[:20])
+def test_a_lora_weight_out_of_range_is_refused_before_the_file_is_read(tiny, value):
+    with pytest.raises(SettingError, match="^weight must be "):
+        tiny.load_lora("never-read.safetensors", value)
+    assert not tiny.loras.loaded
 
 
 def test_the_budget_is_the_process_s_address_space_limit():
