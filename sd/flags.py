@@ -185,10 +185,11 @@ def resolve_loras(prompt: str, values: list[str], folder: Path) -> tuple[str, li
         if path is None:
             raise InputError(f"--prompt has <lora:{name}>, but there is no {name}.safetensors in {shown(folder)}/; "
                              f"put the file there or pass --lora PATH")
-        loras.append((path, float(weight or 1)))
-        if not RANGES["lora_weight"].holds(loras[-1][1]):
+        strength = float(weight or 1)
+        if not RANGES["lora_weight"].holds(strength):
             raise InputError(f"--prompt has <lora:{name}:{weight}>, whose weight must be "
                              f"{RANGES['lora_weight'].says()}; LoRAs are merged at about -2 to 2")
+        loras.append((path, strength))
     return prompt, loras
 
 
