@@ -1,10 +1,10 @@
 """Load an original single-file Stable Diffusion checkpoint (CompVis layout) into the models of `sd`.
 
-The file's family (`sd.families`: SD v1 and 2.x, each also inpainting; SDXL is recognised and refused) is
+The file's family (`sd.families`: SD v1, 2.x and SDXL, each also inpainting, and the SDXL refiner) is
 detected from its keys and shapes, and its record says how to read it. Our modules are named like the
 checkpoint's keys, so the mapping is a few rules:
 - one prefix per network (the family's `prefixes`; `PREFIXES` are SD v1's), and rename rules for
-  layouts whose names differ from ours (the family's `renames`, `sd.layouts`: SD 2.x's OpenCLIP tower);
+  layouts whose names differ from ours (the family's `renames`, `sd.layouts`: the OpenCLIP towers);
 - full checkpoints carry EMA copies of the UNet as `model_ema.<UNet key without dots>`, which
   replace the UNet weights unless `use_ema=False`;
 - the training buffers in `IGNORED_KEYS` (and any `...position_ids`) are not weights and are dropped;
@@ -37,6 +37,7 @@ from sd.errors import CheckpointError, InputError, UnsupportedModelError, checkp
 from sd.families import (FAMILIES, SD1, SD2, SD_V1_SCALE, SD_V1_SIZE, UNET_CONTEXT_KEY, UNET_PREFIX, Family,
                          missing_networks)
 from sd.files import write_atomically
+from sd.micro_conditioning import vector_width
 from sd.prediction import V_PRED_KEY, decide, prediction_name
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
@@ -56,12 +57,14 @@ IGNORED_KEYS = re.compile(
 
 @dataclass
 class StableDiffusionModels:
-    """The three networks of one checkpoint, and what kind of model the file holds."""
+    """The networks of one checkpoint, and what kind of model the file holds. `clip` is CLIP ViT-L (SD v1, SDXL)
+    or OpenCLIP ViT-H (SD 2.x), None in the SDXL refiner; `clip_g` is SDXL's OpenCLIP bigG."""
 
-    clip: CLIPTextModel
+    clip: CLIPTextModel | None
     vae: AutoencoderKL
     unet: UNet
-    kind: str = "text-to-image"  # or "inpainting" (9-channel UNet)
+    clip_g: CLIPTextModel | None = None
+    kind: str = "text-to-image"  # "inpainting" (9-channel UNet) or "refiner" (SDXL's)
     scale_factor: float = SD_V1_SCALE  # latents = scale_factor * VAE latents: about unit variance
     image_size: int = SD_V1_SIZE  # the size the model was trained at: the default width and height
     vocabulary: tuple[str, ...] | None = None  # the words of its training captions, when known
@@ -72,6 +75,11 @@ class StableDiffusionModels:
     @property
     def is_inpainting(self) -> bool:
         return self.kind == "inpainting"
+
+    @property
+    def text_towers(self) -> list[CLIPTextModel]:
+        """The text encoders of the family's stack, in its order."""
+        return [getattr(self, spec.name) for spec in self.family.text_encoders]
 
 
 def is_safetensors(path: Path) -> bool:
@@ -172,10 +180,6 @@ def detect_family(path: Path, state: dict[str, torch.Tensor]) -> Family:
         raise CheckpointError(f"{path} is not a Stable Diffusion checkpoint this project reads: as {closest.title} "
                               f"it has no weights for the {', '.join(missing)} (keys starting with "
                               f"{', '.join(closest.prefixes[n][0] for n in missing)}).")
-    if not family.supported:
-        raise UnsupportedModelError(f"{path} is an {family.title} checkpoint (family {family.name}); this project "
-                                    f"runs Stable Diffusion v1.x and 2.x: {family.title} is not supported yet. Use "
-                                    f"an SD 1.x or 2.x checkpoint such as v1-5-pruned-emaonly.safetensors.")
     return family
 
 
@@ -205,8 +209,8 @@ def split_checkpoint(path: Path, state: dict[str, torch.Tensor], family: Family,
             for net, weights in parts.items()}
 
 
-CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig}
-NETWORKS = {"unet": UNet, "vae": AutoencoderKL, "clip": CLIPTextModel}
+CONFIGS = {"unet": UNetConfig, "vae": VAEConfig, "clip": CLIPConfig, "clip_g": CLIPConfig}
+NETWORKS = {"unet": UNet, "vae": AutoencoderKL, "clip": CLIPTextModel, "clip_g": CLIPTextModel}
 
 
 def config_from_json(net: str, values: dict) -> UNetConfig | VAEConfig | CLIPConfig:
@@ -301,16 +305,28 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     if in_channels not in (4, 9):
         raise UnsupportedModelError(f"{path}: its UNet takes {in_channels} input channels (8 is InstructPix2Pix); "
                                     f"only 4 (text-to-image) and 9 (inpainting) are supported.")
-    if models["unet"].config.context_dim != models["clip"].config.width:
+    widths = [models[spec.name].config.width for spec in family.text_encoders]
+    if models["unet"].config.context_dim != sum(widths):
         raise CheckpointError(f"{path}: the UNet expects {models['unet'].config.context_dim}-wide text features "
-                              f"but the text encoder gives {models['clip'].config.width}; the file mixes models.")
+                              f"but the text encoders give {' + '.join(map(str, widths))}; the file mixes models.")
+    check_vector_width(path, family, models)
     decision = decide(path, family, lambda: models["unet"], requested=prediction, marked=marked,
                       stored=stored.get("prediction_type"))
     vocabulary = stored.get("vocabulary")
-    return StableDiffusionModels(**models, kind=family.kind, scale_factor=scale_factor,
+    return StableDiffusionModels(**{"clip": None, **models}, kind=family.kind, scale_factor=scale_factor,
                                  image_size=int(stored.get("image_size", family.default_size(decision.prediction_type))),
                                  vocabulary=tuple(vocabulary) if isinstance(vocabulary, list) else None, family=family,
                                  prediction_type=decision.prediction_type, prediction_rule=decision.rule)
+
+
+def check_vector_width(path: Path, family: Family, models: dict[str, nn.Module]) -> None:
+    """The width label_emb takes must be the pooled text's and the micro-conditions' (SDXL); no label_emb without."""
+    pooled = [models[spec.name].config for spec in family.text_encoders if spec.pooled]
+    expected = vector_width(pooled[0].projection_dim or pooled[0].width, family.micro_conditions) if pooled else None
+    if models["unet"].config.adm_in_channels != expected:
+        raise CheckpointError(f"{path}: the UNet's label_emb takes {models['unet'].config.adm_in_channels or 'no'} "
+                              f"conditioning channels where {family.title} gives {expected or 'none'}; the file "
+                              f"mixes models or is not an {family.title} checkpoint.")
 
 
 def save_checkpoint(models: StableDiffusionModels, path: str | Path, dtype: torch.dtype | None = None) -> None:

@@ -7,8 +7,9 @@ files (`detect`, on the state dict's keys and shapes), where each network's weig
 which layout a network's names follow where they are not our module names (`renames`, `sd.layouts`:
 SD 2.x's OpenCLIP tower), how each network's configuration is read off the weights' shapes (`configs`),
 which text encoders condition it, its latent scale, image size and prediction type (and whether its files
-leave the prediction type open: SD 2.x 512-base and 768-v have the same keys, `sd.prediction`). SDXL is
-recognised and refused (`supported=False`) until its networks exist. `FAMILIES` is in detection order:
+leave the prediction type open: SD 2.x 512-base and 768-v have the same keys, `sd.prediction`), and what
+SDXL adds: the micro-conditions its UNet's vector carries (`sd.micro_conditioning`), the multiple its sides
+must be, its guidance default and its rule for an empty negative prompt. `FAMILIES` is in detection order:
 the first family whose `detect` holds is the file's.
 """
 
@@ -106,13 +107,17 @@ class Family:
     configs: Mapping[str, Callable[[StateDict], object]] = field(default_factory=lambda: SD1_CONFIGS)
     # network -> its configuration from its weights (our names, prefix removed)
     renames: Mapping[str, Layout] = field(default_factory=dict)  # network -> the layout of its file keys
-    kind: str = "text-to-image"  # or "inpainting" (the UNet takes the mask and masked latents too)
+    kind: str = "text-to-image"  # "inpainting" (the UNet takes the mask and masked latents too) or "refiner"
+    # (it refines images: image-to-image, or the last steps of a base's run)
     scale_factor: float = SD_V1_SCALE  # the latent scale, for files that do not store one
     image_size: int = SD_V1_SIZE  # the size it was trained at: the default width and height
     v_image_size: int | None = None  # the size of its v-prediction models, where it differs (SD 2.x 768-v)
     prediction_type: str = "epsilon"  # what the UNet predicts (`sd.parameterization.PREDICTION_TYPES`)
     prediction_open: bool = False  # its files do not tell the prediction type (`sd.prediction` probes the UNet)
-    supported: bool = True  # False: recognised, and refused until its networks exist
+    micro_conditions: tuple[str, ...] = ()  # what the UNet's vector embeds beside the pooled text (SDXL)
+    side_multiple: int = 8  # image sides must be multiples of this (SDXL: 32, latents a multiple of 4)
+    guidance_scale: float = 7.5  # the default classifier-free guidance scale (diffusers' for SD 1.x and 2.x)
+    zero_empty_negative: bool = False  # an empty negative prompt conditions as zeros (AUTOMATIC1111's SDXL rule)
 
     def default_size(self, prediction_type: str) -> int:
         """The default width and height of its models of `prediction_type`."""
@@ -165,20 +170,29 @@ SD2_INPAINTING = replace(SD2, name="sd2-inpainting", title="SD 2.x inpainting", 
                          v_image_size=None, prediction_open=False,
                          detect=lambda s: SD2.detect(s) and unet_in_channels(s) == 9)
 
-# SDXL: CLIP ViT-L and OpenCLIP bigG, both on their penultimate layer without the final norm; bigG's pooled
-# output and the size embeddings form the vector label_emb takes (2816 wide; the refiner's: 2560, bigG alone).
-BIG_G = TextEncoderSpec(name="clip_g", pad_id=0, hidden_layer=-2, final_norm=False, pooled=True)
+# SDXL (Podell et al., 2023): CLIP ViT-L and OpenCLIP bigG, both on their penultimate layer without the final
+# norm, concatenated (2048); bigG's pooled output and the micro-conditions form the vector label_emb takes (2816
+# wide; the refiner's: 2560, bigG alone, with the aesthetic score in place of the target size). Clip skip moves
+# CLIP ViT-L only, and only past the penultimate layer (AUTOMATIC1111's "sdxl_clip_l_skip"); bigG stays.
+VIT_L_XL = TextEncoderSpec(hidden_layer=-2, final_norm=False, clip_skip="from_last")
+BIG_G = TextEncoderSpec(name="clip_g", pad_id=0, hidden_layer=-2, final_norm=False, pooled=True, clip_skip="none")
+SDXL_CONFIGS = {**SD1_CONFIGS, "unet": HEADS_OF_64, "clip_g": partial(clip_config, activation="gelu")}
 SDXL = Family(name="sdxl", title="SDXL", detect=lambda s: has_prefix(s, "conditioner.embedders.1."),
               prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),
-                        "clip": ("conditioner.embedders.0.transformer.text_model.",),
+                        "clip": ("conditioner.embedders.0.transformer.text_model.",
+                                 "conditioner.embedders.0.transformer."),
                         "clip_g": ("conditioner.embedders.1.model.",)},
-              text_encoders=(TextEncoderSpec(hidden_layer=-2, final_norm=False), BIG_G),
-              configs={**SD1_CONFIGS, "unet": HEADS_OF_64}, scale_factor=0.13025,
-              image_size=1024, supported=False)
-SDXL_REFINER = replace(SDXL, name="sdxl-refiner", title="SDXL refiner", text_encoders=(BIG_G,),
+              text_encoders=(VIT_L_XL, BIG_G), configs=SDXL_CONFIGS, renames={"clip_g": OPEN_CLIP},
+              scale_factor=0.13025, image_size=1024, micro_conditions=("original_size", "crop", "target_size"),
+              side_multiple=32, guidance_scale=7.0, zero_empty_negative=True)
+SDXL_INPAINTING = replace(SDXL, name="sdxl-inpainting", title="SDXL inpainting", kind="inpainting",
+                          detect=lambda s: SDXL.detect(s) and unet_in_channels(s) == 9)
+SDXL_REFINER = replace(SDXL, name="sdxl-refiner", title="SDXL refiner", kind="refiner", text_encoders=(BIG_G,),
                        prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),
                                  "clip_g": ("conditioner.embedders.0.model.",)},
+                       micro_conditions=("original_size", "crop", "aesthetic_score"),
                        detect=lambda s: has_prefix(s, "conditioner.embedders.0.model.")
                        and not has_prefix(s, "conditioner.embedders.1.") and not is_sd2(s))
 
-FAMILIES = {f.name: f for f in (SDXL_REFINER, SDXL, SD2_INPAINTING, SD2, SD1_INPAINTING, SD1)}  # detection order
+FAMILIES = {f.name: f for f in (SDXL_REFINER, SDXL_INPAINTING, SDXL, SD2_INPAINTING, SD2, SD1_INPAINTING,
+                                SD1)}  # detection order

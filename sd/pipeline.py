@@ -1,21 +1,25 @@
-"""Text-to-image, image-to-image and inpainting with Stable Diffusion 1.x and 2.x (Rombach et al., 2022).
+"""Text-to-image, image-to-image and inpainting with Stable Diffusion 1.x, 2.x and SDXL (Rombach et al., 2022;
+Podell et al., 2023).
 
 Latent diffusion: the prompt is encoded by CLIP, a sampler denoises random latents (B, 4, H/8, W/8)
 with the UNet, steered by classifier-free guidance (Ho & Salimans, 2022; `sd.guidance`), and the VAE
 decodes the result. Image-to-image starts from the noised latents of an image (SDEdit, Meng et al., 2021);
 inpainting keeps the unmasked region, either by blending it back after every step (any checkpoint)
 or by giving the 9-channel inpainting UNet the mask and the masked image as extra input
-(`Conditioning.concat`). The UNet's prediction becomes noise in `sd.parameterization`; the arguments
-are checked, before any weights are needed, in `sd.settings`.
+(`Conditioning.concat`). SDXL's UNet also takes a vector: the pooled text and the micro-conditions
+(`sd.micro_conditioning`); its refiner may take over the last steps of a run on the latents (`refiner=`,
+diffusers' denoising_end / denoising_start hand-off). The UNet's prediction becomes noise in
+`sd.parameterization`; the arguments are checked, before any weights are needed, in `sd.settings`.
 Random numbers come from a CPU generator seeded with `seed`, drawn in the order diffusers draws
 them (image latents, initial noise, masked-image latents, per-step noise), so a seed gives the
 same image on every device and the same image as diffusers.
 """
 
+import copy
 import random
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +36,14 @@ from sd.embeddings import Embedding, check_name, check_vectors, check_width, rea
 from sd.guidance import ClassifierFreeGuidance
 from sd.lora import LoRA, LoRAMerger, read_lora
 from sd.errors import GenerationError, SettingError
+from sd.micro_conditioning import DEFAULT_CROP, embed
 from sd.parameterization import to_epsilon
 from sd.prompt import PromptParser, TextEncoder, check_clip_skip, encode, words
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 # re-exported as the library's names: the defaults, `settle` and the checks it runs before loading
 from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, RANGES, UPSCALERS,  # noqa: F401
-                         VAE_FACTOR, ImageInput, Settings, check_argument, check_deep_cache_branch, check_hires,
+                         VAE_FACTOR, ImageInput, Settings, check_argument, check_range, check_deep_cache_branch, check_hires,
                          check_invertible, check_path, check_upscaled, is_finite_number, is_int, settle)
 from sd.tokenizer import CLIPTokenizer
 from sd.unet import DeepCache, Speedups
@@ -125,7 +130,7 @@ class StableDiffusion:
         check_argument("query_slice", query_slice, query_slice is None or is_int(query_slice) and query_slice >= 1,
                        "None or a whole number of query positions, at least 1")
         check_argument("fused", fused, isinstance(fused, bool), "True or False")
-        for net in (self.models.clip, self.models.unet, self.models.vae):
+        for net in (*self.models.text_towers, self.models.unet, self.models.vae):
             configure_attention(net, query_slice=query_slice, fused=fused)
 
     def compile(self) -> bool:
@@ -216,6 +221,9 @@ class StableDiffusion:
         upscaler: "latent" (bilinear in latent space, as AUTOMATIC1111's "Latent") or "lanczos" (decode,
         Lanczos, encode). Options: those of `generate` but image, mask and latents."""
         check_flags(tiled_decode=tiled_decode)
+        if options.get("refiner") is not None:
+            raise SettingError(lambda n: f"{n('refiner')} takes over a run of one size; the hires fix makes two: "
+                                         f"give one of them")
         sampler = options.get("sampler", DEFAULT_SAMPLER)
         check_argument("sampler", sampler, isinstance(sampler, (str, Sampler)), "a sampler's name or a Sampler")
         check_hires(scale=hires_scale, strength=hires_strength, steps=hires_steps, upscaler=hires_upscaler,
@@ -249,8 +257,7 @@ class StableDiffusion:
             raise SettingError(lambda n: f"{n('prompt')} of an inversion must be one text, got {prompt!r:.60}")
         check_flags(progress=progress)
         s = settle(prompt, negative_prompt, image=image, steps=steps, guidance_scale=guidance_scale,
-                   sampler=DDIMInverseSampler(), width=width, height=height, clip_skip=clip_skip,
-                   image_size=self.models.image_size, inpainting_model=self.models.is_inpainting)
+                   sampler=DDIMInverseSampler(), width=width, height=height, clip_skip=clip_skip, **self.traits)
         if width is None and height is None:
             check_invertible(s.image)
         check_clip_skip(s.clip_skip, self.clip_skip_limit)
@@ -258,9 +265,8 @@ class StableDiffusion:
         mean, _ = self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype))
         latents = mean.float() * self.models.scale_factor  # (1, 4, h, w)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
-        context = self.encode_prompts(s.prompts, s.negatives if guidance.guided else None, 1, s.clip_skip)
         s.sampler.set_timesteps(s.steps, self.device)
-        return self.denoise(latents, self.conditioning(context, guidance), sampler=s.sampler, guidance=guidance,
+        return self.denoise(latents, self.conditioning(s, guidance, 1), sampler=s.sampler, guidance=guidance,
                             generator=None, progress=progress)
 
     # ---- the shared machinery ----------------------------------------------------------------------
@@ -268,7 +274,7 @@ class StableDiffusion:
     @torch.inference_mode()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                  progress: bool = True, tiled_decode: bool = False, callback: StepCallback | None = None,
-                 **settings):
+                 refiner: "StableDiffusion | None" = None, refiner_switch: float = 0.8, **settings):
         """One denoising loop for all three tasks.
 
         prompt, negative_prompt: a text or a list of texts (one negative per prompt), in AUTOMATIC1111's
@@ -276,9 +282,9 @@ class StableDiffusion:
         image, mask: an init image (path or PIL image) for image-to-image; with a mask (white: repaint)
             for inpainting.
         strength: how much of the image is redrawn, 0 to 1 (default 0.75, with a mask 1.0).
-        steps (25), guidance_scale (7.5; 1 or less: no classifier-free guidance), sampler (a name of
+        steps (25), guidance_scale (the family's: 7.5, SDXL 7.0; 1 or less: no classifier-free guidance), sampler (a name of
             `sd.samplers.SAMPLERS` or a `Sampler`, default dpmpp_2m_karras), seed (default: random).
-        width, height: multiples of 8 (default: the image's size rounded down, else the model's size).
+        width, height: multiples of 8, of 32 for SDXL (default: the image's size rounded down, else the model's).
         num_images: images per prompt.
         latents: for text-to-image, the latents (1 or N, 4, H/8, W/8) to start from instead of noise drawn
             from the seed, e.g. those of `invert`.
@@ -286,7 +292,14 @@ class StableDiffusion:
             image (as the second pass of `hires_fix`).
         output_type: "pil" (a list of images), "np" (an array (N, H, W, 3) in [0, 1]) or "latent" (the
             final scaled latents (N, 4, H/8, W/8)).
-        clip_skip: 1 (the text encoder's output, default) or N: the hidden states of its N-th last layer.
+        clip_skip: 1 (the text encoder's output, default) or N: the hidden states of its N-th last layer (SDXL:
+            of CLIP ViT-L only, and 1 and 2 both its penultimate, as AUTOMATIC1111's "sdxl_clip_l_skip").
+        original_size (h, w), crop (top, left), target_size (h, w): SDXL's micro-conditions (default: the
+            image's size, crop 0, 0); aesthetic_score (6.0) and negative_aesthetic_score (2.5): the refiner's.
+        refiner: a loaded SDXL refiner that takes over after `refiner_switch` (0 to 1, default 0.8) of the run,
+            on the latents: the base runs the timesteps at or above 1000 - 1000 * switch, the refiner the rest
+            of the same schedule (diffusers' denoising_end / denoising_start; about the first 80% of the
+            steps, AUTOMATIC1111's "Refiner switch at"). It encodes the prompts itself and decodes the image.
         deep_cache: DeepCache (`sd.unet.DeepCache`): a full UNet call every this many steps, between them
             only the shallow branch ending at skip connection `deep_cache_branch` (0: the outermost).
             Faster, and a slightly different image. Default: off.
@@ -300,30 +313,86 @@ class StableDiffusion:
         check_argument("callback", callback, callback is None or callable(callback),
                        "None or a function (step, timestep, latents, predicted x0)")
         check_flags(progress=progress, tiled_decode=tiled_decode)
-        s = settle(prompt, negative_prompt, image_size=self.models.image_size,
-                   inpainting_model=self.models.is_inpainting, **settings)
+        s = settle(prompt, negative_prompt, **self.traits, **settings)
+        self.check_task(s, refiner, refiner_switch)
         check_memory(s.width, s.height, self.device, self.models.vae.dtype, tiled_decode, s.batch)
         generator = torch.Generator("cpu").manual_seed(s.seed)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
         check_clip_skip(s.clip_skip, self.clip_skip_limit)
-        context = self.encode_prompts(s.prompts, s.negatives if guidance.guided else None, s.num_images,
-                                      s.clip_skip)  # (2B or B, 77·k, 768)
+        if refiner is not None:
+            check_clip_skip(s.clip_skip, refiner.clip_skip_limit)
+        cond = self.conditioning(s, guidance, s.num_images)
         s.sampler.set_timesteps(s.steps, self.device)
         if s.redraws:
             s.sampler.set_strength(s.strength)
         pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1 if s.image is not None else None  # (1, 3, H, W)
         latents, image_latents, noise = self.starting_latents(s, pixels, generator)
         inpainting = self.prepare_inpainting(s, pixels, image_latents, noise, generator) if s.mask is not None else None
-        concat = inpainting.concat.to(self.dtype) if inpainting is not None and self.models.is_inpainting else None
+        if inpainting is not None and self.models.is_inpainting:
+            cond = replace(cond, concat=guidance.inputs(inpainting.concat.to(self.dtype)))  # (2B or B, 5, h, w)
+        stop = None if refiner is None else s.sampler.begin_index + s.sampler.steps_before(refiner_switch)
+        latents = self.denoise(latents, cond, sampler=s.sampler, guidance=guidance, generator=generator,
+                               inpainting=inpainting, progress=progress, callback=callback,
+                               speedups=self.speedups(s), stop=stop)
+        if refiner is not None:
+            return refiner.refine(latents, s, refiner_switch, generator, progress=progress, callback=callback,
+                                  tiled_decode=tiled_decode)
+        return self.decode(latents, s.output_type, tiled_decode)
+
+    def refine(self, latents: torch.Tensor, s: Settings, switch: float, generator: torch.Generator, *,
+               progress: bool, callback: StepCallback | None, tiled_decode: bool):
+        """The refiner's part of a run whose base stopped after `switch` of it (`generate`'s `refiner`): the rest
+        of the same schedule from the base's latents (B, 4, h, w), with this model's own conditioning, the
+        same generator, and this model's VAE to decode."""
+        guidance = ClassifierFreeGuidance(s.guidance_scale)
+        sampler = copy.deepcopy(s.sampler)  # the same kind and options, a state of its own
+        sampler.set_timesteps(s.steps, self.device)
+        sampler.set_begin_index(len(sampler.timesteps) - sampler.steps_after(switch))
+        latents = self.denoise(latents, self.conditioning(s, guidance, s.num_images), sampler=sampler,
+                               guidance=guidance, generator=generator, progress=progress, callback=callback,
+                               speedups=self.speedups(s))
+        return self.decode(latents, s.output_type, tiled_decode)
+
+    def speedups(self, s: Settings) -> Speedups:
+        """DeepCache (a fresh state for this UNet) and token merging, as the settings ask."""
         deep_cache = None
         if s.deep_cache is not None:
             check_deep_cache_branch(s.deep_cache_branch, self.models.unet)
             deep_cache = DeepCache(s.deep_cache, s.deep_cache_branch)
-        latents = self.denoise(latents, self.conditioning(context, guidance, concat), sampler=s.sampler,
-                               guidance=guidance, generator=generator, inpainting=inpainting, progress=progress,
-                               callback=callback,
-                               speedups=Speedups(deep_cache=deep_cache, token_merging=s.token_merging))
-        return self.decode(latents, s.output_type, tiled_decode)
+        return Speedups(deep_cache=deep_cache, token_merging=s.token_merging)
+
+    @property
+    def traits(self) -> dict:
+        """What `settle` needs of this model: its size, kind, side multiple and guidance default."""
+        family = self.models.family
+        return dict(image_size=self.models.image_size, inpainting_model=self.models.is_inpainting,
+                    side_multiple=family.side_multiple, default_guidance=family.guidance_scale)
+
+    def check_task(self, s: Settings, refiner: "StableDiffusion | None", switch: float) -> None:
+        """What this model can do with these settings: a refiner refines (an image, or as `refiner=`), only a
+        refiner is one, micro-conditions only where the family has them."""
+        family = self.models.family
+        if self.models.kind == "refiner" and not s.redraws:
+            raise SettingError(lambda n: f"this is an {family.title} checkpoint: it refines images; give it "
+                                         f"{n('image')} (image-to-image), or use it as {n('refiner')} of an SDXL base")
+        given = [name for name, default in (("original_size", None), ("crop", DEFAULT_CROP), ("target_size", None))
+                 if getattr(s, name) != default and name not in family.micro_conditions]
+        if given:
+            raise SettingError(lambda n: f"{n(given[0])} is a micro-condition of SDXL; {family.title} has none "
+                                         f"({', '.join(family.micro_conditions) or 'no vector'}): leave it out")
+        if refiner is None:
+            return
+        check_argument("refiner", refiner, isinstance(refiner, StableDiffusion), "a loaded StableDiffusion refiner")
+        check_range("refiner_switch", switch)
+        if refiner.models.kind != "refiner":
+            raise SettingError(lambda n: f"{n('refiner')} is an {refiner.models.family.title} checkpoint, not a "
+                                         f"refiner: give sd_xl_refiner_1.0 or another SDXL refiner")
+        if not family.name.startswith("sdxl") or self.models.kind == "refiner":
+            raise SettingError(lambda n: f"{n('refiner')} continues the latents of an SDXL base; this is an "
+                                         f"{family.title} checkpoint")
+        if s.mask is not None:
+            raise SettingError(lambda n: f"{n('refiner')} takes over text-to-image and image-to-image runs; leave "
+                                         f"out {n('mask')} or the refiner")
 
     def starting_latents(self, s: Settings, pixels: torch.Tensor | None,
                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -376,15 +445,20 @@ class StableDiffusion:
             return images
         return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
-    @staticmethod
-    def conditioning(context: torch.Tensor, guidance: ClassifierFreeGuidance,
-                     concat: torch.Tensor | None = None) -> Conditioning:
-        """What the UNet is conditioned on, batched for `guidance`, from the prompts' hidden states
-        (2B or B, 77·k, 768; the negative prompts' first when guided) and the inpainting UNet's extra input
-        channels (B, 5, h, w)."""
-        uncond, cond = context.chunk(2) if guidance.guided else (None, context)  # (B, 77·k, 768) each
-        return guidance.conditioning(Conditioning(cond, concat=concat),
-                                     None if uncond is None else Conditioning(uncond, concat=concat))
+    def conditioning(self, s: Settings, guidance: ClassifierFreeGuidance, num_images: int) -> Conditioning:
+        """What the UNet is conditioned on, batched for `guidance` (the negative prompts' first): the prompts'
+        hidden states (2B or B, 77·k, C) and, for SDXL, the vector of their pooled text and the
+        micro-conditions (2B or B, D)."""
+        context, pooled = self.encode_text(s.prompts, s.negatives if guidance.guided else None, num_images,
+                                           s.clip_skip)
+        names = self.models.family.micro_conditions
+        if not names:
+            return Conditioning(context)
+        rows = [s.micro_conditions.values(names, negative, s.negative_aesthetic_score)
+                for negative in ((True, False) if guidance.guided else (False,))]
+        values = torch.tensor(rows, dtype=torch.float32, device=self.device)  # (2 or 1, k)
+        values = values.repeat_interleave(len(pooled) // len(rows), dim=0)  # (2B or B, k)
+        return Conditioning(context, vector=embed(pooled, values))  # vector (2B or B, P + 256 k)
 
     @property
     def prediction_type(self) -> str:
@@ -394,14 +468,14 @@ class StableDiffusion:
     def denoise(self, latents: torch.Tensor, cond: Conditioning, *, sampler: Sampler,
                 guidance: ClassifierFreeGuidance, generator: torch.Generator | None,
                 inpainting: Inpainting | None = None, progress: bool = True, callback: StepCallback | None = None,
-                speedups: Speedups | None = None) -> torch.Tensor:
-        """The sampling loop from the sampler's begin index: one (batched, when guided) UNet call per
-        timestep, its prediction turned into noise, then a sampler step; with `inpainting` for a 4-channel
-        UNet, the known region is blended back after each step. `speedups`: DeepCache (the calls between
-        full ones are shallow) and token merging."""
+                speedups: Speedups | None = None, stop: int | None = None) -> torch.Tensor:
+        """The sampling loop from the sampler's begin index (to `stop`, where a refiner takes over): one
+        (batched, when guided) UNet call per timestep, its prediction turned into noise, then a sampler step;
+        with `inpainting` for a 4-channel UNet, the known region is blended back after each step.
+        `speedups`: DeepCache (the calls between full ones are shallow) and token merging."""
         deep_cache = speedups.deep_cache if speedups is not None else None
         prediction_type = self.prediction_type
-        timesteps = sampler.timesteps[sampler.begin_index:]
+        timesteps = sampler.timesteps[sampler.begin_index:stop]
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="denoising", leave=False)):
             x = sampler.scale_model_input(latents, t)  # (B, 4, h, w): x_t
             if deep_cache is not None:
@@ -421,13 +495,24 @@ class StableDiffusion:
 
     def encode_prompts(self, prompts: list[str], negatives: list[str] | None, num_images: int,
                        clip_skip: int = 1) -> torch.Tensor:
-        """The text encoders' hidden states of the prompts, each repeated num_images times: (B, 77·k, 768),
-        or with the negative prompts' first for classifier-free guidance: (2B, 77·k, 768); k chunks of 77
-        positions, as many as the longest text needs (`sd.prompt.encode`)."""
-        parsed = [self.prompt_parser.parse(text, "negative_prompt") for text in negatives or []]
+        """The text encoders' hidden states of the prompts (`encode_text`)."""
+        return self.encode_text(prompts, negatives, num_images, clip_skip)[0]
+
+    def encode_text(self, prompts: list[str], negatives: list[str] | None, num_images: int,
+                    clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text encoders' hidden states of the prompts, each repeated num_images times: (B, 77·k, C),
+        or with the negative prompts' first for classifier-free guidance: (2B, 77·k, C); k chunks of 77
+        positions, as many as the longest text needs (`sd.prompt.encode`); and the pooled vectors (2B or B, P)
+        where the stack yields one (SDXL), else None. Where the family says so (SDXL) and every negative
+        prompt is empty, the negative side is zeros, context and pooled alike (AUTOMATIC1111's rule;
+        diffusers zeroes only when no negative prompt is given at all)."""
+        zeroed = negatives is not None and self.models.family.zero_empty_negative and all(n == "" for n in negatives)
+        parsed = [self.prompt_parser.parse(text, "negative_prompt") for text in negatives or [] if not zeroed]
         parsed += [self.prompt_parser.parse(text) for text in prompts]
-        context, _ = encode(self.text_encoders, parsed, clip_skip)  # the pooled vector conditions SDXL only
-        return context.repeat_interleave(num_images, dim=0)
+        context, pooled = encode(self.text_encoders, parsed, clip_skip)  # (N, 77·k, C), (N, P) or None
+        if zeroed:
+            context, pooled = (None if x is None else torch.cat([torch.zeros_like(x), x]) for x in (context, pooled))
+        return tuple(None if x is None else x.repeat_interleave(num_images, dim=0) for x in (context, pooled))
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Image in [-1, 1] (1, 3, H, W) -> a sample of its latent distribution, scaled: (1, 4, H/8, W/8)."""

@@ -248,8 +248,9 @@ class TextEncoder:
 
     @property
     def skippable_layers(self) -> int:
-        """The largest clip skip: the layers from the one this encoder is read at down to the first."""
-        return self.network.config.layers + 1 + self.spec.hidden_layer
+        """The largest clip skip whose layer this encoder has (MAX_CLIP_SKIP where clip skip leaves it alone)."""
+        layers = self.network.config.layers
+        return next(n for n in range(MAX_CLIP_SKIP, 0, -1) if self.spec.with_clip_skip(n).hidden_layer >= -layers)
 
     def __call__(self, chunks: list[Chunk], clip_skip: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weighted hidden states (N, 77, C) of one chunk per prompt, and the pooled vectors (N, P) if the

@@ -15,6 +15,7 @@ from PIL import Image
 
 from sd.checkpoint import SD_V1_SIZE
 from sd.errors import InputError, SettingError
+from sd.micro_conditioning import AESTHETIC_SCORE, DEFAULT_CROP, NEGATIVE_AESTHETIC_SCORE, MicroConditions
 from sd.paths import readable_file
 from sd.prompt import check_clip_skip, parse_emphasis
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
@@ -43,13 +44,15 @@ class Range:
     high: float
     whole: bool = False  # an int (not a bool)
     above: bool = False  # `low` itself excluded
+    below: bool = False  # `high` itself excluded
     multiple: int = 1  # of a whole number
     text: str = ""  # the range in words, else "[a whole number] between LOW and HIGH"
 
     def holds(self, value) -> bool:
         if not (is_int(value) if self.whole else is_finite_number(value)):
             return False
-        return (value > self.low if self.above else value >= self.low) and value <= self.high and (
+        return (value > self.low if self.above else value >= self.low) and (
+            value < self.high if self.below else value <= self.high) and (
             not self.whole or value % self.multiple == 0)
 
     def says(self) -> str:
@@ -68,6 +71,10 @@ RANGES = {  # every numeric setting of a generation, of the hires fix, of the co
     "hires_scale": Range(1, MAX_HIRES_SCALE, above=True, text=f"a number above 1, at most {MAX_HIRES_SCALE}"),
     "hires_strength": Range(0, 1), "hires_steps": STEPS,
     "lora_weight": Range(-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT),
+    "original_size": Range(1, 8 * MAX_SIDE, whole=True), "target_size": Range(1, 8 * MAX_SIDE, whole=True),
+    "crop": Range(0, 8 * MAX_SIDE, whole=True),  # of SDXL's micro-conditions, each number
+    "aesthetic_score": Range(0, 1000), "negative_aesthetic_score": Range(0, 1000),  # ComfyUI's range
+    "refiner_switch": Range(0, 1, above=True, below=True, text="a fraction of the steps above 0 and below 1"),
 }
 
 
@@ -123,6 +130,17 @@ class Settings:
     deep_cache: int | None = None  # DeepCache's interval: a full UNet call every this many steps
     deep_cache_branch: int = 0
     token_merging: TokenMerging | None = None
+    original_size: tuple[int, int] | None = None  # SDXL's micro-conditions (`sd.micro_conditioning`): (h, w),
+    crop: tuple[int, int] = DEFAULT_CROP  # (top, left),
+    target_size: tuple[int, int] | None = None  # (h, w); None: the image's own size
+    aesthetic_score: float = AESTHETIC_SCORE  # the refiner's, and its negative's
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+
+    @property
+    def micro_conditions(self) -> MicroConditions:
+        """SDXL's micro-conditions of this run, the sizes by default the image's (diffusers' defaults)."""
+        own = (self.height, self.width)
+        return MicroConditions(self.original_size or own, self.crop, self.target_size or own, self.aesthetic_score)
 
     @property
     def redraws(self) -> bool:
@@ -170,16 +188,20 @@ def texts(name: str, value) -> list[str]:
 
 def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, image: ImageInput | None = None,
            mask: ImageInput | None = None, strength: float | None = None, steps: int = DEFAULT_STEPS,
-           guidance_scale: float = DEFAULT_GUIDANCE, sampler: str | Sampler = DEFAULT_SAMPLER,
+           guidance_scale: float | None = None, sampler: str | Sampler = DEFAULT_SAMPLER,
            seed: int | None = None, width: int | None = None, height: int | None = None, num_images: int = 1,
            output_type: str = "pil", clip_skip: int = 1, latents: torch.Tensor | None = None,
            image_latents: torch.Tensor | None = None, deep_cache: int | None = None, deep_cache_branch: int = 0,
-           token_merging: float | TokenMerging | None = None, image_size: int = SD_V1_SIZE,
-           inpainting_model: bool = False) -> Settings:
+           token_merging: float | TokenMerging | None = None, original_size: tuple[int, int] | None = None,
+           crop: tuple[int, int] = DEFAULT_CROP, target_size: tuple[int, int] | None = None,
+           aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+           image_size: int = SD_V1_SIZE, inpainting_model: bool = False, side_multiple: int = VAE_FACTOR,
+           default_guidance: float = DEFAULT_GUIDANCE) -> Settings:
     """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
-    any weights: a command line settles its flags here before it loads a model. `image_size` is the model's
-    own size and `inpainting_model` whether it is a 9-channel inpainting model. A bad value raises a
-    `SettingError`, whose message can name the parameters as command-line flags."""
+    any weights: a command line settles its flags here before it loads a model. What the model says: its own
+    size `image_size`, whether it is a 9-channel `inpainting_model`, the multiple its sides must be
+    (`side_multiple`) and its `default_guidance`. A bad value raises a `SettingError`, whose message can name
+    the parameters as command-line flags."""
     prompts = texts("prompt", prompt)
     negatives = texts("negative_prompt", negative_prompt)
     negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
@@ -196,7 +218,13 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
                                          f"{type(value).__name__}")
     if not isinstance(sampler, (str, Sampler)):
         raise SettingError(lambda n: f"{n('sampler')} must be a sampler's name or a Sampler, got {sampler!r}")
+    guidance_scale = default_guidance if guidance_scale is None else guidance_scale
     check_range("guidance_scale", guidance_scale)
+    for name, value in (("original_size", original_size), ("crop", crop), ("target_size", target_size)):
+        if value is not None:
+            check_pair(name, value)
+    check_range("aesthetic_score", aesthetic_score)
+    check_range("negative_aesthetic_score", negative_aesthetic_score)
     if len(negatives) != len(prompts):
         raise SettingError(lambda n: f"got {len(negatives)} values of {n('negative_prompt')} for {len(prompts)} "
                                      f"prompts; give one each")
@@ -229,16 +257,33 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     size = {}
     for name, value in (("width", width), ("height", height)):  # default: the image's own, rounded down
         own = ([x.shape[-1 if name == "width" else -2] * VAE_FACTOR for x in given.values()] or
-               [getattr(image, name) // VAE_FACTOR * VAE_FACTOR if image else image_size])[0]
+               [getattr(image, name) // side_multiple * side_multiple if image else image_size])[0]
         if given and value not in (None, own):
             raise SettingError(lambda n: f"{n(name)} {value} is not that of the latents, {own}; leave it out")
         value = own if value is None else value
         check_range(name, value)
+        if value % side_multiple:
+            low = max(value // side_multiple, 1) * side_multiple
+            raise SettingError(lambda n: f"{n(name)} must be a multiple of {side_multiple} for this model (its "
+                                         f"latents are a multiple of {side_multiple // VAE_FACTOR} each way), got "
+                                         f"{value}; use {low} or {low + side_multiple}")
         size[name] = value
     return Settings(prompts=prompts, negatives=negatives, image=image, mask=mask, strength=strength, steps=steps,
                     guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
                     output_type=output_type, clip_skip=clip_skip, deep_cache=deep_cache,
-                    deep_cache_branch=deep_cache_branch, token_merging=token_merging, **given, **size)
+                    deep_cache_branch=deep_cache_branch, token_merging=token_merging,
+                    original_size=None if original_size is None else tuple(original_size), crop=tuple(crop),
+                    target_size=None if target_size is None else tuple(target_size),
+                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                    **given, **size)
+
+
+def check_pair(name: str, value) -> None:
+    """A pair of whole numbers (h, w) or (top, left), each within the row of RANGES."""
+    bounds = RANGES[name]
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(bounds.holds(v) for v in value)):
+        raise SettingError(lambda n: f"{n(name)} must be two whole numbers ({'top, left' if name == 'crop' else 'h, w'}),"
+                                     f" each {bounds.says()}, got {value!r:.60}")
 
 
 def check_token_merging(value: float | TokenMerging | None) -> TokenMerging | None:

@@ -10,7 +10,7 @@ import subprocess
 import torch
 from safetensors.torch import save_file
 
-from sd.errors import CheckpointError, UnsafeCheckpointError, UnsupportedModelError
+from sd.errors import CheckpointError, UnsafeCheckpointError
 from sd.families import UNET_CONTEXT_KEY
 from tests.tiny import VAE_PREFIX, tiny_compvis_state, write_tiny_checkpoint
 
@@ -120,6 +120,7 @@ def sd2_without_tower(folder):
 
 
 def sdxl_like(folder):
+    """An SD v1 file whose text encoder is replaced by two stray SDXL tower keys: an SDXL file cut short."""
     state = {k: v for k, v in tiny_state().items() if not k.startswith("cond_stage_model.")}
     state["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"] = torch.zeros(8, 4)
     state["conditioner.embedders.1.model.positional_embedding"] = torch.zeros(77, 4)
@@ -166,6 +167,6 @@ BAD_FILES = {
                                                                  torch.zeros(96, 64)})),
                               CheckpointError, "resblocks.2.attn.in_proj_weight has shape (96, 64), not q, k and v"),
     "sd2_no_tower": (sd2_without_tower, CheckpointError, "as SD 2.x it has no weights for the clip"),
-    "sdxl": (sdxl_like, UnsupportedModelError, "is an SDXL checkpoint"),
+    "sdxl": (sdxl_like, CheckpointError, "the clip weights lack conditioner.embedders.0.transformer.text_model."),
     "malicious": (lambda f: malicious(f, SYSTEM), UnsafeCheckpointError, f"calls {SYSTEM}"),
 }

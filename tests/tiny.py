@@ -12,7 +12,10 @@ What the loader's config inference fixes, and so the tiny models keep: 2 res blo
 The VAE keeps 4 levels, so images are still 8x the latent size; CLIP keeps the real vocabulary
 (49408) and 77 positions, so real tokenizer ids work. About 7.2M parameters, 29 MB in fp32.
 `family="sd2"` gives an SD 2.x-shaped one: the UNet with heads of 64 channels and Linear projections, the
-text tower with exact GELU and a projection, written in OpenCLIP's layout (`sd.layouts.OPEN_CLIP`).
+text tower with exact GELU and a projection, written in OpenCLIP's layout (`sd.layouts.OPEN_CLIP`);
+`family="sdxl"` (and "sdxl-inpainting", "sdxl-refiner") an SDXL-shaped one: CLIP ViT-L and the bigG-like tower
+(the refiner: bigG alone), the UNet with SDXL's block structure (no attention at the first level, depths
+growing) and the vector of the pooled text and the micro-conditions.
 """
 
 import math
@@ -22,7 +25,8 @@ import torch
 from torch import nn
 
 from sd.clip import CLIPConfig, CLIPTextModel
-from sd.families import FAMILIES
+from sd.families import FAMILIES, SDXL, SDXL_REFINER
+from sd.micro_conditioning import vector_width
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 from tests.compvis import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, save_checkpoint, training_buffers, with_ema_decoys
@@ -35,7 +39,18 @@ TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 2, 2))
 TINY_SD2_CLIP = CLIPConfig(width=64, layers=3, heads=1, activation="gelu", projection_dim=64)
 TINY_SD2_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(0, 1), context_dim=64,
                            head_channels=64, linear_proj=True)
-TINY = {"sd1": (TINY_UNET, TINY_CLIP), "sd2": (TINY_SD2_UNET, TINY_SD2_CLIP)}  # family -> (UNet, text tower)
+TINY_BIG_G = CLIPConfig(width=64, layers=3, heads=1, activation="gelu", projection_dim=64)
+TINY_SDXL_UNET = UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_levels=(1, 2), context_dim=128,
+                            head_channels=64, linear_proj=True, transformer_depth=(0, 1, 2),
+                            adm_in_channels=vector_width(64, SDXL.micro_conditions))
+TINY_REFINER_UNET = UNetConfig(**{**TINY_SDXL_UNET.__dict__, "context_dim": 64, "transformer_depth": 1,
+                                  "adm_in_channels": vector_width(64, SDXL_REFINER.micro_conditions)})
+TINY = {  # family -> (UNet, {text tower: its configuration})
+    "sd1": (TINY_UNET, {"clip": TINY_CLIP}), "sd2": (TINY_SD2_UNET, {"clip": TINY_SD2_CLIP}),
+    "sdxl": (TINY_SDXL_UNET, {"clip": TINY_CLIP, "clip_g": TINY_BIG_G}),
+    "sdxl-refiner": (TINY_REFINER_UNET, {"clip_g": TINY_BIG_G}),
+}
+TINY["sdxl-inpainting"] = TINY["sdxl"]
 
 
 def random_weights(model: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -70,20 +85,20 @@ def tiny_compvis_state(in_channels: int = 4, seed: int = 0, ema: bool = False, b
          halved), so loading with EMA (the default) gives the same models as `ema=False`.
     buffers: add the training buffers (betas, alphas_cumprod, ...) that real files carry.
     unet, vae: the networks' shapes (the loader reads them back from the weights); unet default: the family's.
-    family: "sd1" or "sd2" (`TINY`), whose text tower's prefix and layout the file takes.
+    family: a key of `TINY`, whose text towers' prefixes and layouts the file takes.
     """
     gen = torch.Generator().manual_seed(seed)
     unet = unet or TINY[family][0]
     record = FAMILIES[family]
     with torch.device("meta"):
-        models = {UNET_PREFIX: UNet(UNetConfig(**{**unet.__dict__, "in_channels": in_channels})),
-                  VAE_PREFIX: AutoencoderKL(vae), record.prefixes["clip"][0]: CLIPTextModel(TINY[family][1])}
+        models = {"unet": UNet(UNetConfig(**{**unet.__dict__, "in_channels": in_channels})),
+                  "vae": AutoencoderKL(vae), **{net: CLIPTextModel(cfg) for net, cfg in TINY[family][1].items()}}
     state = {}
-    for prefix, model in models.items():
+    for net, model in models.items():
         weights = random_weights(model, gen)
-        if prefix == record.prefixes["clip"][0] and "clip" in record.renames:
-            weights = record.renames["clip"].write(weights)
-        state.update({prefix + k: v for k, v in weights.items()})
+        if net in record.renames:
+            weights = record.renames[net].write(weights)
+        state.update({record.prefixes[net][0] + k: v for k, v in weights.items()})
     if buffers:
         state.update(training_buffers())
     return with_ema_decoys(state) if ema else state

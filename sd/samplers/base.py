@@ -96,6 +96,23 @@ class Sampler:
         n = self.num_inference_steps
         self.set_begin_index((n - min(int(n * strength), n)) * self.order)
 
+    def switch_timestep(self, switch: float) -> int:
+        """The timestep where a run hands over to a refiner after `switch` (0 to 1) of the way: T - switch * T,
+        rounded (diffusers' `discrete_timestep_cutoff`)."""
+        return int(round(self.schedule.num_train_timesteps * (1 - switch)))
+
+    def steps_before(self, switch: float) -> int:
+        """The entries of the run from its begin index that come before the hand-off at `switch`: those whose
+        timestep is at or above `switch_timestep` (diffusers' `denoising_end`)."""
+        return int((self.timesteps[self.begin_index:] >= self.switch_timestep(switch)).sum())
+
+    def steps_after(self, switch: float) -> int:
+        """The entries at the end of the run that come after the hand-off at `switch`: those below
+        `switch_timestep`, one more where an even count would split a second-order step (diffusers'
+        `denoising_start`)."""
+        n = int((self.timesteps < self.switch_timestep(switch)).sum())
+        return n + 1 if self.order == 2 and n % 2 == 0 else n
+
     @property
     def begin_index(self) -> int:
         """Position in `timesteps` where this run began."""
