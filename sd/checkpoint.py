@@ -52,7 +52,8 @@ METADATA_KEY = "sd"  # safetensors metadata: {"configs": {net: config}, "image_s
 IGNORED_KEYS = re.compile(
     r"^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar"
-    r"|lvlb_weights|model_ema\..*|v_pred|ztsnr)$|position_ids$")  # v_pred: read by `sd.prediction`
+    r"|lvlb_weights|model_ema\..*|v_pred|ztsnr|denoiser\.sigmas)$|position_ids$")  # v_pred: read by `sd.prediction`;
+#   denoiser.sigmas: sgm's sampling buffer, in SDXL files saved from a whole DiffusionEngine (AUTOMATIC1111's merges)
 
 
 @dataclass

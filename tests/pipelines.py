@@ -18,28 +18,47 @@ def reference_tokenizer(**options):
                                                 model_max_length=77, **options)
 
 
-def reference_context(clip, runs: list[tuple[str, float]], chunks: int = 0, clip_skip: int = 1,
-                      pad_id: int = EOS_ID) -> torch.Tensor:
-    """AUTOMATIC1111's encoding written out over transformers' CLIP, for prompts without commas: each run
-    tokenized by transformers' tokenizer, the tokens cut every 75, each chunk encoded as [BOS] + 75 +
-    [EOS] padded with `pad_id` (SD v1: EOS; SD 2.x: 0), its output (that of the `clip_skip`-th last layer, then
-    the final LayerNorm) weighted and brought back to its mean; padded to `chunks` chunks with the empty
-    prompt's."""
+def reference_chunks(runs: list[tuple[str, float] | None], chunks: int = 0, pad_id: int = EOS_ID):
+    """AUTOMATIC1111's chunks written out over transformers' tokenizer, for prompts without commas: each run
+    (text, weight) tokenized on its own, the tokens cut every 75 and where a run is None (BREAK), each chunk
+    [BOS] + 75 + [EOS] padded with `pad_id` (SD v1: EOS; SD 2.x: 0), at least `chunks` of them (the empty
+    prompt's after the text). Yields (ids (1, 77), weights (1, 77))."""
     tok = reference_tokenizer()
-    ids, weights = [], []
-    for text, weight in runs:
-        run_ids = tok(text, add_special_tokens=False)["input_ids"]
-        ids += run_ids
-        weights += [weight] * len(run_ids)
+    pieces: list[tuple[list[int], list[float]]] = [([], [])]
+    for run in runs:
+        if run is None:
+            pieces.append(([], []))
+            continue
+        text, weight = run
+        for token in tok(text, add_special_tokens=False)["input_ids"]:
+            if len(pieces[-1][0]) == 75:
+                pieces.append(([], []))
+            pieces[-1][0].append(token)
+            pieces[-1][1].append(weight)
+    pieces += [([], [])] * (chunks - len(pieces))
+    for ids, weights in pieces:
+        pad = 75 - len(ids)
+        yield (torch.tensor([[BOS_ID, *ids, EOS_ID] + [pad_id] * pad]),
+               torch.tensor([[1.0, *weights, 1.0] + [1.0] * pad]))
+
+
+def emphasized(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """AUTOMATIC1111's "Original" emphasis: one chunk's output (1, 77, C) weighted (1, 77) and brought back to
+    its mean."""
+    mean = z.mean()
+    z = z * weights[..., None]
+    return z * (mean / z.mean())
+
+
+def reference_context(clip, runs: list[tuple[str, float] | None], chunks: int = 0, clip_skip: int = 1,
+                      pad_id: int = EOS_ID) -> torch.Tensor:
+    """AUTOMATIC1111's encoding written out over transformers' CLIP (`reference_chunks`): each chunk's output
+    (that of the `clip_skip`-th last layer, then the final LayerNorm) emphasized, the chunks concatenated."""
     outputs = []
-    for start in range(0, max(75 * chunks, len(ids), 1), 75):
-        chunk_ids, chunk_weights = ids[start:start + 75], weights[start:start + 75]
-        pad = 75 - len(chunk_ids)
-        out = clip(torch.tensor([[BOS_ID, *chunk_ids, EOS_ID] + [pad_id] * pad]), output_hidden_states=True)
+    for ids, weights in reference_chunks(runs, chunks, pad_id):
+        out = clip(ids, output_hidden_states=True)
         z = out.last_hidden_state if clip_skip == 1 else clip.final_layer_norm(out.hidden_states[-clip_skip])
-        mean = z.mean()
-        z = z * torch.tensor([1.0, *chunk_weights, 1.0] + [1.0] * pad)[None, :, None]
-        outputs.append(z * (mean / z.mean()))
+        outputs.append(emphasized(z, weights))
     return torch.cat(outputs, dim=1)
 
 
@@ -56,16 +75,17 @@ def reference_pipeline(cls, refs, unet, sampler: str, text_encoder=None, tokeniz
     return pipe
 
 
-def run_reference(pipe, seed: int, **inputs):
-    """diffusers' pipeline; returns (the latents after every step, images in [0, 1])."""
+def run_reference(pipe, seed: int | torch.Generator, output_type: str = "np", **inputs):
+    """diffusers' pipeline, its generator seeded with `seed` (or `seed` itself: one generator that goes on from
+    an earlier call); returns (the latents after every step, images in [0, 1], or the final latents)."""
     steps = []
 
     def keep_latents(pipe, i, t, tensors):
         steps.append(tensors["latents"])
         return tensors
 
-    images = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np",
-                  callback_on_step_end=keep_latents, **inputs).images
+    generator = seed if isinstance(seed, torch.Generator) else torch.Generator("cpu").manual_seed(seed)
+    images = pipe(generator=generator, output_type=output_type, callback_on_step_end=keep_latents, **inputs).images
     return steps, images
 
 

@@ -43,11 +43,19 @@ def sd15_vae():
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
 
-def sd15_clip():
+def text_model(width: int, layers: int, hidden_act: str, projection: bool = False):
+    """transformers' CLIP text tower: heads of 64 channels, an MLP 4 times as wide, 77 positions; with
+    `projection`, a CLIPTextModelWithProjection (its `text_embeds`: the pooled vector projected to `width`)."""
     transformers = oracle("transformers")
-    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768))
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+        num_attention_heads=width // 64, max_position_embeddings=77, hidden_act=hidden_act, projection_dim=width))
+
+
+def sd15_clip(width: int = 768, layers: int = 12):
+    """CLIP ViT-L/14's text tower (SD v1's, and SDXL's first), sigmoid-approximated GELU."""
+    return text_model(width, layers, "quick_gelu")
 
 
 @torch.no_grad()
@@ -60,6 +68,23 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         scale = max(float(p.std()) if p.numel() > 1 else 0.0, 0.05)
         p.add_(torch.randn(p.shape, generator=gen) * scale)
         p.copy_(p.half().float())
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def random_on_meta(build, seed: int) -> torch.nn.Module:
+    """The reference model `build()` makes, built on the meta device (no initialisation, no memory) and given
+    seeded random weights (`tests.tiny.random_weights`' distribution) by `load_state_dict(assign=True)`: one
+    copy of a full-size model, made in seconds. transformers' CLIP `position_ids` (a buffer, not a weight) is
+    made again."""
+    from tests.tiny import random_weights
+    with torch.device("meta"):
+        model = build()
+    model.load_state_dict(random_weights(model, torch.Generator().manual_seed(seed), fp16_exact=False), assign=True)
+    for module in model.modules():
+        if isinstance(getattr(module, "position_ids", None), torch.Tensor) and module.position_ids.is_meta:
+            module.position_ids = torch.arange(module.position_ids.shape[-1]).expand(1, -1)
+    assert not any(b.is_meta for b in model.buffers()), "a buffer of the reference was left without values"
     return model.eval().requires_grad_(False)
 
 
@@ -76,17 +101,48 @@ def sd2_unet(in_channels: int = 4, widths: tuple[int, ...] = (320, 640, 1280, 12
 def sd2_text_model(width: int = 1024, layers: int = 23):
     """transformers' CLIPTextModel as diffusers builds SD 2.x's from the OpenCLIP ViT-H tower: exact GELU, heads
     of 64, and 23 layers (diffusers' converter drops the 24th: conditioning is on the penultimate layer)."""
-    transformers = oracle("transformers")
-    return transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-        num_attention_heads=width // 64, max_position_embeddings=77, hidden_act="gelu", projection_dim=width))
+    return text_model(width, layers, "gelu")
 
 
-def small_vae():
+def big_g_text_model(width: int = 1280, layers: int = 32):
+    """transformers' CLIPTextModelWithProjection as diffusers builds SDXL's OpenCLIP bigG tower: exact GELU, heads
+    of 64, all its layers (diffusers' converter keeps the last one for SDXL: conditioning reads hidden_states[-2]),
+    the projection of the pooled vector as wide as the tower."""
+    return text_model(width, layers, "gelu", projection=True)
+
+
+SDXL_UNETS = {  # diffusers' configurations of SDXL base (also inpainting, 9 input channels) and of the refiner
+    "base": dict(blocks=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), widths=(320, 640, 1280),
+                 depths=(1, 2, 10), context=2048, conditions=6),  # micro-conditions: size, crop, target size
+    "refiner": dict(blocks=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    widths=(384, 768, 1536, 1536), depths=4, context=1280, conditions=5),  # aesthetic score
+}
+UP_BLOCK = {"DownBlock2D": "UpBlock2D", "CrossAttnDownBlock2D": "CrossAttnUpBlock2D"}
+
+
+def sdxl_unet(kind: str = "base", in_channels: int = 4, widths: tuple[int, ...] | None = None,
+              context: int | None = None, pooled: int = 1280):
+    """diffusers' UNet as diffusers builds SDXL's (`kind`: "base" or "refiner"): heads of 64 channels, Linear
+    projections, the vector of the pooled text (`pooled` wide) and the micro-conditions (256 channels each) added
+    to the time embedding ("text_time"); `widths` (and `context`) smaller for fast tests, the block structure
+    (levels, attention levels, transformer depths) kept."""
+    config = SDXL_UNETS[kind]
+    widths = widths or config["widths"]
+    return oracle("diffusers").UNet2DConditionModel(
+        sample_size=128, in_channels=in_channels, out_channels=4, layers_per_block=2, block_out_channels=widths,
+        down_block_types=config["blocks"], up_block_types=tuple(UP_BLOCK[b] for b in reversed(config["blocks"])),
+        transformer_layers_per_block=config["depths"], attention_head_dim=tuple(w // 64 for w in widths),
+        use_linear_projection=True, cross_attention_dim=context or config["context"],
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=pooled + 256 * config["conditions"])
+
+
+def small_vae(scaling_factor: float = 0.18215):
+    """SD's VAE at reduced widths; `scaling_factor` 0.13025 for SDXL's."""
     return oracle("diffusers").AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=64,
         block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4)
+        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=scaling_factor)
 
 
 def _ours(net: str, ref: torch.nn.Module, config=None) -> torch.nn.Module:
@@ -114,33 +170,39 @@ def diffusers_convert(net: str, ref: torch.nn.Module, compvis: dict[str, torch.T
     return converted
 
 
-def to_compvis(net: str, ref: torch.nn.Module, config=None) -> dict[str, torch.Tensor]:
-    """The reference model's weights under their CompVis keys (with the network's prefix); `config`: our
-    network's configuration when it is not SD v1.5's."""
+def to_compvis(net: str, ref: torch.nn.Module, config=None, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The reference model's weights under their CompVis keys (with the network's prefix, or `prefix`: SDXL's
+    ViT-L is under `conditioner.embedders.0.transformer.text_model.`); `config`: our network's configuration
+    when it is not SD v1.5's. The tensors are the reference's own (no copy)."""
+    prefix = prefix or PREFIX[net]
     ours = _ours(net, ref, config).state_dict()
     keys = list(ours)
-    tags = {PREFIX[net] + k: torch.tensor(float(i)).expand(ours[k].shape) for i, k in enumerate(keys)}
+    tags = {prefix + k: torch.tensor(float(i)).expand(ours[k].shape) for i, k in enumerate(keys)}
     converted = diffusers_convert(net, ref, tags)
     ref_state = ref.state_dict()
     inverse = {dk: keys[int(t.reshape(-1)[0])] for dk, t in converted.items()}
     assert inverse.keys() == ref_state.keys(), f"{net}: diffusers' converter does not cover the reference"
     assert sorted(inverse.values()) == sorted(keys), f"{net}: CompVis keys not used exactly once"
-    return {PREFIX[net] + ck: ref_state[dk].reshape(ours[ck].shape).contiguous() for dk, ck in inverse.items()}
+    return {prefix + ck: ref_state[dk].reshape(ours[ck].shape).contiguous() for dk, ck in inverse.items()}
 
 
 def to_open_clip(ref: torch.nn.Module, seed: int, prefix: str = "cond_stage_model.model.") -> dict[str, torch.Tensor]:
-    """transformers' SD 2.x text model as the original file holds the OpenCLIP tower: one more layer (random:
-    the file's last layer, which conditioning skips), `text_projection` and `logit_scale`, in OpenCLIP's names
-    under `prefix`. Proven: diffusers' `convert_open_clip_checkpoint` of it gives back the reference's
-    weights exactly (and the extra layer and projection, which it drops at full size, where it knows them)."""
+    """transformers' text model as the original file holds the OpenCLIP tower, in OpenCLIP's names under `prefix`,
+    with `logit_scale`. A CLIPTextModelWithProjection (SDXL's bigG as diffusers builds it) is the whole tower; a
+    CLIPTextModel (SD 2.x's, 23 layers) lacks what the file has and conditioning skips: one more layer (random,
+    seeded) and `text_projection`. Proven: diffusers' `convert_open_clip_checkpoint` of it gives back the
+    reference's weights exactly (and the extra layer and projection, which it drops at full size, where it knows
+    them)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from sd.layouts import OPEN_CLIP
-    reference = {k: v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    reference = {k.removeprefix("text_model."): v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
     last, width = ref.config.num_hidden_layers, ref.config.hidden_size
     gen = torch.Generator().manual_seed(seed)
-    extra = {k.replace(f"layers.{last - 1}.", f"layers.{last}."): v + 0.05 * torch.randn(v.shape, generator=gen)
-             for k, v in reference.items() if k.startswith(f"encoder.layers.{last - 1}.")}
-    extra["text_projection.weight"] = torch.randn(width, width, generator=gen) / width ** 0.5
+    extra = {}
+    if "text_projection.weight" not in reference:
+        extra = {k.replace(f"layers.{last - 1}.", f"layers.{last}."): v + 0.05 * torch.randn(v.shape, generator=gen)
+                 for k, v in reference.items() if k.startswith(f"encoder.layers.{last - 1}.")}
+        extra["text_projection.weight"] = torch.randn(width, width, generator=gen) / width ** 0.5
     state = {prefix + k: v for k, v in OPEN_CLIP.write({**reference, **extra}).items()}
     state[prefix + "logit_scale"] = torch.tensor(4.6052)
     converted = {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(ref, state, prefix).items()}

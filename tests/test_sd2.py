@@ -103,6 +103,8 @@ SDXL_UNET = UNetConfig(channel_mult=(1, 2, 4), attention_levels=(1, 2), context_
                        linear_proj=True, transformer_depth=(0, 2, 10), adm_in_channels=2816)
 REFINER_UNET = UNetConfig(model_channels=384, attention_levels=(1, 2), context_dim=1280, head_channels=64,
                           linear_proj=True, transformer_depth=4, adm_in_channels=2560)
+XL_TOWERS = {"conditioner.embedders.0.transformer.text_model.": (VIT_L, False),
+             "conditioner.embedders.1.model.": (BIG_G, True)}
 DETECTION = {  # diffusers' model type: (a file of that type, our family)
     "v1": (lambda: meta_state(UNetConfig(), {"cond_stage_model.transformer.text_model.": (VIT_L, False)}), "sd1"),
     "inpainting": (lambda: meta_state(UNetConfig(in_channels=9),
@@ -110,8 +112,9 @@ DETECTION = {  # diffusers' model type: (a file of that type, our family)
     "v2": (lambda: meta_state(FULL_UNET, {"cond_stage_model.model.": (VIT_H, True)}), "sd2"),
     "inpainting_v2": (lambda: meta_state(UNetConfig(**{**FULL_UNET.__dict__, "in_channels": 9}),
                                          {"cond_stage_model.model.": (VIT_H, True)}), "sd2-inpainting"),
-    "xl_base": (lambda: meta_state(SDXL_UNET, {"conditioner.embedders.0.transformer.text_model.": (VIT_L, False),
-                                               "conditioner.embedders.1.model.": (BIG_G, True)}), "sdxl"),
+    "xl_base": (lambda: meta_state(SDXL_UNET, XL_TOWERS), "sdxl"),
+    "xl_inpaint": (lambda: meta_state(UNetConfig(**{**SDXL_UNET.__dict__, "in_channels": 9}), XL_TOWERS),
+                   "sdxl-inpainting"),
     "xl_refiner": (lambda: meta_state(REFINER_UNET, {"conditioner.embedders.0.model.": (BIG_G, True)}),
                    "sdxl-refiner"),
 }

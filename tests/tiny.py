@@ -53,24 +53,25 @@ TINY = {  # family -> (UNet, {text tower: its configuration})
 TINY["sdxl-inpainting"] = TINY["sdxl"]
 
 
-def random_weights(model: nn.Module, gen: torch.Generator) -> dict[str, torch.Tensor]:
+def random_weights(model: nn.Module, gen: torch.Generator, fp16_exact: bool = True) -> dict[str, torch.Tensor]:
     """Seeded random values for every parameter of `model` (which may live on the meta device).
 
     Weights ~ N(0, 1/fan_in) keep activations of order 1 through the network; norm scales are
     1 + N(0, 0.1) and biases N(0, 0.02), so none is a trivial 0 or 1 that would hide a wrong
-    wiring. Values are rounded to fp16-representable ones, so an fp16 copy holds the same weights.
+    wiring. With `fp16_exact`, values are rounded to fp16-representable ones, so an fp16 copy holds the
+    same weights (without: two passes fewer over each tensor, for full-size models).
     """
     state = {}
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            noise = torch.randn(p.shape, generator=gen)
+            noise = torch.randn(p.shape, generator=gen)  # made the value in place: no second full-size tensor
             if isinstance(module, (nn.GroupNorm, nn.LayerNorm)):
-                value = 1 + 0.1 * noise if name == "weight" else 0.1 * noise
+                value = noise.mul_(0.1).add_(1) if name == "weight" else noise.mul_(0.1)
             elif p.dim() == 1:  # biases
-                value = 0.02 * noise
+                value = noise.mul_(0.02)
             else:
-                value = noise / math.sqrt(p[0].numel())
-            state[f"{module_name}.{name}" if module_name else name] = value.half().float()
+                value = noise.div_(math.sqrt(p[0].numel()))
+            state[f"{module_name}.{name}" if module_name else name] = value.half().float() if fp16_exact else value
     return state
 
 
