@@ -363,10 +363,11 @@ class StableDiffusion:
 
     @property
     def traits(self) -> dict:
-        """What `settle` needs of this model: its size, kind, side multiple and guidance default."""
+        """What `settle` needs of this model: its size, kind, side multiple, guidance default and noise schedule."""
         family = self.models.family
         return dict(image_size=self.models.image_size, inpainting_model=self.models.is_inpainting,
-                    side_multiple=family.side_multiple, default_guidance=family.guidance_scale)
+                    side_multiple=family.side_multiple, default_guidance=family.guidance_scale,
+                    schedule=self.models.schedule)
 
     def check_task(self, s: Settings, refiner: "StableDiffusion | None", switch: float) -> None:
         """What this model can do with these settings: a refiner refines (an image, or as `refiner=`), only a
