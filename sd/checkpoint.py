@@ -38,7 +38,7 @@ from sd.clip import CLIPConfig, CLIPTextModel
 from sd.errors import CheckpointError, InputError, UnsupportedModelError, checkpoint_not_found
 from sd.families import (FAMILIES, SD1, SD2, SD_V1_SCALE, SD_V1_SIZE, UNET_CONTEXT_KEY, UNET_PREFIX, Family,
                          missing_networks)
-from sd.files import write_atomically
+from sd.files import write_atomically, write_safetensors
 from sd.micro_conditioning import vector_width
 from sd.prediction import V_PRED_KEY, decide, prediction_name
 from sd.samplers.schedule import NoiseSchedule
@@ -342,7 +342,6 @@ def save_checkpoint(models: StableDiffusionModels, path: str | Path, dtype: torc
     the weights under their family's prefixes and in its layout, the latent scale under SCALE_KEY, the
     configurations, image size, prediction type and vocabulary in the metadata. `dtype`: store floating-point
     weights in this type (default: as they are)."""
-    from safetensors.torch import save_file
     family = models.family
     state = {}
     for net, prefixes in family.prefixes.items():
@@ -356,5 +355,5 @@ def save_checkpoint(models: StableDiffusionModels, path: str | Path, dtype: torc
               "zero_terminal_snr": models.schedule.zero_terminal_snr}
     if models.vocabulary is not None:
         stored["vocabulary"] = list(models.vocabulary)
-    write_atomically(Path(path), lambda tmp: save_file(state, tmp, metadata={"format": "pt",
-                                                                             METADATA_KEY: json.dumps(stored)}))
+    write_atomically(Path(path), lambda tmp: write_safetensors(tmp, state, {"format": "pt",
+                                                                            METADATA_KEY: json.dumps(stored)}))
