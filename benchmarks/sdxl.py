@@ -36,7 +36,7 @@ def sdxl_state() -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         networks = {"unet": UNet(unet), "vae": AutoencoderKL(), **{n: CLIPTextModel(c) for n, c in towers.items()}}
     for net, model in networks.items():
-        weights = {k: v.half() for k, v in random_weights(model, gen).items()}
+        weights = random_weights(model, gen, torch.float16)
         weights = SDXL.renames[net].write(weights) if net in SDXL.renames else weights
         state |= {SDXL.prefixes[net][0] + k: v for k, v in weights.items()}
     return state

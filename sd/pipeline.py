@@ -216,7 +216,7 @@ class StableDiffusion:
                   hires_strength: float = 0.55, hires_steps: int | None = None, hires_upscaler: str = "latent",
                   output_type: str = "pil", tiled_decode: bool = False, **options):
         """AUTOMATIC1111's "hires fix": an image at the base size (width, height; default the model's),
-        upscaled `hires_scale` times (to a multiple of 8), then redrawn `hires_strength` of the way at the
+        upscaled `hires_scale` times (to a multiple of 8; SDXL: 32), then redrawn `hires_strength` of the way at the
         new size, from fresh noise of the same seed, in `hires_steps` steps (default: `steps`). The
         upscaler: "latent" (bilinear in latent space, as AUTOMATIC1111's "Latent") or "lanczos" (decode,
         Lanczos, encode). Options: those of `generate` but image, mask and latents."""
@@ -231,10 +231,13 @@ class StableDiffusion:
         if hires_upscaler == "lanczos" and (not isinstance(prompt, str) or options.get("num_images", 1) != 1):
             raise SettingError(lambda n: f"{n('hires_upscaler')} lanczos redraws one image at a time; make one image "
                                          f"per call, or use the latent upscaler")
-        check_upscaled(*(options.get(side) or self.models.image_size for side in ("width", "height")), hires_scale)
+        multiple = self.models.family.side_multiple
+        check_upscaled(*(options.get(side) or self.models.image_size for side in ("width", "height")), hires_scale,
+                       multiple)
         options.setdefault("seed", random.randrange(2**32))
         base = self.generate(prompt, negative_prompt, output_type="latent", **options)  # (B, 4, h, w)
-        h, w = (int(side * VAE_FACTOR * hires_scale) // VAE_FACTOR for side in base.shape[2:])  # rounded down
+        h, w = (int(side * VAE_FACTOR * hires_scale) // multiple * multiple // VAE_FACTOR
+                for side in base.shape[2:])  # rounded down
         second = {key: value for key, value in options.items() if key not in ("width", "height", "steps")}
         second.update(strength=hires_strength, output_type=output_type, tiled_decode=tiled_decode,
                       steps=options.get("steps", DEFAULT_STEPS) if hires_steps is None else hires_steps)

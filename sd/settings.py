@@ -313,9 +313,10 @@ def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
         raise SettingError(lambda n: f"{n('hires_upscaler')} must be one of {', '.join(UPSCALERS)}, got {upscaler!r}")
 
 
-def check_upscaled(width: int, height: int, scale: float) -> tuple[int, int]:
-    """The size the hires fix upscales width x height to (whole latent pixels), refused above MAX_SIDE."""
-    final = tuple(int(side * scale) // VAE_FACTOR * VAE_FACTOR for side in (width, height))
+def check_upscaled(width: int, height: int, scale: float, multiple: int = VAE_FACTOR) -> tuple[int, int]:
+    """The size the hires fix upscales width x height to (rounded down to a `multiple`: whole latent pixels,
+    SDXL's 32), refused above MAX_SIDE."""
+    final = tuple(int(side * scale) // multiple * multiple for side in (width, height))
     if max(final) > MAX_SIDE:
         raise SettingError(lambda n: f"{n('hires_scale')} {scale} upscales {width}x{height} to {final[0]}x{final[1]}, "
                                      f"above {MAX_SIDE} a side; lower it, or {n('width')} and {n('height')}")
