@@ -114,7 +114,7 @@ class StableDiffusion:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         use_ema: bool = True, prediction: str | None = None) -> "StableDiffusion":
-        """The model of an SD 1.x or 2.x checkpoint file; `prediction` "v" or "epsilon" overrides what the file
+        """The model of an SD 1.x, 2.x or SDXL checkpoint file; `prediction` "v" or "epsilon" overrides what the file
         says its UNet predicts (`sd.prediction`; the rule that decided is `models.prediction_rule`)."""
         check_path("path", path)
         device = pick_device(device)
