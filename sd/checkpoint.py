@@ -292,8 +292,8 @@ def scale_of(path: Path, state: dict[str, torch.Tensor], family: Family) -> floa
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     use_ema: bool = True, prediction: str | None = None) -> StableDiffusionModels:
-    """Load the text encoders, VAE and UNet of an SD 1.x, 2.x or SDXL checkpoint (.ckpt or .safetensors), as its family
-    (`detect_family`) says; `prediction`: "v" or "epsilon" to override what `sd.prediction` decides."""
+    """Load the text encoders, VAE and UNet of an SD 1.x, 2.x or SDXL checkpoint (.ckpt or .safetensors), as
+    its family (`detect_family`) says; `prediction`: "v" or "epsilon" to override what `sd.prediction` decides."""
     path = as_path(path, "checkpoint")
     if prediction is not None:
         prediction_name(prediction)  # before any reading
