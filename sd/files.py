@@ -41,7 +41,8 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> None:
     """The safetensors format (an 8-byte header length, a JSON header of dtypes, shapes and offsets, the data)
     written one tensor at a time: safetensors' own `save_file` builds the whole file in memory first, twice the
     14 GB of an fp32 SDXL file. Tensors may share memory (each is written out whole)."""
