@@ -266,7 +266,7 @@ class StableDiffusion:
             check_invertible(s.image)
         check_clip_skip(s.clip_skip, self.clip_skip_limit)
         pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1  # (1, 3, H, W)
-        mean, _ = self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype))
+        mean, _ = self.run_vae(self.models.vae.encode, pixels.to(self.device))
         latents = mean.float() * self.models.scale_factor  # (1, 4, h, w)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
         s.sampler.set_timesteps(s.steps, self.device)
@@ -435,20 +435,29 @@ class StableDiffusion:
         if output_type == "latent":
             return latents
         vae = self.models.vae
-        decode = vae.decode_tiled if tiled else vae.decode
-        images = decode(latents.to(vae.dtype) / self.models.scale_factor)  # (B, 3, H, W)
-        if vae.dtype == torch.float16 and not torch.isfinite(images).all():
-            vae.float()  # the fp16 VAE decoder overflows on some latents: this decode runs in fp32
-            try:
-                images = decode(latents.float() / self.models.scale_factor)
-            finally:
-                vae.half()  # fp16 -> fp32 -> fp16 gives back the same weights
+        images = self.run_vae(vae.decode_tiled if tiled else vae.decode,
+                              latents / self.models.scale_factor)  # (B, 3, H, W)
         check_finite(images, "decoded images", vae.dtype)
         images = (images / 2 + 0.5).clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
         if output_type == "np":
             return images
         return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
+
+    def run_vae(self, run: Callable, x: torch.Tensor):
+        """`run(x)` (the VAE's encode or decode) in the VAE's dtype; where float16 overflows (on some latents, and
+        often with SDXL's VAE), once more in float32, the weights converted there and back (fp16 -> fp32 -> fp16
+        gives back the same weights)."""
+        vae = self.models.vae
+        out = run(x.to(vae.dtype))
+        if vae.dtype == torch.float16 and not all(torch.isfinite(o).all() for o in (out if isinstance(out, tuple)
+                                                                                    else (out,))):
+            vae.float()
+            try:
+                out = run(x.float())
+            finally:
+                vae.half()
+        return out
 
     def conditioning(self, s: Settings, guidance: ClassifierFreeGuidance, num_images: int) -> Conditioning:
         """What the UNet is conditioned on, batched for `guidance` (the negative prompts' first): the prompts'
@@ -521,7 +530,7 @@ class StableDiffusion:
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Image in [-1, 1] (1, 3, H, W) -> a sample of its latent distribution, scaled: (1, 4, H/8, W/8)."""
-        mean, logvar = (m.float() for m in self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype)))
+        mean, logvar = (m.float() for m in self.run_vae(self.models.vae.encode, pixels.to(self.device)))
         return (mean + torch.exp(0.5 * logvar) * self.randn(mean.shape, generator)) * self.models.scale_factor
 
     def randn(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
