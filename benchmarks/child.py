@@ -1,5 +1,6 @@
 """One measurement in a fresh process, so that its peak RSS is its own: load a checkpoint, or load it and
-make one 512x512 image. Run by bench.py; prints one JSON line.
+make one image at its size (512x512 for SD v1.5, 1024x1024 for SDXL). Run by bench.py and sdxl.py; prints one
+JSON line.
 
     python -m benchmarks.child load ours|diffusers CHECKPOINT [--dtype fp32|bf16] [--threads T]
     python -m benchmarks.child txt2img ours|diffusers CHECKPOINT --steps N [--dtype fp32|bf16] [--threads T]
@@ -47,7 +48,7 @@ def touch(modules) -> None:
 
 def networks(impl: str, model) -> list[torch.nn.Module]:
     if impl == "ours":
-        return [model.models.clip, model.models.vae, model.models.unet]
+        return [*model.models.text_towers, model.models.vae, model.models.unet]
     return [model.text_encoder, model.vae, model.unet]
 
 
@@ -66,9 +67,11 @@ def load_diffusers(path: str, dtype: torch.dtype):
 
 
 def text_to_image(impl: str, model, steps: int, seed: int = 0):
-    """One 512x512 image with guidance 7.5 and the default sampler of ours (diffusers: the same scheduler)."""
+    """One image at the model's size (SD v1.5: 512x512) with guidance 7.5 and the default sampler of ours
+    (diffusers: the same scheduler)."""
     if impl == "ours":
-        return model.text_to_image(PROMPT, steps=steps, seed=seed, output_type="np", progress=False)
+        return model.text_to_image(PROMPT, steps=steps, seed=seed, guidance_scale=7.5, output_type="np",
+                                   progress=False)
     return model(PROMPT, num_inference_steps=steps, guidance_scale=7.5, output_type="np",
                  generator=torch.Generator("cpu").manual_seed(seed)).images
 

@@ -9,7 +9,9 @@ checkpoint's keys, so the mapping is a few rules:
   replace the UNet weights unless `use_ema=False`;
 - the training buffers in `IGNORED_KEYS` (and any `...position_ids`) are not weights and are dropped;
 - `scale_factor`, the latent scale LDM's `scale_by_std` measured, is read when present (else the family's);
-- what the UNet predicts (epsilon or v) is decided by the rules of `sd.prediction`.
+- what the UNet predicts (epsilon or v) is decided by the rules of `sd.prediction`;
+- a `ztsnr` key (ComfyUI's marker, beside `v_pred` in SDXL fine-tunes) says the model was trained for zero
+  terminal SNR: its samplers take the rescaled schedule (`sd.samplers.schedule`).
 Sizes are read off the tensors, so the same code loads the full model and tiny test models; files
 written by `save_checkpoint` (the models this project trains) also carry their exact configurations,
 image size, prediction type and caption vocabulary as JSON in the safetensors metadata (`METADATA_KEY`). The
@@ -36,9 +38,10 @@ from sd.clip import CLIPConfig, CLIPTextModel
 from sd.errors import CheckpointError, InputError, UnsupportedModelError, checkpoint_not_found
 from sd.families import (FAMILIES, SD1, SD2, SD_V1_SCALE, SD_V1_SIZE, UNET_CONTEXT_KEY, UNET_PREFIX, Family,
                          missing_networks)
-from sd.files import write_atomically
+from sd.files import write_atomically, write_safetensors
 from sd.micro_conditioning import vector_width
 from sd.prediction import V_PRED_KEY, decide, prediction_name
+from sd.samplers.schedule import NoiseSchedule
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 from sd.safe_pickle import LEGACY_MAGIC, ZIP_MAGIC, load_pickle_checkpoint
@@ -48,7 +51,9 @@ PREFIXES = SD1.prefixes
 EMA_PREFIX = "model_ema."
 SCALE_KEY = "scale_factor"  # LDM's buffer for the measured latent scale
 METADATA_KEY = "sd"  # safetensors metadata: {"configs": {net: config}, "image_size": int, "prediction_type": str,
-#                      "vocabulary": [...]}
+#                      "zero_terminal_snr": bool, "vocabulary": [...]}
+ZERO_SNR_KEY = "ztsnr"
+ZERO_SNR_SCHEDULE = NoiseSchedule(zero_terminal_snr=True, trailing=True)
 IGNORED_KEYS = re.compile(
     r"^(betas|alphas_cumprod(_prev)?|sqrt_(recip(m1)?_)?alphas_cumprod|sqrt_one_minus_alphas_cumprod"
     r"|log_one_minus_alphas_cumprod|posterior_(variance|log_variance_clipped|mean_coef[12])|logvar"
@@ -72,6 +77,7 @@ class StableDiffusionModels:
     family: Family = SD1  # the model family (`sd.families`): its text encoders, file layout
     prediction_type: str = "epsilon"  # what the UNet predicts (`sd.parameterization.PREDICTION_TYPES`)
     prediction_rule: str = "every SD v1 model"  # which rule of `sd.prediction` decided it
+    schedule: NoiseSchedule = NoiseSchedule()  # the noise schedule it was trained with (zero terminal SNR or not)
 
     @property
     def is_inpainting(self) -> bool:
@@ -287,8 +293,8 @@ def scale_of(path: Path, state: dict[str, torch.Tensor], family: Family) -> floa
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     use_ema: bool = True, prediction: str | None = None) -> StableDiffusionModels:
-    """Load the text encoder, VAE and UNet of an SD 1.x or 2.x checkpoint (.ckpt or .safetensors), as its family
-    (`detect_family`) says; `prediction`: "v" or "epsilon" to override what `sd.prediction` decides."""
+    """Load the text encoders, VAE and UNet of an SD 1.x, 2.x or SDXL checkpoint (.ckpt or .safetensors), as
+    its family (`detect_family`) says; `prediction`: "v" or "epsilon" to override what `sd.prediction` decides."""
     path = as_path(path, "checkpoint")
     if prediction is not None:
         prediction_name(prediction)  # before any reading
@@ -297,6 +303,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     family = detect_family(path, state)
     scale_factor = scale_of(path, state, family)
     marked = V_PRED_KEY in state
+    schedule = ZERO_SNR_SCHEDULE if ZERO_SNR_KEY in state or stored.get("zero_terminal_snr") else NoiseSchedule()
     parts = split_checkpoint(path, state, family, use_ema)
     del state
     configs = stored.get("configs", {})
@@ -317,7 +324,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype:
     return StableDiffusionModels(**{"clip": None, **models}, kind=family.kind, scale_factor=scale_factor,
                                  image_size=int(stored.get("image_size", family.default_size(decision.prediction_type))),
                                  vocabulary=tuple(vocabulary) if isinstance(vocabulary, list) else None, family=family,
-                                 prediction_type=decision.prediction_type, prediction_rule=decision.rule)
+                                 prediction_type=decision.prediction_type, prediction_rule=decision.rule,
+                                 schedule=schedule)
 
 
 def check_vector_width(path: Path, family: Family, models: dict[str, nn.Module]) -> None:
@@ -335,7 +343,6 @@ def save_checkpoint(models: StableDiffusionModels, path: str | Path, dtype: torc
     the weights under their family's prefixes and in its layout, the latent scale under SCALE_KEY, the
     configurations, image size, prediction type and vocabulary in the metadata. `dtype`: store floating-point
     weights in this type (default: as they are)."""
-    from safetensors.torch import save_file
     family = models.family
     state = {}
     for net, prefixes in family.prefixes.items():
@@ -345,8 +352,9 @@ def save_checkpoint(models: StableDiffusionModels, path: str | Path, dtype: torc
                       for k, v in weights.items()})
     state[SCALE_KEY] = torch.tensor(models.scale_factor, dtype=torch.float32)
     stored = {"configs": {net: dataclasses.asdict(getattr(models, net).config) for net in family.prefixes},
-              "image_size": models.image_size, "prediction_type": models.prediction_type}
+              "image_size": models.image_size, "prediction_type": models.prediction_type,
+              "zero_terminal_snr": models.schedule.zero_terminal_snr}
     if models.vocabulary is not None:
         stored["vocabulary"] = list(models.vocabulary)
-    write_atomically(Path(path), lambda tmp: save_file(state, tmp, metadata={"format": "pt",
-                                                                             METADATA_KEY: json.dumps(stored)}))
+    write_atomically(Path(path), lambda tmp: write_safetensors(tmp, state, {"format": "pt",
+                                                                            METADATA_KEY: json.dumps(stored)}))

@@ -43,8 +43,9 @@ from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 # re-exported as the library's names: the defaults, `settle` and the checks it runs before loading
 from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, RANGES, UPSCALERS,  # noqa: F401
-                         VAE_FACTOR, ImageInput, Settings, check_argument, check_range, check_deep_cache_branch, check_hires,
-                         check_invertible, check_path, check_upscaled, is_finite_number, is_int, settle)
+                         VAE_FACTOR, ImageInput, Settings, check_argument, check_deep_cache_branch, check_hires,
+                         check_invertible, check_path, check_range, check_upscaled, is_finite_number, is_int,
+                         settle)
 from sd.tokenizer import CLIPTokenizer
 from sd.unet import DeepCache, Speedups
 
@@ -114,7 +115,7 @@ class StableDiffusion:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         use_ema: bool = True, prediction: str | None = None) -> "StableDiffusion":
-        """The model of an SD 1.x or 2.x checkpoint file; `prediction` "v" or "epsilon" overrides what the file
+        """The model of an SD 1.x, 2.x or SDXL checkpoint file; `prediction` "v" or "epsilon" overrides what the file
         says its UNet predicts (`sd.prediction`; the rule that decided is `models.prediction_rule`)."""
         check_path("path", path)
         device = pick_device(device)
@@ -216,10 +217,10 @@ class StableDiffusion:
                   hires_strength: float = 0.55, hires_steps: int | None = None, hires_upscaler: str = "latent",
                   output_type: str = "pil", tiled_decode: bool = False, **options):
         """AUTOMATIC1111's "hires fix": an image at the base size (width, height; default the model's),
-        upscaled `hires_scale` times (rounded down to a multiple of 8, of 32 for SDXL), then redrawn
-        `hires_strength` of the way at the new size, from fresh noise of the same seed, in `hires_steps` steps
-        (default: `steps`). The upscaler: "latent" (bilinear in latent space, as AUTOMATIC1111's "Latent") or
-        "lanczos" (decode, Lanczos, encode). Options: those of `generate` but image, mask and latents."""
+        upscaled `hires_scale` times (to a multiple of 8; SDXL: 32), then redrawn `hires_strength` of the way at the
+        new size, from fresh noise of the same seed, in `hires_steps` steps (default: `steps`). The
+        upscaler: "latent" (bilinear in latent space, as AUTOMATIC1111's "Latent") or "lanczos" (decode,
+        Lanczos, encode). Options: those of `generate` but image, mask and latents."""
         check_flags(tiled_decode=tiled_decode)
         if options.get("refiner") is not None:
             raise SettingError(lambda n: f"{n('refiner')} takes over a run of one size; the hires fix makes two: "
@@ -231,11 +232,13 @@ class StableDiffusion:
         if hires_upscaler == "lanczos" and (not isinstance(prompt, str) or options.get("num_images", 1) != 1):
             raise SettingError(lambda n: f"{n('hires_upscaler')} lanczos redraws one image at a time; make one image "
                                          f"per call, or use the latent upscaler")
-        width, height = check_upscaled(*(options.get(side) or self.models.image_size for side in ("width", "height")),
-                                       hires_scale, self.models.family.side_multiple)  # rounded down
+        multiple = self.models.family.side_multiple
+        check_upscaled(*(options.get(side) or self.models.image_size for side in ("width", "height")), hires_scale,
+                       multiple)
         options.setdefault("seed", random.randrange(2**32))
         base = self.generate(prompt, negative_prompt, output_type="latent", **options)  # (B, 4, h, w)
-        h, w = height // VAE_FACTOR, width // VAE_FACTOR
+        h, w = (int(side * VAE_FACTOR * hires_scale) // multiple * multiple // VAE_FACTOR
+                for side in base.shape[2:])  # rounded down
         second = {key: value for key, value in options.items() if key not in ("width", "height", "steps")}
         second.update(strength=hires_strength, output_type=output_type, tiled_decode=tiled_decode,
                       steps=options.get("steps", DEFAULT_STEPS) if hires_steps is None else hires_steps)
@@ -263,7 +266,7 @@ class StableDiffusion:
             check_invertible(s.image)
         check_clip_skip(s.clip_skip, self.clip_skip_limit)
         pixels = image_to_tensor(s.image, (s.width, s.height)) * 2 - 1  # (1, 3, H, W)
-        mean, _ = self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype))
+        mean, _ = self.run_vae(self.models.vae.encode, pixels.to(self.device))
         latents = mean.float() * self.models.scale_factor  # (1, 4, h, w)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
         s.sampler.set_timesteps(s.steps, self.device)
@@ -364,10 +367,11 @@ class StableDiffusion:
 
     @property
     def traits(self) -> dict:
-        """What `settle` needs of this model: its size, kind, side multiple and guidance default."""
+        """What `settle` needs of this model: its size, kind, side multiple, guidance default and noise schedule."""
         family = self.models.family
         return dict(image_size=self.models.image_size, inpainting_model=self.models.is_inpainting,
-                    side_multiple=family.side_multiple, default_guidance=family.guidance_scale)
+                    side_multiple=family.side_multiple, default_guidance=family.guidance_scale,
+                    schedule=self.models.schedule)
 
     def check_task(self, s: Settings, refiner: "StableDiffusion | None", switch: float) -> None:
         """What this model can do with these settings: a refiner refines (an image, or as `refiner=`), only a
@@ -431,20 +435,29 @@ class StableDiffusion:
         if output_type == "latent":
             return latents
         vae = self.models.vae
-        decode = vae.decode_tiled if tiled else vae.decode
-        images = decode(latents.to(vae.dtype) / self.models.scale_factor)  # (B, 3, H, W)
-        if vae.dtype == torch.float16 and not torch.isfinite(images).all():
-            vae.float()  # the fp16 VAE decoder overflows on some latents: this decode runs in fp32
-            try:
-                images = decode(latents.float() / self.models.scale_factor)
-            finally:
-                vae.half()  # fp16 -> fp32 -> fp16 gives back the same weights
+        images = self.run_vae(vae.decode_tiled if tiled else vae.decode,
+                              latents / self.models.scale_factor)  # (B, 3, H, W)
         check_finite(images, "decoded images", vae.dtype)
         images = (images / 2 + 0.5).clamp(0, 1)
         images = images.permute(0, 2, 3, 1).float().cpu().numpy()  # (B, H, W, 3)
         if output_type == "np":
             return images
         return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
+
+    def run_vae(self, run: Callable, x: torch.Tensor):
+        """`run(x)` (the VAE's encode or decode) in the VAE's dtype; where float16 overflows (on some latents, and
+        often with SDXL's VAE), once more in float32, the weights converted there and back (fp16 -> fp32 -> fp16
+        gives back the same weights)."""
+        vae = self.models.vae
+        out = run(x.to(vae.dtype))
+        if vae.dtype == torch.float16 and not all(torch.isfinite(o).all() for o in (out if isinstance(out, tuple)
+                                                                                    else (out,))):
+            vae.float()
+            try:
+                out = run(x.float())
+            finally:
+                vae.half()
+        return out
 
     def conditioning(self, s: Settings, guidance: ClassifierFreeGuidance, num_images: int) -> Conditioning:
         """What the UNet is conditioned on, batched for `guidance` (the negative prompts' first): the prompts'
@@ -517,7 +530,7 @@ class StableDiffusion:
 
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Image in [-1, 1] (1, 3, H, W) -> a sample of its latent distribution, scaled: (1, 4, H/8, W/8)."""
-        mean, logvar = (m.float() for m in self.models.vae.encode(pixels.to(self.device, self.models.vae.dtype)))
+        mean, logvar = (m.float() for m in self.run_vae(self.models.vae.encode, pixels.to(self.device)))
         return (mean + torch.exp(0.5 * logvar) * self.randn(mean.shape, generator)) * self.models.scale_factor
 
     def randn(self, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:

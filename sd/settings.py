@@ -18,7 +18,7 @@ from sd.errors import InputError, SettingError
 from sd.micro_conditioning import AESTHETIC_SCORE, DEFAULT_CROP, NEGATIVE_AESTHETIC_SCORE, MicroConditions
 from sd.paths import readable_file
 from sd.prompt import check_clip_skip, parse_emphasis
-from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
+from sd.samplers import DEFAULT_SAMPLER, NoiseSchedule, Sampler, make_sampler
 from sd.token_merging import MAX_RATIO, TokenMerging
 
 VAE_FACTOR = 8  # image pixels per latent pixel, each way
@@ -196,11 +196,12 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
            crop: tuple[int, int] = DEFAULT_CROP, target_size: tuple[int, int] | None = None,
            aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
            image_size: int = SD_V1_SIZE, inpainting_model: bool = False, side_multiple: int = VAE_FACTOR,
-           default_guidance: float = DEFAULT_GUIDANCE) -> Settings:
+           default_guidance: float = DEFAULT_GUIDANCE, schedule: NoiseSchedule | None = None) -> Settings:
     """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
     any weights: a command line settles its flags here before it loads a model. What the model says: its own
     size `image_size`, whether it is a 9-channel `inpainting_model`, the multiple its sides must be
-    (`side_multiple`) and its `default_guidance`. A bad value raises a `SettingError`, whose message can name
+    (`side_multiple`), its `default_guidance` and the noise `schedule` a sampler named by `sampler` takes (default
+    SD's; zero terminal SNR for the models trained so). A bad value raises a `SettingError`, whose message can name
     the parameters as command-line flags."""
     prompts = texts("prompt", prompt)
     negatives = texts("negative_prompt", negative_prompt)
@@ -242,7 +243,7 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
         raise SettingError(lambda n: f"this is an inpainting checkpoint: give {n('image')} and {n('mask')}")
     strength = (0.75 if mask is None else 1.0) if strength is None else strength  # with neither image: unused
     check_range("strength", strength)
-    sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
+    sampler = make_sampler(sampler, schedule=schedule) if isinstance(sampler, str) else sampler
     check_range("steps", steps, sampler.max_steps)  # no run has more steps than training had timesteps (lcm: 50)
     check_range("num_images", num_images)
     seed = random.randrange(2**32) if seed is None else seed
@@ -313,8 +314,8 @@ def check_hires(scale, strength, steps, upscaler, max_steps: int) -> None:
 
 
 def check_upscaled(width: int, height: int, scale: float, multiple: int = VAE_FACTOR) -> tuple[int, int]:
-    """The size the hires fix upscales width x height to, rounded down to `multiple` (whole latent pixels; the
-    model's side multiple, SDXL's 32), refused above MAX_SIDE."""
+    """The size the hires fix upscales width x height to (rounded down to a `multiple`: whole latent pixels,
+    SDXL's 32), refused above MAX_SIDE."""
     final = tuple(int(side * scale) // multiple * multiple for side in (width, height))
     if max(final) > MAX_SIDE:
         raise SettingError(lambda n: f"{n('hires_scale')} {scale} upscales {width}x{height} to {final[0]}x{final[1]}, "

@@ -5,7 +5,9 @@ self-attention, bipartite soft matching merges the r most redundant tokens into 
 (averaging them), attention runs over N - r tokens, and afterwards every merged token takes back
 the output of the token it went into ("unmerging"), so the rest of the network sees all N. The
 quadratic self-attention is where the highest-resolution blocks spend their time, so only those merge
-by default (`max_downsample` 1), and only for self-attention, as `tomesd`'s defaults.
+by default (`max_downsample` 1), and only for self-attention, as `tomesd`'s defaults. "Highest-resolution"
+means the UNet's finest transformers: at the latents' size in SD 1.x and 2.x, at half of it in SDXL (which
+has no attention at its first level, so tomesd's bound, counted from the latents, would merge nothing there).
 
 The destination set is one token per `stride` cell: its top-left one. tomesd can draw that token at
 random instead; this project leaves randomness out, so a seed gives one image.
@@ -21,7 +23,7 @@ MAX_RATIO = 0.75  # with 2x2 cells three tokens in four are sources: at most tho
 @dataclass(frozen=True)
 class TokenMerging:
     ratio: float = 0.5  # the share of a block's tokens merged away
-    max_downsample: int = 1  # merge in blocks whose grid is at most this many times smaller than the latents
+    max_downsample: int = 1  # merge in blocks whose grid is at most this many times smaller than the finest's
     stride: tuple[int, int] = (2, 2)  # (rows, columns) of the cells that each give one destination token
 
     def matching(self, x: torch.Tensor, h: int, w: int) -> "TokenMerge":

@@ -159,8 +159,9 @@ class BasicTransformerBlock(nn.Module):
 
 class SpatialTransformer(nn.Module):
     """GroupNorm and a projection in (a 1x1 conv, or a Linear layer on the tokens), `depth` transformer
-    blocks over the h*w positions, a projection out, residual. `downsample`: how many times smaller than
-    the latents its grid is (token merging's bound)."""
+    blocks over the h*w positions, a projection out, residual. `downsample`: how many times smaller its grid is
+    than that of the UNet's highest-resolution transformers (token merging's bound): the latents' grid in SD 1.x
+    and 2.x, half of it in SDXL, which has no attention at its first level."""
 
     def __init__(self, channels: int, cfg: UNetConfig, downsample: int, depth: int):
         super().__init__()
@@ -268,12 +269,13 @@ class UNet(nn.Module):
         skip_channels = [ch]
         cur = ch
         last = len(cfg.channel_mult) - 1
+        top = min(cfg.attention_levels, default=last)  # the level of the highest-resolution transformers
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(cur, mult * ch, cfg)]
                 cur = mult * ch
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cur, cfg, 2 ** level, cfg.depth(level)))
+                    layers.append(SpatialTransformer(cur, cfg, 2 ** (level - top), cfg.depth(level)))
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_channels.append(cur)
             if level != last:
@@ -281,7 +283,7 @@ class UNet(nn.Module):
                 skip_channels.append(cur)
 
         self.middle_block = TimestepSequential(ResBlock(cur, cur, cfg),
-                                               SpatialTransformer(cur, cfg, 2 ** last, cfg.middle_depth),
+                                               SpatialTransformer(cur, cfg, 2 ** (last - top), cfg.middle_depth),
                                                ResBlock(cur, cur, cfg))
 
         # Up path: mirror image, one more res block per level, each consuming one skip connection.
@@ -291,7 +293,7 @@ class UNet(nn.Module):
                 layers = [ResBlock(cur + skip_channels.pop(), mult * ch, cfg)]
                 cur = mult * ch
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(cur, cfg, 2 ** level, cfg.depth(level)))
+                    layers.append(SpatialTransformer(cur, cfg, 2 ** (level - top), cfg.depth(level)))
                 if level != 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(cur))
                 self.output_blocks.append(TimestepSequential(*layers))

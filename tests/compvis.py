@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from sd.checkpoint import PREFIXES, ema_key
+from sd.files import write_safetensors
 
 UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX = PREFIXES["unet"][0], PREFIXES["vae"][0], PREFIXES["clip"][0]
 
@@ -29,32 +30,11 @@ def with_ema_decoys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1000)}
 
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def stream_safetensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    """The safetensors format written one tensor at a time: safetensors' own `save_file` first copies every
-    tensor to bytes and then the whole file into memory, twice the 4 GB of a full-size checkpoint."""
-    offsets, start = {}, 0
-    for key, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
-        offsets[key] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [start, start + size]}
-        start += size
-    header = json.dumps(offsets, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        for tensor in state.values():
-            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def save_checkpoint(state: dict[str, torch.Tensor], path: str | Path) -> Path:
     """.safetensors, or .ckpt / .pt nested under "state_dict" as torch.save wrote the official files."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        stream_safetensors(state, path)
+        write_safetensors(path, state)
     elif path.suffix in (".ckpt", ".pt"):
         torch.save({"state_dict": state, "global_step": 470000}, path)
     else:

@@ -149,11 +149,11 @@ def test_bad_arguments(tmp_path, capsys, full_ckpt, args, fragment):
 
 @pytest.mark.parametrize("exception, status", [(KeyboardInterrupt, 130), (OSError(28, "No space left on device"), 1)])
 def test_failed_write_leaves_old_file_and_no_partial_one(tmp_path, capsys, monkeypatch, full_ckpt, exception, status):
-    def save_file_that_fails(state, filename, metadata=None):
+    def write_that_fails(filename, state, metadata=None):
         Path(filename).write_bytes(b"half a file")
         raise exception
 
-    monkeypatch.setattr("safetensors.torch.save_file", save_file_that_fails)
+    monkeypatch.setattr(cli, "write_safetensors", write_that_fails)
     out = tmp_path / "tiny.safetensors"
     out.write_bytes(b"previous version")
     assert cli.main([str(full_ckpt), str(out), "--overwrite"]) == status

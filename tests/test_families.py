@@ -174,3 +174,24 @@ def test_sd2_files_in_fp16_and_with_ema_load_the_same_weights(tmp_path, variant)
     for net in ("unet", "vae", "clip"):
         a, b = getattr(plain, net).state_dict(), getattr(models, net).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), net
+
+
+@pytest.mark.parametrize("markers", [(), ("v_pred",), ("v_pred", "ztsnr")])
+def test_sdxl_fine_tune_markers(tmp_path, markers):
+    """ComfyUI's `v_pred` and `ztsnr` keys: v-prediction, and the zero-terminal-SNR schedule every sampler of a run
+    then takes; our own files keep both through save and load."""
+    from sd.checkpoint import ZERO_SNR_SCHEDULE, save_checkpoint as save_ours
+    from sd.pipeline import StableDiffusion
+    from sd.samplers import NoiseSchedule
+    state = {**tiny_compvis_state(family="sdxl"), **{key: torch.tensor([]) for key in markers}}
+    models = load_checkpoint(save_checkpoint(state, tmp_path / "fine-tune.safetensors"))
+    expected = ("v_prediction" if "v_pred" in markers else "epsilon",
+                ZERO_SNR_SCHEDULE if "ztsnr" in markers else NoiseSchedule())
+    assert (models.prediction_type, models.schedule) == expected
+    save_ours(models, tmp_path / "ours.safetensors")
+    again = load_checkpoint(tmp_path / "ours.safetensors")
+    assert (again.prediction_type, again.schedule) == expected
+    used = []
+    StableDiffusion(again).text_to_image("a cat", width=64, height=64, steps=2, progress=False, output_type="latent",
+                                         sampler="ddim", callback=lambda i, t, x, x0: used.append(int(t)))
+    assert used == ([999, 499] if "ztsnr" in markers else [501, 1])  # trailing from 999, else leading

@@ -362,8 +362,8 @@ def test_a_full_disk_while_saving_is_one_line_saying_what_was_kept(init, tmp_pat
     if writer == "sample grid":
         monkeypatch.setattr(objectives, "save_grid", fails)
     if writer == "output":
-        import safetensors.torch
-        monkeypatch.setattr(safetensors.torch, "save_file", fails)
+        import sd.checkpoint
+        monkeypatch.setattr(sd.checkpoint, "write_safetensors", fails)
     code = train.main(diffusion_args(init, tmp_path, "--save-every", "1", "--sample-every", "2"))
     error = one_error(capsys, code, status=1)
     assert kept in error and "free some space, then continue with --resume" in error

@@ -203,13 +203,28 @@ def test_callback_sees_every_step(sd):
     assert not torch.equal(seen[0][3], seen[1][3]) and torch.allclose(seen[-1][3], latents, atol=0.1)
 
 
-def test_fp16_vae_overflow_falls_back_to_fp32_for_that_decode_only(sd, monkeypatch):
+@pytest.mark.parametrize("network", ["decode", "encode"])
+def test_fp16_vae_overflow_falls_back_to_fp32_for_that_call_only(sd, monkeypatch, network):
+    """SDXL's VAE overflows in float16: a decode (or an encode, of image-to-image) that does runs again in float32,
+    giving the float32 result, and the VAE stays float16."""
+    def call():
+        return np.asarray(sd.decode(torch.ones(1, 4, 6, 8), "np") if network == "decode" else
+                          sd.encode_image(torch.zeros(1, 3, 48, 64), torch.Generator().manual_seed(0)))
+
+    expected = call()
     vae = sd.models.vae.half()
     try:
-        decode = vae.decode
-        monkeypatch.setattr(vae, "decode", lambda z: decode(z) * (torch.inf if z.dtype == torch.float16 else 1))
-        images = sd.decode(torch.zeros(1, 4, 6, 8), "np")
-        assert np.isfinite(images).all() and vae.dtype == torch.float16
+        run = getattr(vae, network)
+
+        def overflowing(x):
+            out = run(x)
+            if x.dtype != torch.float16:
+                return out
+            return tuple(o * torch.inf for o in out) if isinstance(out, tuple) else out * torch.inf
+
+        monkeypatch.setattr(vae, network, overflowing)
+        out = call()
+        assert np.isfinite(out).all() and vae.dtype == torch.float16 and np.allclose(out, expected, atol=2e-3)
     finally:
         vae.float()
 

@@ -91,6 +91,37 @@ def test_full_run_matches_diffusers(name, options, steps):
     assert_same_trajectory(run(ours.step, ours.scale_model_input, ours.timesteps, x), expected, ours.order)
 
 
+# The samplers whose diffusers schedulers take a zero-terminal-SNR schedule (rescale_betas_zero_snr).
+# (euler_a with Karras sigmas is left out: its reference borrows an SD-schedule Euler's sigmas.)
+ZERO_SNR_CASES = [(name, options) for name, options in CASES if name in ("ddpm", "ddim", "euler", "euler_a",
+                                                                         "dpmpp_2m", "dpmpp_2m_karras", "lcm")
+                  and (name, options) != ("euler_a", {"karras": True})]
+
+
+@pytest.mark.parametrize(("name", "options"), ZERO_SNR_CASES,
+                         ids=[name + "".join(f"-{k}={v}" for k, v in o.items()) for name, o in ZERO_SNR_CASES])
+def test_zero_terminal_snr_runs_match_diffusers(name, options):
+    """A model marked `ztsnr` (Lin et al., 2024): the rescaled betas, a_bar_T held at 2**-24 (diffusers holds it
+    there for its sigma schedulers; its DDIM, DDPM and LCM keep 0, where an epsilon model's x0 is inf, so theirs
+    is held there too), and trailing integer timesteps, which start at 999."""
+    from sd.checkpoint import ZERO_SNR_SCHEDULE
+    ours = make_sampler(name, schedule=ZERO_SNR_SCHEDULE, **options)
+    ref, step_kwargs = reference_scheduler(name, options)
+    spacing = {"timestep_spacing": "trailing"} if name in ("ddpm", "ddim") else {}
+    ref = type(ref).from_config(ref.config, rescale_betas_zero_snr=True, **spacing)
+    ref.alphas_cumprod[-1] = 2.0**-24
+    ours.set_timesteps(13)
+    set_reference_timesteps(ref, name, options, 13)
+    torch.testing.assert_close(ours.timesteps.double(), ref.timesteps.double(), rtol=0, atol=1e-4)
+    assert float(ours.timesteps[0]) == 999 or name in ("lcm", "dpmpp_2m_karras")
+    x = noise(0) * ours.init_noise_sigma
+    expected = run(reference_step(ref, step_kwargs), ref.scale_model_input, ref.timesteps,
+                   noise(0) * ref.init_noise_sigma)
+    trajectory = run(ours.step, ours.scale_model_input, ours.timesteps, x)
+    assert max(rel_err(a, b) for a, b in zip(trajectory, expected)) < TOL and len(trajectory) == len(expected)
+    assert (expected[-1] - expected[0]).abs().max() > 1  # the run goes somewhere (from sigma 4096 few steps move much)
+
+
 # The samplers whose diffusers step returns its estimate of the clean latents (pred_original_sample).
 X0_CASES = [(name, options) for name, options in CASES if name in ("ddpm", "ddim", "euler", "euler_a", "lms")]
 

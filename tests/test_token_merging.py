@@ -6,6 +6,7 @@ self-attention really runs on fewer tokens, ratio 0 is the full computation, bad
 
 import pytest
 import torch
+from PIL import Image
 
 tomesd = pytest.importorskip("tomesd")
 pytest.importorskip("diffusers")
@@ -132,3 +133,28 @@ def test_token_merging_at_tiny_sizes_makes_the_image(tiny, width, height):
     latents = tiny.text_to_image("a cat", steps=1, seed=2, width=width, height=height, token_merging=0.5,
                                  output_type="latent", progress=False)
     assert latents.shape == (1, 4, height // 8, width // 8) and torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "sdxl-refiner"])
+def test_the_finest_transformers_merge_in_every_family(tmp_path, monkeypatch, family):
+    """max_downsample 1 means the UNet's highest-resolution transformers: SD 1.x's at the latents' size, SDXL's
+    at half of it (it has no attention at its first level; counted from the latents, nothing would merge)."""
+    from sd.unet import SpatialTransformer
+    sd = StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path / "tiny.safetensors", family=family))
+    unet = sd.models.unet
+    finest = min(unet.config.attention_levels)
+    merged = []
+    forward = SpatialTransformer.forward
+
+    def noting(self, x, context, token_merging=None):
+        if token_merging is not None and self.downsample <= token_merging.max_downsample:
+            merged.append(x.shape[-1])
+        return forward(self, x, context, token_merging)
+
+    monkeypatch.setattr(SpatialTransformer, "forward", noting)
+    start = dict(image=Image.new("RGB", (64, 64)), strength=1.0) if family == "sdxl-refiner" else {}
+    sd.generate("a cat", width=64, height=64, steps=1, progress=False, output_type="latent", token_merging=0.5,
+                **start)
+    transformers_at_finest = sum(isinstance(layer, SpatialTransformer) and layer.downsample == 1
+                                 for block in [*unet.input_blocks, *unet.output_blocks] for layer in block)
+    assert merged == [8 // 2 ** finest] * transformers_at_finest and transformers_at_finest > 0

@@ -53,13 +53,15 @@ TINY = {  # family -> (UNet, {text tower: its configuration})
 TINY["sdxl-inpainting"] = TINY["sdxl"]
 
 
-def random_weights(model: nn.Module, gen: torch.Generator, fp16_exact: bool = True) -> dict[str, torch.Tensor]:
+def random_weights(model: nn.Module, gen: torch.Generator, dtype: torch.dtype = torch.float32,
+                   fp16_exact: bool = True) -> dict[str, torch.Tensor]:
     """Seeded random values for every parameter of `model` (which may live on the meta device).
 
     Weights ~ N(0, 1/fan_in) keep activations of order 1 through the network; norm scales are
     1 + N(0, 0.1) and biases N(0, 0.02), so none is a trivial 0 or 1 that would hide a wrong
     wiring. With `fp16_exact`, values are rounded to fp16-representable ones, so an fp16 copy holds the
-    same weights (without: two passes fewer over each tensor, for full-size models).
+    same weights (without: two passes fewer over each tensor, for full-size float32 references); `dtype`: the
+    type they are kept in (float16 halves the memory of a full-size model's).
     """
     state = {}
     for module_name, module in model.named_modules():
@@ -71,7 +73,7 @@ def random_weights(model: nn.Module, gen: torch.Generator, fp16_exact: bool = Tr
                 value = noise.mul_(0.02)
             else:
                 value = noise.div_(math.sqrt(p[0].numel()))
-            state[f"{module_name}.{name}" if module_name else name] = value.half().float() if fp16_exact else value
+            state[f"{module_name}.{name}" if module_name else name] = (value.half() if fp16_exact else value).to(dtype)
     return state
 
 

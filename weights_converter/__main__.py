@@ -1,8 +1,8 @@
-"""Convert a Stable Diffusion 1.x or 2.x checkpoint (.ckpt or .safetensors) to .safetensors.
+"""Convert a Stable Diffusion 1.x, 2.x or SDXL checkpoint (.ckpt or .safetensors) to .safetensors.
 
     python -m weights_converter IN.ckpt OUT.safetensors [--ema-only] [--half] [--prediction v|epsilon] [--overwrite]
 
-The input is read without executing any pickled code, and must be a complete SD 1.x or 2.x checkpoint
+The input is read without executing any pickled code, and must be a complete SD 1.x, 2.x or SDXL checkpoint
 (the output is checked to load with `load_checkpoint`). What its UNet predicts (epsilon or v) is decided
 as `sd.prediction` says, or by `--prediction`, printed, and stored in the output's metadata, so the
 output no longer needs a .yaml beside it. By default every tensor is written as it
@@ -25,7 +25,7 @@ from sd.checkpoint import (EMA_PREFIX, METADATA_KEY, apply_ema, build_network, d
 from sd.cli import CommandParser, run_command
 from sd.errors import CheckpointError, InputError
 from sd.families import Family
-from sd.files import write_atomically
+from sd.files import write_atomically, write_safetensors
 from sd.paths import writable_output
 from sd.prediction import CHOICES, SHORT, V_PRED_KEY, decide, family_rule, prediction_name
 
@@ -33,7 +33,7 @@ PROG = "python -m weights_converter"
 
 
 def parse_args(argv):
-    parser = CommandParser(prog=PROG, description="Convert a Stable Diffusion 1.x or 2.x checkpoint to .safetensors without "
+    parser = CommandParser(prog=PROG, description="Convert a Stable Diffusion 1.x, 2.x or SDXL checkpoint to .safetensors without "
                                             "running any code from it.")
     parser.add_argument("input", type=Path, metavar="IN", help="the checkpoint: .ckpt or .safetensors")
     parser.add_argument("output", type=Path, metavar="OUT", help="the file to write, ending in .safetensors")
@@ -59,21 +59,17 @@ def check_output(args) -> None:
 
 
 def convert(path: Path, state: dict[str, torch.Tensor], ema_only: bool, half: bool) -> dict[str, torch.Tensor]:
-    """The tensors to write: EMA baked in / fp16 as asked, contiguous, and no two sharing memory."""
+    """The tensors to write: EMA baked in / fp16 as asked, each taken out of `state` as it is converted, so that
+    the input's copy and the output's are not held whole together."""
     if ema_only:
         if not has_ema(state):
             raise CheckpointError(f"{path} has no EMA weights (model_ema.*) for its UNet: it is already an "
                                   f"EMA-only file; convert it without --ema-only.")
         state = {k: v for k, v in apply_ema(state).items() if not k.startswith(EMA_PREFIX)}
-    out, seen = {}, set()
-    for key, tensor in state.items():
-        if half and tensor.is_floating_point():
-            tensor = tensor.half()
-        tensor = tensor.contiguous()
-        if tensor.untyped_storage().data_ptr() in seen:  # safetensors refuses shared storage
-            tensor = tensor.clone()
-        seen.add(tensor.untyped_storage().data_ptr())
-        out[key] = tensor
+    out = {}
+    for key in list(state):
+        tensor = state.pop(key)
+        out[key] = tensor.half() if half and tensor.is_floating_point() else tensor
     return out
 
 
@@ -112,10 +108,9 @@ def convert_file(args: argparse.Namespace) -> None:
     if decision.rule != family_rule(family):  # said where the family alone did not decide
         print(f"note: {SHORT[decision.prediction_type]}-prediction model ({decision.rule})", file=sys.stderr)
     stored = {**stored, "prediction_type": decision.prediction_type}
-    from safetensors.torch import save_file
     metadata = {"format": "pt", METADATA_KEY: json.dumps(stored)}
     try:
-        write_atomically(args.output, lambda tmp: save_file(state, tmp, metadata=metadata), args.overwrite)
+        write_atomically(args.output, lambda tmp: write_safetensors(tmp, state, metadata), args.overwrite)
     except FileExistsError:
         raise InputError(f"output {args.output} appeared while converting (another program wrote it); it was "
                          f"not replaced: pass --overwrite to replace it") from None

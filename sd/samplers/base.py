@@ -182,7 +182,7 @@ class AlphaSampler(Sampler):
         return torch.tensor(1.0) if self.set_alpha_to_one else alphas_cumprod[0]
 
     def _make_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        return self.schedule.leading_timesteps(num_inference_steps)
+        return self.schedule.integer_timesteps(num_inference_steps)
 
     def _scales(self, timesteps, like):
         return scales(self.schedule.alphas_cumprod, timesteps, like)

@@ -39,7 +39,7 @@ class DDIMInverseSampler(AlphaSampler):
     at t, so that DDIM sampling from the result comes back near the start. Not a sampler for images."""
 
     def _make_timesteps(self, num_inference_steps):
-        return self.schedule.leading_timesteps(num_inference_steps).flip(0)  # (n,) rising
+        return self.schedule.integer_timesteps(num_inference_steps).flip(0)  # (n,) rising
 
     def _start_of_step(self, t: int) -> int:
         """The timestep t - T/n the step to t starts from, where the sample is."""
