@@ -195,7 +195,8 @@ def to_open_clip(ref: torch.nn.Module, seed: int, prefix: str = "cond_stage_mode
     them)."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from sd.layouts import OPEN_CLIP
-    reference = {k.removeprefix("text_model."): v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+    reference = {k.removeprefix("text_model."): v for k, v in ref.state_dict().items()
+                 if not k.endswith("position_ids")}
     last, width = ref.config.num_hidden_layers, ref.config.hidden_size
     gen = torch.Generator().manual_seed(seed)
     extra = {}

@@ -57,7 +57,7 @@ def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 # ---- full size -------------------------------------------------------------------------------------
 
-FULL_FILES = {  # diffusers' model type: (the UNet's kind and input channels, the towers: prefix -> (reference, OpenCLIP?))
+FULL_FILES = {  # diffusers' model type: ((the UNet's kind, its input channels), {tower prefix: (reference, OpenCLIP?)})
     "xl_base": (("base", 4), {VIT_L_PREFIX: (sd15_clip, False), BIG_G_PREFIX: (big_g_text_model, True)}),
     "xl_inpaint": (("base", 9), {VIT_L_PREFIX: (sd15_clip, False), BIG_G_PREFIX: (big_g_text_model, True)}),
     "xl_refiner": (("refiner", 4), {REFINER_BIG_G_PREFIX: (big_g_text_model, True)}),
@@ -108,7 +108,8 @@ def test_full_size_unet_against_diffusers():
     gen = torch.Generator().manual_seed(0)
     latents, context = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 77, 2048, generator=gen)
     pooled, t = torch.randn(2, 1280, generator=gen), torch.tensor([10, 700])
-    time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [1536, 640, 96, 32, 832, 1216]])  # (h, w, top, left, h, w)
+    time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024],
+                             [1536, 640, 96, 32, 832, 1216]])  # (h, w, top, left, h, w) each
     expected = ref(latents, t, encoder_hidden_states=context,
                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
     out = unet(latents, t, Conditioning(context, vector=embed(pooled, time_ids)))
@@ -129,8 +130,9 @@ def test_full_size_text_towers_against_transformers():
     assert [encoder.network.config for encoder in stack] == [VIT_L, BIG_G]
     parser = PromptParser(CLIPTokenizer())
     parsed = [parser.parse(p) for p in PROMPTS]
-    ids = {pad: reference_tokenizer(**options)(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
-           for pad, options in ((None, {}), (0, {"pad_token": "!"}))}  # (2, 77) each
+    ids = {pad: reference_tokenizer(**options)(PROMPTS, padding="max_length", max_length=77,
+                                               return_tensors="pt").input_ids  # (2, 77)
+           for pad, options in ((None, {}), (0, {"pad_token": "!"}))}  # ViT-L's pad (EOS), bigG's ("!": 0)
     for pad, padded in ids.items():
         assert torch.equal(torch.tensor([p.chunks[0].padded_with(pad) for p in parsed]), padded)
     out_l, out_g = vit_l(ids[None], output_hidden_states=True), big_g(ids[0], output_hidden_states=True)
@@ -164,7 +166,8 @@ def widths(config) -> tuple[int, ...]:
 def xl_refs():
     def unet(kind, config, seed):
         return randomize_(sdxl_unet(kind, config.in_channels, widths(config), config.context_dim, TEXT_G[0]), seed)
-    return SimpleNamespace(unet=unet("base", SMALL_UNET, 41), inpaint_unet=unet("base", replace(SMALL_UNET, in_channels=9), 42),
+    return SimpleNamespace(unet=unet("base", SMALL_UNET, 41),
+                           inpaint_unet=unet("base", replace(SMALL_UNET, in_channels=9), 42),
                            refiner_unet=unet("refiner", SMALL_REFINER_UNET, 43),
                            vit_l=randomize_(sd15_clip(*TEXT_L), 44), big_g=randomize_(big_g_text_model(*TEXT_G), 45),
                            refiner_big_g=randomize_(big_g_text_model(*TEXT_G), 46),
@@ -258,8 +261,9 @@ def test_micro_conditions(xl_refs, xl):
 
 @pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m_karras"])
 def test_image_to_image(xl_refs, xl, sampler):
-    assert_same(ours(xl, "image_to_image", sampler, 5, image=init_image(), strength=0.6),
-                theirs(xl_pipe(StableDiffusionXLImg2ImgPipeline, xl_refs, sampler), 5, image=init_image(), strength=0.6))
+    inputs = dict(image=init_image(), strength=0.6)
+    assert_same(ours(xl, "image_to_image", sampler, 5, **inputs),
+                theirs(xl_pipe(StableDiffusionXLImg2ImgPipeline, xl_refs, sampler), 5, **inputs))
 
 
 @pytest.mark.parametrize("model, strength", [("inpainting", 1.0), ("inpainting", 0.7), ("base", 1.0)])
@@ -402,4 +406,5 @@ def test_hires_fix_on_sdxl(xl):
     second = {k: v for k, v in base.items() if k not in ("width", "height")}
     expected = xl.generate(PROMPT, image_latents=upscaled, strength=0.6, output_type="latent", **second)
     assert out.shape == (1, 4, 12, 16) and torch.equal(out, expected)
-    assert xl.decode(out, "np").shape == (1, 96, 128, 3) and np.isfinite(xl.decode(out, "np")).all()
+    image = xl.decode(out, "np")
+    assert image.shape == (1, 96, 128, 3) and np.isfinite(image).all()
