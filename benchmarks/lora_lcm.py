@@ -54,9 +54,10 @@ def image_seconds(sd: StableDiffusion, size: int) -> dict[str, float]:
 
 def random_lora(models: StableDiffusionModels, rank: int, path: Path) -> None:
     gen = torch.Generator().manual_seed(1)
-    state = {}
-    for name, module in lora_targets(models).items():
-        if name.startswith("lora_") and TRAINED.search(name):
+    state, picked = {}, set()
+    for name, module in lora_targets(models).items():  # each layer by the first of its names (kohya's)
+        if name.startswith("lora_") and TRAINED.search(name) and module not in picked:
+            picked.add(module)
             w = module.weight
             state[f"{name}.lora_down.weight"] = torch.randn(rank, *w.shape[1:], generator=gen) * 0.01
             state[f"{name}.lora_up.weight"] = torch.randn(w.shape[0], rank, *(1,) * (w.dim() - 2), generator=gen) * 0.01

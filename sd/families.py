@@ -174,8 +174,10 @@ SD2_INPAINTING = replace(SD2, name="sd2-inpainting", title="SD 2.x inpainting", 
 # norm, concatenated (2048); bigG's pooled output and the micro-conditions form the vector label_emb takes (2816
 # wide; the refiner's: 2560, bigG alone, with the aesthetic score in place of the target size). Clip skip moves
 # CLIP ViT-L only, and only past the penultimate layer (AUTOMATIC1111's "sdxl_clip_l_skip"); bigG stays.
-VIT_L_XL = TextEncoderSpec(hidden_layer=-2, final_norm=False, clip_skip="from_last")
-BIG_G = TextEncoderSpec(name="clip_g", pad_id=0, hidden_layer=-2, final_norm=False, pooled=True, clip_skip="none")
+# Their textual-inversion files hold vectors for each, {"clip_l": (n, 768), "clip_g": (n, 1280)} (kohya's, A1111's).
+VIT_L_XL = TextEncoderSpec(hidden_layer=-2, final_norm=False, clip_skip="from_last", embedding_key="clip_l")
+BIG_G = TextEncoderSpec(name="clip_g", pad_id=0, hidden_layer=-2, final_norm=False, pooled=True, clip_skip="none",
+                        embedding_key="clip_g")
 SDXL_CONFIGS = {**SD1_CONFIGS, "unet": HEADS_OF_64, "clip_g": partial(clip_config, activation="gelu")}
 SDXL = Family(name="sdxl", title="SDXL", detect=lambda s: has_prefix(s, "conditioner.embedders.1."),
               prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),

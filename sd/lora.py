@@ -14,14 +14,23 @@ which kind, so another kind (LoHa's Hadamard product, LoKr's Kronecker product) 
 adds `delta` to the weights. Trainable, unmerged layers that save as such a file are in `sd/lora_layers.py`.
 
 Two file layouts:
-- kohya's (what model sites share): `lora_unet_<diffusers module path, "." -> "_">` and
-  `lora_te_<transformers text-model path>` keys with `.lora_down.weight`, `.lora_up.weight`, `.alpha`
-  (alpha missing or 0 means alpha = r); diffusers' `convert_state_dict_to_kohya` writes SD v1's text
-  encoder as `lora_te1_` (AUTOMATIC1111 reads it as `lora_te_` on SD v1 and 2.x; `lora_te2_` is SDXL's);
-- diffusers/PEFT's: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight` and
-  `text_encoder.<transformers path>...`, alpha = r unless an `.alpha` key says otherwise.
+- kohya's (what model sites share): `lora_unet_<UNet module path, "." -> "_">` and `lora_te_` / `lora_te1_`
+  (the first text encoder: CLIP ViT-L, SD 2.x's ViT-H) and `lora_te2_` (SDXL's OpenCLIP bigG, in
+  transformers' names `text_model.encoder.layers.N.self_attn.q_proj`) `<text-model path>` keys with
+  `.lora_down.weight`, `.lora_up.weight`, `.alpha` (alpha missing or 0 means alpha = r). The UNet path is
+  diffusers' (`down_blocks_1_attentions_0_...`: kohya trains SD v1 and 2.x on diffusers' UNet) or the
+  CompVis/sgm one, which is ours (`input_blocks_4_1_...`: kohya's SDXL trainer has its own sgm UNet);
+  diffusers' `convert_state_dict_to_kohya` writes SD v1's text encoder as `lora_te1_` (AUTOMATIC1111 reads
+  it as `lora_te_` on SD v1 and 2.x);
+- diffusers/PEFT's: `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<transformers
+  path>...` and `text_encoder_2.` (bigG), alpha = r unless an `.alpha` key says otherwise.
+The SDXL refiner's one text encoder is bigG, named as in diffusers' refiner pipeline (`text_encoder_2`):
+`lora_te2_` and `text_encoder_2.`; a layer of a text encoder the model lacks is refused.
 The text encoder's path is `text_model.encoder.layers...` up to transformers 4 and `encoder.layers...` from
 transformers 5 on (its CLIPTextModel lost the `text_model` level): both spellings are read, in both layouts.
+A file for another family is refused in one line that names both (`family_fault`): by the width of the text
+context its cross-attention reads (768 SD v1, 1024 SD 2.x, 2048 SDXL, 1280 the refiner), or by layers of a
+text encoder the model lacks (`lora_te2_` is SDXL's).
 Every tensor a layer uses is checked (`sd.tensor_checks`), and so are the shapes of the pair, before
 anything is merged; the merger also computes every new weight once before it changes the first, so a LoRA
 that would overflow the model's dtype is refused with the model unchanged.
@@ -42,13 +51,17 @@ from sd.errors import CheckpointError, InputError
 from sd.tensor_checks import check_tensors, tensor_fault, value_fault
 from sd.unet import UNetConfig
 
-# Each network's spellings of a module path: (kohya's prefixes, diffusers/PEFT's); the first is the one we write.
-PREFIXES = {"unet": (("lora_unet_",), ("unet.",)),
-            "clip": (("lora_te_text_model_", "lora_te1_text_model_", "lora_te_", "lora_te1_"),
-                     ("text_encoder.text_model.", "text_encoder."))}
+# Each network's prefixes: (kohya's, diffusers/PEFT's); the first is the one we write.
+PREFIXES = {"unet": (("lora_unet_",), ("unet.",)), "clip": (("lora_te_", "lora_te1_"), ("text_encoder.",)),
+            "clip_g": (("lora_te2_",), ("text_encoder_2.",))}
+TEXT_MODEL = "text_model."  # the level above a text tower's modules up to transformers 4 (and in kohya's names)
+EMBEDDING_NAMES = {"time_embed": "time_embedding", "label_emb": "add_embedding"}  # the UNet's MLPs of t and the vector
 RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-OTHER_FAMILIES = {"lora_te2_": "SDXL", "text_encoder_2.": "SDXL"}
+# The families by the width of the text context their UNet's cross-attention reads, and by a text encoder of theirs
+CONTEXT_FAMILIES = {768: "SD v1", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
+TOWER_FAMILIES = {"clip_g": "SDXL"}  # (the first text encoder, ViT-L or ViT-H, is that of several)
+CROSS_ATTENTION = re.compile(r"attn2[._]to_[kv]$")  # the layers that read the text context, in every spelling
 _DOWN, _UP = (".lora_down.weight", ".lora_A.weight"), (".lora_up.weight", ".lora_B.weight")
 
 
@@ -57,8 +70,8 @@ def diffusers_unet_path(path: str, cfg: UNetConfig) -> str:
     'down_blocks.1.attentions.0.proj_in', 'output_blocks.2.1.conv' -> 'up_blocks.0.upsamplers.0.conv'."""
     head, *rest = path.split(".")
     per_level = cfg.num_res_blocks + 1  # down: res blocks + a downsampler; up: res blocks, the last upsampling
-    if head == "time_embed":
-        return f"time_embedding.linear_{int(rest[0]) // 2 + 1}"
+    if head in EMBEDDING_NAMES:  # time_embed.0, label_emb.0.2
+        return f"{EMBEDDING_NAMES[head]}.linear_{int(rest[-1]) // 2 + 1}"
     if head == "out":
         return {"0": "conv_norm_out", "2": "conv_out"}[rest[0]]
     if head == "input_blocks" and rest[0] == "0":
@@ -81,24 +94,27 @@ def diffusers_unet_path(path: str, cfg: UNetConfig) -> str:
 
 
 def lora_names(net: str, path: str, config) -> tuple[str, ...]:
-    """The names a LoRA file gives the module at `path` of our network `net` ('unet' or 'clip'): kohya's
-    spellings, then diffusers/PEFT's, e.g. ('lora_unet_down_blocks_1_attentions_0_proj_in',
-    'unet.down_blocks.1.attentions.0.proj_in')."""
+    """The names a LoRA file gives the module at `path` of our network `net` ('unet', 'clip' or 'clip_g'):
+    kohya's spellings, then diffusers/PEFT's, e.g. ('lora_unet_down_blocks_1_attentions_0_proj_in',
+    'lora_unet_input_blocks_4_1_proj_in', 'unet.down_blocks.1.attentions.0.proj_in')."""
     kohya, peft = PREFIXES[net]
-    name = diffusers_unet_path(path, config) if net == "unet" else path
-    return *(k + name.replace(".", "_") for k in kohya), *(p + name for p in peft)
+    if net == "unet":  # diffusers' path, then ours (the CompVis/sgm one); PEFT's files have only diffusers'
+        diffusers = diffusers_unet_path(path, config)
+        paths, peft_paths = (diffusers, path), (diffusers,)
+    else:  # with and without transformers 4's text_model. level
+        paths = peft_paths = (TEXT_MODEL + path, path)
+    return (*(k + p.replace(".", "_") for k in kohya for p in paths), *(k + p for k in peft for p in peft_paths))
 
 
 def lora_targets(models: StableDiffusionModels) -> dict[str, nn.Module]:
-    """Every layer a LoRA can change, by the module path a LoRA file names it with (kohya's and
-    diffusers' spellings both, 'lora_unet_down_blocks_0_...' and 'unet.down_blocks.0....')."""
-    targets = {}
-    for net in PREFIXES:
-        model = getattr(models, net)
-        for path, module in model.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                targets.update(dict.fromkeys(lora_names(net, path, model.config), module))
-    return targets
+    """Every layer a LoRA can change, by each name a LoRA file may give it (`lora_names`): kohya's and
+    diffusers' spellings, 'lora_unet_down_blocks_0_...', 'lora_unet_input_blocks_1_...', 'unet.down_blocks.0....';
+    the names we write (each layer's first) come first."""
+    named = [(lora_names(net, path, model.config), module) for net in PREFIXES
+             if (model := getattr(models, net)) is not None
+             for path, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    return {names[k]: module for k in range(max(len(names) for names, _ in named))
+            for names, module in named if k < len(names)}
 
 
 class Patch:
@@ -200,23 +216,40 @@ class LoRA:
     unmatched: list[str] = field(default_factory=list)  # layer names that no layer of the model has
 
 
+def family_fault(patches: dict[str, "Patch"], models: StableDiffusionModels) -> str | None:
+    """Why the layers of a LoRA file are for another model family, said as 'for <family> (why)'; or None. The
+    text context its cross-attention reads tells the family; so do layers of a text encoder the model lacks."""
+    context = models.unet.config.context_dim
+    width = next((p.shape[1] for name, p in patches.items() if CROSS_ATTENTION.search(name)
+                  and p.shape[1] != context), None)
+    if width is not None:
+        return (f"for {CONTEXT_FAMILIES.get(width, 'another model')} (its cross-attention reads a text context "
+                f"{width} wide, this model's {context})")
+    for net, (kohya, peft) in PREFIXES.items():
+        name = next((n for n in patches if n.startswith(kohya + peft)), None)
+        if getattr(models, net) is None and name is not None:
+            return (f"for {TOWER_FAMILIES.get(net, 'another model')} (its layer {name} is of a text encoder this one "
+                    f"lacks)")
+    return None
+
+
 def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
     """A kohya or diffusers/PEFT LoRA file, its layers matched to the model's; refused in one line if it is
     for another architecture or its shapes do not fit."""
     path = as_path(path, "LoRA")
     state = read_state_dict(path, what="LoRA")
-    for prefix, family in OTHER_FAMILIES.items():
-        if any(key.startswith(prefix) for key in state):
-            raise InputError(f"{path} is a LoRA for {family} (its keys start {prefix!r}); this is an "
-                             f"{models.family.title} model: use a LoRA made for {models.family.title}")
     kinds = {key[: -len(suffix)]: kind for key in state for suffix, kind in PATCHES.items() if key.endswith(suffix)}
     if not kinds:
         raise InputError(f"{path} holds no LoRA layers (no keys ending in {' or '.join(PATCHES)}); give "
                          f"a LoRA file")
+    patches = {name: kinds[name].read(state, name, path) for name in sorted(kinds)}
+    title = models.family.title
+    fault = family_fault(patches, models)
+    if fault is not None:
+        raise InputError(f"{path} is a LoRA {fault}; this is an {title} model: use a LoRA made for {title}")
     targets = lora_targets(models)
     layers, unmatched, named = {}, [], {}  # named: the layer name each module was found under
-    for name in sorted(kinds):
-        patch = kinds[name].read(state, name, path)
+    for name, patch in patches.items():
         target = targets.get(name)
         if target is None:
             unmatched.append(name)
@@ -228,7 +261,7 @@ def read_lora(path: str | Path, models: StableDiffusionModels) -> LoRA:
         if not patch.fits(target.weight.shape):
             raise InputError(f"{path}: {name} makes a change of shape {tuple(patch.shape)} for a layer of shape "
                              f"{tuple(target.weight.shape)}; the LoRA is for another model than this "
-                             f"{models.family.title} one: use a LoRA made for {models.family.title}")
+                             f"{title} one: use a LoRA made for {title}")
         layers[name] = patch
     if not layers:
         raise InputError(f"{path}: none of its {len(kinds)} layers is a layer of this model (e.g. {unmatched[0]}); "

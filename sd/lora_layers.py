@@ -120,12 +120,12 @@ def unwrap_lora(network: nn.Module, merge: bool = True) -> nn.Module:
 
 
 def lora_state_dict(models: StableDiffusionModels) -> dict[str, torch.Tensor]:
-    """The LoRA layers of the UNet and the text encoder in kohya's file layout (`lora_unet_...`,
-    `lora_te_...` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`): saved with safetensors, a file
-    `read_lora` reads back."""
+    """The LoRA layers of the UNet and the text encoders in kohya's file layout (`lora_unet_...`,
+    `lora_te_...`, `lora_te2_...` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`): saved with
+    safetensors, a file `read_lora` reads back."""
     state = {}
     for net in PREFIXES:
-        model = getattr(models, net)
-        for path, layer in lora_layers(model).items():
+        model = getattr(models, net)  # None: a text encoder the family lacks
+        for path, layer in (lora_layers(model) if model is not None else {}).items():
             state.update(layer.patch().kohya_state(lora_names(net, path, model.config)[0]))
     return state

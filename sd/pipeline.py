@@ -178,7 +178,7 @@ class StableDiffusion:
         """Use `embedding` (read by `sd.embeddings.read_embedding`, or made in code) in prompts by its name."""
         check_argument("embedding", embedding, isinstance(embedding, Embedding), "an sd.embeddings.Embedding")
         check_vectors(embedding.path, "vectors", embedding.vectors)
-        check_width(embedding, self.models.clip.config.width)
+        check_width(embedding, {e.spec.embedding_key: e.network.config.width for e in self.text_encoders})
         check_name(embedding, self.tokenizer, self.embeddings)
         self.embeddings[embedding.name] = embedding
         return embedding

@@ -10,7 +10,8 @@ The syntax and its meaning are those of AUTOMATIC1111's web UI, where most SD v1
   UNet's cross-attention reads at any length. A chunk that fills up hands the words after its last
   comma (if within the last 20 tokens) to the next one; `BREAK` ends a chunk.
 - Textual inversion (Gal et al., 2022): an embedding's name in the prompt is replaced by its learned
-  vectors (`sd.embeddings`), which are never split between chunks.
+  vectors (`sd.embeddings`), which are never split between chunks; with several text encoders (SDXL) each
+  takes its own set at those positions.
 - Several text encoders (SDXL): the prompt is parsed and chunked once; every encoder of the family's stack
   reads the chunks (padded with its own pad id, at its own layer), emphasis is applied to each output, and
   the outputs are concatenated along the channels; the pooled vector is that of the first chunk.
@@ -19,7 +20,6 @@ between embedding names, which therefore count whatever punctuation touches them
 added tokens do; AUTOMATIC1111 looks for the name's tokens, which `<name>,` would miss).
 """
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sd.clip import CLIPTextModel
-from sd.embeddings import Embedding
+from sd.embeddings import Embedding, Vectors, encoder_vector, vector_rows
 from sd.errors import SettingError
 from sd.text_encoders import TextEncoderSpec
 from sd.tokenizer import BOS_ID, CONTEXT_LENGTH, EOS_ID, MAX_PROMPT_TOKENS, CLIPTokenizer
@@ -102,13 +102,13 @@ def check_weights(runs: list[list], what: str) -> None:
 
 @dataclass
 class Chunk:
-    """Positions for CLIP: the token ids, the weight of each, and the vectors of embeddings by position
-    (77 positions once closed, the end-of-text token at `eos` and EOS padding after it; while being
-    filled, only the prompt's tokens)."""
+    """Positions for CLIP: the token ids, the weight of each, and the vectors of embeddings by position, each
+    (C,) or, for several text encoders, one per encoder (`sd.embeddings.vector_rows`). 77 positions once closed,
+    the end-of-text token at `eos` and EOS padding after it; while being filled, only the prompt's tokens."""
 
     ids: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
-    vectors: dict[int, torch.Tensor] = field(default_factory=dict)
+    vectors: dict[int, Vectors] = field(default_factory=dict)
     eos: int = -1
 
     def padded_with(self, pad_id: int | None) -> list[int]:
@@ -213,16 +213,17 @@ class _ChunkBuilder:
         if len(self.current.ids) + n > MAX_PROMPT_TOKENS:
             self.close()
 
-    def add(self, token: int, weight: float, vectors: torch.Tensor | None = None) -> None:
-        """One token, or the n vectors (n, C) of an embedding, which are never split between chunks."""
-        n = 1 if vectors is None else vectors.shape[0]
-        self.make_room(token, n)
-        for k in range(n):
-            if vectors is not None:
-                self.current.vectors[len(self.current.ids)] = vectors[k]
+    def add(self, token: int, weight: float, vectors: Vectors | None = None) -> None:
+        """One token, or the n vectors (n, C) of an embedding (a set per text encoder: SDXL's), which are never
+        split between chunks."""
+        rows = [None] if vectors is None else vector_rows(vectors)
+        self.make_room(token, len(rows))
+        for row in rows:
+            if row is not None:
+                self.current.vectors[len(self.current.ids)] = row
             self.current.ids.append(token)  # under a vector, a stand-in: the vector replaces its embedding
             self.current.weights.append(weight)
-        self.tokens += n
+        self.tokens += len(rows)
 
     def close(self) -> None:
         pad = CONTEXT_LENGTH - 1 - len(self.current.ids)
@@ -264,7 +265,7 @@ class TextEncoder:
             vectors = clip.embeddings.token_embedding(ids)  # (N, 77, C)
             for row, chunk in enumerate(chunks):
                 for position, vector in chunk.vectors.items():
-                    vectors[row, position] = vector.to(vectors)
+                    vectors[row, position] = encoder_vector(vector, spec.embedding_key).to(vectors)
         eos = torch.tensor([c.eos for c in chunks], device=device) if spec.pooled else None  # (N,)
         z, pooled = clip.encode(ids, vectors, hidden_layer=spec.hidden_layer, final_norm=spec.final_norm,
                                 eos=eos)  # (N, 77, C), (N, P) or None

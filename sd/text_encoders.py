@@ -3,8 +3,8 @@
 SD v1 conditions on one CLIP ViT-L/14 text tower; SD 2.x on OpenCLIP ViT-H; SDXL on both CLIP ViT-L and
 OpenCLIP bigG, their hidden states concatenated along the channels, with bigG's pooled output as a
 global vector. Each entry says how its tokens are padded, which hidden layer conditions, whether the final
-LayerNorm is applied to it, whether the encoder yields a pooled vector, and what AUTOMATIC1111's "Clip skip"
-does to it (`CLIP_SKIP_RULES`).
+LayerNorm is applied to it, whether the encoder yields a pooled vector, what AUTOMATIC1111's "Clip skip"
+does to it (`CLIP_SKIP_RULES`), and which vectors of a textual-inversion file it takes (`sd.embeddings`).
 """
 
 from dataclasses import dataclass, replace
@@ -18,6 +18,8 @@ class TextEncoderSpec:
     final_norm: bool = True  # apply the final LayerNorm to that layer's output
     pooled: bool = False  # also yield the pooled vector (the end-of-text token's, projected)
     clip_skip: str = "back"  # a key of CLIP_SKIP_RULES
+    embedding_key: str | None = None  # the key of its vectors in a textual-inversion file of several text encoders
+    # (SDXL's "clip_l", "clip_g"); None: it takes the file's one set of vectors (SD 1.x, 2.x)
 
     def with_clip_skip(self, clip_skip: int) -> "TextEncoderSpec":
         """The spec that reads the layer AUTOMATIC1111's "Clip skip" `clip_skip` picks (1: unchanged)."""

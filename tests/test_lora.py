@@ -113,12 +113,12 @@ def reference_layers(ours_models, refs) -> dict[str, tuple[torch.nn.Module, torc
 
 
 @contextlib.contextmanager
-def diffusers_fused(refs, loras: list[tuple[str, float]], layers):
-    """diffusers' pipeline of the reference models with the LoRAs loaded, weighted, fused and their adapter
-    layers removed: plain models with merged weights. The reference weights of `layers` are put back after
-    (copying only those, not the 4 GB models)."""
+def diffusers_fused(refs, loras: list[tuple[str, float]], layers, pipe=None):
+    """diffusers' pipeline of the reference models (`pipe`, by default StableDiffusionPipeline's) with the LoRAs
+    loaded, weighted, fused and their adapter layers removed: plain models with merged weights. The reference
+    weights of `layers` are put back after (copying only those, not the 4 GB models)."""
     originals = [(ref, ref.weight.detach().clone()) for _, ref in layers.values()]
-    pipe = reference_pipeline(oracle("diffusers").StableDiffusionPipeline, refs, refs.unet, "dpmpp_2m_karras")
+    pipe = pipe or reference_pipeline(oracle("diffusers").StableDiffusionPipeline, refs, refs.unet, "dpmpp_2m_karras")
     names = [f"lora{i}" for i in range(len(loras))]
     try:
         for name, (path, _) in zip(names, loras):

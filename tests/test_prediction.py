@@ -227,7 +227,7 @@ def test_an_embedding_of_another_width_is_refused(tmp_path, width, family):
     embedding = Embedding(name="style", vectors=torch.zeros(2, width), path=tmp_path / "style.pt", sha256="0" * 64)
     other = 1024 if width != 1024 else 768
     with pytest.raises(InputError, match=f"of width {width} \\(for {family}\\); this model's text encoder is {other}"):
-        check_width(embedding, other)
+        check_width(embedding, {None: other})
 
 
 # ---- training --------------------------------------------------------------------------------------
