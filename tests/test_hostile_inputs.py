@@ -32,7 +32,7 @@ def past_the_ends(name: str) -> list:
     """Values just outside the row's range, and one that is not a whole number where it must be."""
     bounds = RANGES[name]
     step = 1 if bounds.whole else 0.01
-    return [bounds.low - step * (not bounds.above), bounds.high + step, -1e308] + [1.5] * bounds.whole
+    return [bounds.low - step * (not bounds.above), bounds.high + step * (not bounds.below), -1e308] + [1.5] * bounds.whole
 
 
 def bad_values(name: str) -> list:
@@ -43,7 +43,8 @@ IMAGE = Image.new("RGB", (16, 16))
 NEEDS = {"strength": {"image": IMAGE}}  # what a setting needs beside it to be read
 HIRES = {"hires_scale": 2.0, "hires_strength": 0.5, "hires_steps": None}
 LORA = "lora_weight"  # read by load_lora and the tags, not by settle
-SETTLED = [name for name in RANGES if name not in HIRES and name != LORA]
+REFINER = "refiner_switch"  # read by generate, where a refiner is given
+SETTLED = [name for name in RANGES if name not in HIRES and name not in (LORA, REFINER)]
 
 
 @pytest.mark.parametrize("name, value", [(name, value) for name in SETTLED for value in bad_values(name)],
@@ -61,6 +62,21 @@ def test_the_hires_fix_refuses_a_number_out_of_range(name, value):
         check_hires(settings["hires_scale"], settings["hires_strength"], settings["hires_steps"], "latent", 1000)
 
 
+@pytest.fixture(scope="module")
+def sdxl_and_refiner(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sdxl")
+    return [StableDiffusion.from_checkpoint(write_tiny_checkpoint(folder / f"{family}.safetensors", family=family))
+            for family in ("sdxl", "sdxl-refiner")]
+
+
+@pytest.mark.parametrize("value", bad_values(REFINER), ids=lambda v: repr(v)[:20])
+def test_a_refiner_switch_out_of_range_is_refused(sdxl_and_refiner, value):
+    base, refiner = sdxl_and_refiner
+    with pytest.raises(SettingError, match=f"^{REFINER} must be "):
+        base.text_to_image("a fox", width=64, height=64, steps=2, refiner=refiner, refiner_switch=value,
+                           progress=False)
+
+
 @pytest.mark.parametrize("width, scale", [(4096, 8), (MAX_SIDE, 1.01), (3000, 6.0)])
 def test_an_upscale_past_the_largest_side_is_refused(width, scale):
     with pytest.raises(SettingError, match=f"upscales {width}x64 to .* above {MAX_SIDE} a side"):
@@ -70,7 +86,7 @@ def test_an_upscale_past_the_largest_side_is_refused(width, scale):
 @pytest.mark.parametrize("name", list(RANGES))
 def test_the_ends_of_each_range_are_accepted(name):
     bounds = RANGES[name]
-    for value in (bounds.low + (0.5 if bounds.above else 0), min(bounds.high, 512)):
+    for value in (bounds.low + (0.5 if bounds.above else 0), min(bounds.high, 512) - (0.5 if bounds.below else 0)):
         assert bounds.holds(value if not bounds.whole else int(value)), value
 
 
