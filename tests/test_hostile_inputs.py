@@ -32,7 +32,8 @@ def past_the_ends(name: str) -> list:
     """Values just outside the row's range, and one that is not a whole number where it must be."""
     bounds = RANGES[name]
     step = 1 if bounds.whole else 0.01
-    return [bounds.low - step * (not bounds.above), bounds.high + step * (not bounds.below), -1e308] + [1.5] * bounds.whole
+    return ([bounds.low - step * (not bounds.above), bounds.high + step * (not bounds.below), -1e308]
+            + [1.5] * bounds.whole)
 
 
 def bad_values(name: str) -> list:
