@@ -20,8 +20,8 @@ the weights are never held twice in memory. Each network's tensors are checked f
 floating point, not empty, finite, no larger than float16 holds), every tensor of the file for being one.
 
 The public steps of `load_checkpoint`, for tools that work on the tensors (`weights_converter`):
-`read_state_dict`, `read_metadata`, `detect_family`, `has_ema` and `apply_ema`, `split_checkpoint`,
-`build_network`.
+`read_state_dict`, `read_metadata`, `detect_family` (`read_family`: from a file's header alone), `has_ema`
+and `apply_ema`, `split_checkpoint`, `build_network`.
 """
 
 import dataclasses
@@ -188,6 +188,22 @@ def detect_family(path: Path, state: dict[str, torch.Tensor]) -> Family:
                               f"it has no weights for the {', '.join(missing)} (keys starting with "
                               f"{', '.join(closest.prefixes[n][0] for n in missing)}).")
     return family
+
+
+def read_family(path: Path) -> Family | None:
+    """The family of a .safetensors checkpoint from its header alone, the keys and shapes of its tensors (none is
+    read: milliseconds for a file of gigabytes), so that settings can be checked for it before it loads; refused
+    as `load_checkpoint` would refuse it (unreadable, no Stable Diffusion). None for a pickle .ckpt, whose keys
+    only its whole unpickling tells."""
+    if not is_safetensors(path):
+        return None
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise unreadable_safetensors(path, e) from None
+    return detect_family(path, shapes)
 
 
 def split_checkpoint(path: Path, state: dict[str, torch.Tensor], family: Family,

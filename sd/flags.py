@@ -2,7 +2,9 @@
 of the PNG that --from-png names (`sd.parameters`), else the library's default (`sd.settings.settle`, which
 needs no weights); they are checked together and come back as one frozen `Flags`. The LoRA files that the
 prompt's <lora:NAME:WEIGHT> tags and --lora name, and the textual-inversion embeddings the prompts use, are
-found here too, and the embeddings read and checked.
+found here too, and the embeddings read and checked. What the flags ask of the model is checked against its
+family (`check_families`: SDXL's micro-conditions, a refiner's hand-off), before loading where the files'
+headers tell the families, and again once they are loaded.
 """
 
 import argparse
@@ -12,20 +14,24 @@ from pathlib import Path
 from sd.cli import note, shown
 from sd.embeddings import EMBEDDING_SUFFIXES, Embedding, check_name, read_embedding
 from sd.errors import InputError
+from sd.families import Family
 from sd.lora import TAG_UNSAFE, lora_tags, with_lora
 from sd.parameters import NEGATIVE_MARK
 from sd.paths import exists, file_in, readable_file
 from sd.prediction import prediction_name
 from sd.prompt import NUMBER, PromptParser, names_in
 from sd.samplers import DEFAULT_SAMPLER, make_sampler
-from sd.settings import MAX_SEED, RANGES, Settings, check_hires, check_invertible, check_upscaled, settle
+from sd.settings import (MAX_SEED, RANGES, REFINER_SWITCH, Settings, check_hires, check_invertible, check_range,
+                         check_refiner, check_task, check_upscaled, settle)
 from sd.tokenizer import CLIPTokenizer
 
 DEFAULT_HIRES_STRENGTH = 0.55
 DEFAULT_HIRES_UPSCALER = "latent"
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+MICRO_CONDITIONS = ("original_size", "crop", "target_size", "aesthetic_score", "negative_aesthetic_score")  # SDXL's
 GENERATION_FLAGS = ("image", "mask", "strength", "steps", "guidance_scale", "sampler", "seed", "width", "height",
-                    "num_images", "clip_skip", "deep_cache", "deep_cache_branch", "token_merging")  # `settle`'s
+                    "num_images", "clip_skip", "deep_cache", "deep_cache_branch", "token_merging",
+                    *MICRO_CONDITIONS)  # `settle`'s
 SETTLED = ("strength", "steps", "guidance_scale", "seed", "width", "height", "clip_skip", "deep_cache",
            "deep_cache_branch")  # taken from `settle`'s result
 HIRES_FLAGS = ("hires_strength", "hires_steps", "hires_upscaler")  # which only --hires-scale turns on
@@ -60,6 +66,13 @@ class Flags:
     deep_cache_branch: int
     token_merging: float | None
     prediction: str | None  # "v" or "epsilon" when given: overrides what the checkpoint says (`sd.prediction`)
+    original_size: tuple[int, int] | None  # SDXL's micro-conditions as given: (h, w), None for the image's own
+    crop: tuple[int, int] | None  # (top, left)
+    target_size: tuple[int, int] | None  # (h, w)
+    aesthetic_score: float | None  # the refiner's, as given
+    negative_aesthetic_score: float | None
+    refiner: Path | None  # an SDXL refiner that takes over after refiner_switch of the run
+    refiner_switch: float | None  # settled: the default with a refiner, None without
     tiled_decode: bool
     inversion_size: dict[str, int]  # the width and height given, to which --invert resizes the image (else its own)
     settings: Settings  # the library's, with the init image and mask opened
@@ -69,10 +82,16 @@ class Flags:
         """The size of the images made: --width x --height, times --hires-scale (in whole latent pixels)."""
         return check_upscaled(self.width, self.height, self.hires_scale or 1)
 
+    @property
+    def micro_conditions(self) -> dict:
+        """SDXL's micro-conditions that were given, as `generate` takes them (the rest: its defaults)."""
+        return {name: getattr(self, name) for name in MICRO_CONDITIONS if getattr(self, name) is not None}
 
-def settle_flags(args: argparse.Namespace, stored: dict, image_size: int, lora_dir: Path) -> Flags:
+
+def settle_flags(args: argparse.Namespace, stored: dict, traits: dict, lora_dir: Path) -> Flags:
     """The flags `args`, those not given filled from the PNG's values `stored`, checked and completed with
-    the defaults; `image_size`: the model's; `lora_dir`: where <lora:NAME> tags find NAME.safetensors."""
+    the defaults; `traits`: what `settle` needs of the model (`sd.settings.model_traits`); `lora_dir`: where
+    <lora:NAME> tags find NAME.safetensors."""
     flag = vars(args) | {key: value for key, value in stored.items()
                          if key in vars(args) and getattr(args, key) is None}  # a copy: `args` stays as given
     if flag["prompt"] is None:
@@ -87,12 +106,13 @@ def settle_flags(args: argparse.Namespace, stored: dict, image_size: int, lora_d
         check_inversion(flag)
         flag["sampler"] = "ddim"
     flag |= hires_flags(flag)
+    flag["refiner_switch"] = refiner_switch(flag)
     flag["sampler"] = flag["sampler"] or DEFAULT_SAMPLER
     if flag["prediction"] is not None:
         prediction_name(flag["prediction"], "--prediction")
     given = {key: flag[key] for key in GENERATION_FLAGS if flag[key] is not None}
     inversion_size = {key: given[key] for key in ("width", "height") if key in given}
-    settings = settle(text, negative_text, image_size=image_size, **given)  # num_images: at most MAX_IMAGES
+    settings = settle(text, negative_text, **traits, **given)  # num_images: at most MAX_IMAGES
     if flag["hires_scale"] is not None:
         check_upscaled(settings.width, settings.height, flag["hires_scale"])
     if settings.seed + flag["num_images"] - 1 > MAX_SEED:
@@ -118,11 +138,38 @@ def hires_flags(flag: dict) -> dict:
         return {}
     if flag["image"] is not None:
         raise InputError("--hires-scale upscales a text-to-image result; leave out --image (or --hires-scale)")
+    if flag["refiner"] is not None:
+        raise InputError("--refiner takes over a run of one size; the hires fix makes two: leave out --hires-scale "
+                         "or --refiner")
     strength = DEFAULT_HIRES_STRENGTH if flag["hires_strength"] is None else flag["hires_strength"]
     upscaler = flag["hires_upscaler"] or DEFAULT_HIRES_UPSCALER
     sampler = make_sampler(flag["sampler"] or DEFAULT_SAMPLER)
     check_hires(flag["hires_scale"], strength, flag["hires_steps"], upscaler, sampler.max_steps)
     return {"hires_strength": strength, "hires_upscaler": upscaler}
+
+
+def refiner_switch(flag: dict) -> float | None:
+    """--refiner-switch, checked, by default REFINER_SWITCH with a --refiner; None without one."""
+    if flag["refiner"] is None:
+        if flag["refiner_switch"] is not None:
+            raise InputError("--refiner-switch says when --refiner takes over; give --refiner PATH too")
+        return None
+    switch = REFINER_SWITCH if flag["refiner_switch"] is None else flag["refiner_switch"]
+    check_range("refiner_switch", switch)
+    return switch
+
+
+def check_families(flags: Flags, family: Family | None, refiner: Family | None) -> None:
+    """What `flags` ask of a checkpoint of `family` and a --refiner of family `refiner`, each where it is known:
+    the library's checks (`check_task`, `check_refiner`), and aesthetic scores only where a refiner reads them."""
+    if family is not None:
+        check_task(flags.settings, family, flags.refiner_switch)
+        given = [name for name in ("aesthetic_score", "negative_aesthetic_score") if getattr(flags, name) is not None]
+        if given and flags.refiner is None and family.kind != "refiner":
+            raise InputError(f"--{given[0].replace('_', '-')} conditions an SDXL refiner, and there is none here "
+                             f"(an {family.title} checkpoint, no --refiner); give --refiner PATH, or leave it out")
+    if refiner is not None:
+        check_refiner(refiner)
 
 
 def check_inversion(flag: dict) -> None:

@@ -6,6 +6,12 @@ Writing and reading both follow `FIELDS`, one row per key of the settings line: 
 flag's name), how its text is parsed and formatted, and when it is written. A generation option is one more
 row. Paths (init image, mask) are written relative to the PNG's folder, where reading finds them; keys not
 in the table (AUTOMATIC1111's "Version", say) are ignored.
+
+SDXL: a refiner is written as AUTOMATIC1111 writes it, "Refiner: NAME [HASH], Refiner switch at: 0.8" (the hash
+the first 10 hex digits of the file's SHA-256, as "Model hash"). AUTOMATIC1111 writes no micro-conditions; ours
+are written only where they differ from the defaults: "Original size", "Target size" (each HxW, height first,
+unlike "Size", which is AUTOMATIC1111's WxH), "Crop top-left" (TOPxLEFT), and with a refiner "Aesthetic
+score" and "Negative aesthetic score". The y-first forms are those of the command line's flags and of SDXL.
 """
 
 import json
@@ -16,6 +22,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sd.micro_conditioning import DEFAULT_CROP
 
 TEXT_CHUNK = "parameters"  # the PNG text chunk that holds the text
 NEGATIVE_MARK = "\nNegative prompt: "  # where the prompt ends and the negative prompt begins
@@ -63,6 +71,28 @@ def size(text: str) -> tuple[int, int]:
     return width, height
 
 
+PAIR = "{0[0]}x{0[1]}".format  # a size or a crop as written
+
+
+def pair(text: str) -> tuple[int, int]:
+    """'AxB' -> (A, B), two whole numbers: an SDXL size HxW (height first) or crop TOPxLEFT. ValueError if not."""
+    match = re.fullmatch(r"(-?\d+)x(-?\d+)", text.strip())
+    if match is None:
+        raise ValueError(f"not two whole numbers AxB: {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def not_own_size(name: str) -> Callable[[Values], bool]:
+    """A row of an SDXL size condition, written when it is set and is not the image's own (h, w), its default."""
+    return lambda values: values.get(name) not in (None, (values["height"], values["width"]))
+
+
+def checkpoint_title(text: str) -> tuple[str, str | None]:
+    """AUTOMATIC1111's "NAME [HASH]" of a checkpoint (its "Refiner") as (name, hash); the hash may be left out."""
+    name, digest = re.fullmatch(r"(.*?)(?: \[([0-9a-fA-F]+)\])?", text, flags=re.S).groups()
+    return name, digest
+
+
 def hashes(text: str) -> dict[str, str]:
     """AUTOMATIC1111's "name: hash, name: hash" (TI hashes, Lora hashes) as {name: hash}."""
     return {name.strip(): value.strip() for name, value in (item.rsplit(":", 1) for item in text.split(", "))}
@@ -77,9 +107,12 @@ FIELDS = (  # in the order written
     Field("Sampler", "sampler", sampler_name),
     Field("CFG scale", "guidance_scale", float),
     Field("Seed", "seed", int),
-    Field("Size", ("width", "height"), size, "{0[0]}x{0[1]}".format, required=True),
+    Field("Size", ("width", "height"), size, PAIR, required=True),
     Field("Model hash", "model_hash"),
     Field("Model", "model"),
+    Field("Refiner", ("refiner_model", "refiner_hash"), checkpoint_title, "{0[0]} [{0[1]}]".format,
+          written=given("refiner_model")),
+    Field("Refiner switch at", "refiner_switch", float, written=given("refiner_model")),
     # "Denoising strength" is the hires fix's when there is one, else image-to-image's (as AUTOMATIC1111 has it)
     Field("Denoising strength", "hires_strength", float, written=given("hires_scale")),
     Field("Denoising strength", "strength", float,
@@ -95,6 +128,11 @@ FIELDS = (  # in the order written
     Field("Deep cache branch", "deep_cache_branch", int, written=given("deep_cache")),
     Field("Token merging ratio", "token_merging", float, written=given("token_merging")),
     Field("Prediction", "prediction", written=given("prediction")),  # ours: v, or epsilon where it was chosen
+    Field("Original size", "original_size", pair, PAIR, written=not_own_size("original_size")),  # ours, SDXL's
+    Field("Crop top-left", "crop", pair, PAIR, written=lambda values: values.get("crop") not in (None, DEFAULT_CROP)),
+    Field("Target size", "target_size", pair, PAIR, written=not_own_size("target_size")),
+    Field("Aesthetic score", "aesthetic_score", float, written=given("aesthetic_score")),  # with a refiner
+    Field("Negative aesthetic score", "negative_aesthetic_score", float, written=given("negative_aesthetic_score")),
     Field("TI hashes", "ti_hashes", hashes, hashes_text, written=lambda values: bool(values["ti_hashes"])),
     Field("Lora hashes", "lora_hashes", hashes, hashes_text, written=lambda values: bool(values["lora_hashes"])),
     Field("Tiled decode", "tiled_decode", lambda text: text == "True", written=lambda values: values["tiled_decode"]),

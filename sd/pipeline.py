@@ -36,16 +36,16 @@ from sd.embeddings import Embedding, check_name, check_vectors, check_width, rea
 from sd.guidance import ClassifierFreeGuidance
 from sd.lora import LoRA, LoRAMerger, read_lora
 from sd.errors import GenerationError, SettingError
-from sd.micro_conditioning import DEFAULT_CROP, embed
+from sd.micro_conditioning import embed
 from sd.parameterization import to_epsilon
 from sd.prompt import PromptParser, TextEncoder, check_clip_skip, encode, words
 from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 # re-exported as the library's names: the defaults, `settle` and the checks it runs before loading
-from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, RANGES, UPSCALERS,  # noqa: F401
-                         VAE_FACTOR, ImageInput, Settings, check_argument, check_deep_cache_branch, check_hires,
-                         check_invertible, check_path, check_range, check_upscaled, is_finite_number, is_int,
-                         settle)
+from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, RANGES, REFINER_SWITCH,  # noqa: F401
+                         UPSCALERS, VAE_FACTOR, ImageInput, Settings, check_argument, check_range, check_deep_cache_branch,
+                         check_hires, check_invertible, check_path, check_refiner, check_task, check_upscaled,
+                         is_finite_number, is_int, model_traits, settle)
 from sd.tokenizer import CLIPTokenizer
 from sd.unet import DeepCache, Speedups
 
@@ -65,6 +65,16 @@ class Inpainting:
     def concat(self) -> torch.Tensor:
         """The 9-channel UNet's extra input channels: the mask and the masked image's latents, (B, 5, h, w)."""
         return torch.cat([self.mask, self.masked_image_latents], dim=1)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A run stopped where a refiner takes over (`StableDiffusion.hand_off`): what `refine` continues from."""
+
+    latents: torch.Tensor  # (B, 4, h, w): the base's, after its share of the steps
+    generator: torch.Generator  # the run's, as the base left it
+    settings: Settings
+    switch: float  # the share of the run after which the refiner takes over
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -87,6 +97,11 @@ def check_flags(**flags) -> None:
     """Arguments that are True or False."""
     for name, value in flags.items():
         check_argument(name, value, isinstance(value, bool), "True or False")
+
+
+def check_callback(callback) -> None:
+    check_argument("callback", callback, callback is None or callable(callback),
+                   "None or a function (step, timestep, latents, predicted x0)")
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -278,7 +293,7 @@ class StableDiffusion:
     @torch.inference_mode()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                  progress: bool = True, tiled_decode: bool = False, callback: StepCallback | None = None,
-                 refiner: "StableDiffusion | None" = None, refiner_switch: float = 0.8, **settings):
+                 refiner: "StableDiffusion | None" = None, refiner_switch: float = REFINER_SWITCH, **settings):
         """One denoising loop for all three tasks.
 
         prompt, negative_prompt: a text or a list of texts (one negative per prompt), in AUTOMATIC1111's
@@ -314,17 +329,43 @@ class StableDiffusion:
             images; callback: called after every step with (step index, timestep, latents, predicted x0).
         Random numbers come from a CPU generator seeded with `seed`, drawn in diffusers' order.
         """
-        check_argument("callback", callback, callback is None or callable(callback),
-                       "None or a function (step, timestep, latents, predicted x0)")
+        check_callback(callback)
         check_flags(progress=progress, tiled_decode=tiled_decode)
-        s = settle(prompt, negative_prompt, **self.traits, **settings)
-        self.check_task(s, refiner, refiner_switch)
+        if refiner is not None:
+            check_argument("refiner", refiner, isinstance(refiner, StableDiffusion), "a loaded StableDiffusion refiner")
+            check_refiner(refiner.models.family)
+        s = self.settled(prompt, negative_prompt, settings, None if refiner is None else refiner_switch)
         check_memory(s.width, s.height, self.device, self.models.vae.dtype, tiled_decode, s.batch)
+        if refiner is not None:
+            return refiner.refine(Handoff(*self.run(s, refiner_switch, progress, callback), s, refiner_switch),
+                                  progress=progress, callback=callback, tiled_decode=tiled_decode)
+        return self.decode(self.run(s, None, progress, callback)[0], s.output_type, tiled_decode)
+
+    @torch.inference_mode()
+    def hand_off(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
+                 refiner_switch: float = REFINER_SWITCH, progress: bool = True, callback: StepCallback | None = None,
+                 **settings) -> Handoff:
+        """The base's part of `generate(..., refiner=refiner, refiner_switch=...)`, for a caller that frees the
+        base before it loads the refiner: `refiner.refine(base.hand_off(...))` makes the same images, bit for
+        bit, with never both models in memory. The settings are `generate`'s (output_type: the refiner's)."""
+        check_callback(callback)
+        check_flags(progress=progress)
+        s = self.settled(prompt, negative_prompt, settings, refiner_switch)
+        return Handoff(*self.run(s, refiner_switch, progress, callback), s, refiner_switch)
+
+    def settled(self, prompt, negative_prompt, settings: dict, switch: float | None) -> Settings:
+        """`generate`'s settings, checked for this model (and, with `switch`, for a hand-off to a refiner)."""
+        s = settle(prompt, negative_prompt, **self.traits, **settings)
+        check_task(s, self.models.family, switch)
+        check_clip_skip(s.clip_skip, self.clip_skip_limit)
+        return s
+
+    def run(self, s: Settings, switch: float | None, progress: bool,
+            callback: StepCallback | None) -> tuple[torch.Tensor, torch.Generator]:
+        """The denoising of settled `s` up to the hand-off at `switch` (None: to the end): the latents
+        (B, 4, h, w) and the run's generator as it left it."""
         generator = torch.Generator("cpu").manual_seed(s.seed)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
-        check_clip_skip(s.clip_skip, self.clip_skip_limit)
-        if refiner is not None:
-            check_clip_skip(s.clip_skip, refiner.clip_skip_limit)
         cond = self.conditioning(s, guidance, s.num_images)
         s.sampler.set_timesteps(s.steps, self.device)
         if s.redraws:
@@ -334,27 +375,34 @@ class StableDiffusion:
         inpainting = self.prepare_inpainting(s, pixels, image_latents, noise, generator) if s.mask is not None else None
         if inpainting is not None and self.models.is_inpainting:
             cond = replace(cond, concat=guidance.inputs(inpainting.concat.to(self.dtype)))  # (2B or B, 5, h, w)
-        stop = None if refiner is None else s.sampler.begin_index + s.sampler.steps_before(refiner_switch)
+        stop = None if switch is None else s.sampler.begin_index + s.sampler.steps_before(switch)
         latents = self.denoise(latents, cond, sampler=s.sampler, guidance=guidance, generator=generator,
                                inpainting=inpainting, progress=progress, callback=callback,
                                speedups=self.speedups(s), stop=stop)
-        if refiner is not None:
-            return refiner.refine(latents, s, refiner_switch, generator, progress=progress, callback=callback,
-                                  tiled_decode=tiled_decode)
-        return self.decode(latents, s.output_type, tiled_decode)
+        return latents, generator
 
-    def refine(self, latents: torch.Tensor, s: Settings, switch: float, generator: torch.Generator, *,
-               progress: bool, callback: StepCallback | None, tiled_decode: bool):
-        """The refiner's part of a run whose base stopped after `switch` of it (`generate`'s `refiner`): the rest
-        of the same schedule from the base's latents (B, 4, h, w), with this model's own conditioning, the
-        same generator, and this model's VAE to decode."""
+    @torch.inference_mode()
+    def refine(self, handoff: Handoff, *, progress: bool = True, callback: StepCallback | None = None,
+               tiled_decode: bool = False):
+        """The refiner's part of a run whose base stopped at the switch (`hand_off`, or `generate`'s `refiner`):
+        the rest of the same schedule from the base's latents, with this model's own conditioning, the run's
+        generator where the base left it (a copy: the handoff can be refined again), and this model's VAE to
+        decode. Returns what `generate` returns."""
+        check_argument("handoff", handoff, isinstance(handoff, Handoff), "the Handoff of an SDXL base's hand_off")
+        check_callback(callback)
+        check_flags(progress=progress, tiled_decode=tiled_decode)
+        check_refiner(self.models.family)
+        s = handoff.settings
+        check_clip_skip(s.clip_skip, self.clip_skip_limit)
+        check_memory(s.width, s.height, self.device, self.models.vae.dtype, tiled_decode, s.batch)
+        generator = torch.Generator("cpu").set_state(handoff.generator.get_state())
         guidance = ClassifierFreeGuidance(s.guidance_scale)
         sampler = copy.deepcopy(s.sampler)  # the same kind and options, a state of its own
         sampler.set_timesteps(s.steps, self.device)
-        sampler.set_begin_index(len(sampler.timesteps) - sampler.steps_after(switch))
-        latents = self.denoise(latents, self.conditioning(s, guidance, s.num_images), sampler=sampler,
-                               guidance=guidance, generator=generator, progress=progress, callback=callback,
-                               speedups=self.speedups(s))
+        sampler.set_begin_index(len(sampler.timesteps) - sampler.steps_after(handoff.switch))
+        latents = self.denoise(handoff.latents.to(self.device), self.conditioning(s, guidance, s.num_images),
+                               sampler=sampler, guidance=guidance, generator=generator, progress=progress,
+                               callback=callback, speedups=self.speedups(s))
         return self.decode(latents, s.output_type, tiled_decode)
 
     def speedups(self, s: Settings) -> Speedups:
@@ -368,36 +416,7 @@ class StableDiffusion:
     @property
     def traits(self) -> dict:
         """What `settle` needs of this model: its size, kind, side multiple, guidance default and noise schedule."""
-        family = self.models.family
-        return dict(image_size=self.models.image_size, inpainting_model=self.models.is_inpainting,
-                    side_multiple=family.side_multiple, default_guidance=family.guidance_scale,
-                    schedule=self.models.schedule)
-
-    def check_task(self, s: Settings, refiner: "StableDiffusion | None", switch: float) -> None:
-        """What this model can do with these settings: a refiner refines (an image, or as `refiner=`), only a
-        refiner is one, micro-conditions only where the family has them."""
-        family = self.models.family
-        if self.models.kind == "refiner" and not s.redraws:
-            raise SettingError(lambda n: f"this is an {family.title} checkpoint: it refines images; give it "
-                                         f"{n('image')} (image-to-image), or use it as {n('refiner')} of an SDXL base")
-        given = [name for name, default in (("original_size", None), ("crop", DEFAULT_CROP), ("target_size", None))
-                 if getattr(s, name) != default and name not in family.micro_conditions]
-        if given:
-            raise SettingError(lambda n: f"{n(given[0])} is a micro-condition of SDXL; {family.title} has none "
-                                         f"({', '.join(family.micro_conditions) or 'no vector'}): leave it out")
-        if refiner is None:
-            return
-        check_argument("refiner", refiner, isinstance(refiner, StableDiffusion), "a loaded StableDiffusion refiner")
-        check_range("refiner_switch", switch)
-        if refiner.models.kind != "refiner":
-            raise SettingError(lambda n: f"{n('refiner')} is an {refiner.models.family.title} checkpoint, not a "
-                                         f"refiner: give sd_xl_refiner_1.0 or another SDXL refiner")
-        if not family.name.startswith("sdxl") or self.models.kind == "refiner":
-            raise SettingError(lambda n: f"{n('refiner')} continues the latents of an SDXL base; this is an "
-                                         f"{family.title} checkpoint")
-        if s.mask is not None:
-            raise SettingError(lambda n: f"{n('refiner')} takes over text-to-image and image-to-image runs; leave "
-                                         f"out {n('mask')} or the refiner")
+        return model_traits(self.models.family, self.models.image_size, self.models.schedule)
 
     def starting_latents(self, s: Settings, pixels: torch.Tensor | None,
                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from sd.checkpoint import SD_V1_SIZE
 from sd.errors import InputError, SettingError
+from sd.families import Family
 from sd.micro_conditioning import AESTHETIC_SCORE, DEFAULT_CROP, NEGATIVE_AESTHETIC_SCORE, MicroConditions
 from sd.paths import readable_file
 from sd.prompt import check_clip_skip, parse_emphasis
@@ -25,6 +26,7 @@ VAE_FACTOR = 8  # image pixels per latent pixel, each way
 LATENT_DTYPE = torch.float32  # latents and sampler arithmetic stay fp32 whatever the networks run in
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 7.5
+REFINER_SWITCH = 0.8  # the share of a run after which an SDXL refiner takes over (AUTOMATIC1111's default)
 OUTPUT_TYPES = ("pil", "np", "latent")
 UPSCALERS = ("latent", "lanczos")  # of hires_fix
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed accepts
@@ -277,6 +279,43 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
                     target_size=None if target_size is None else tuple(target_size),
                     aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
                     **given, **size)
+
+
+def model_traits(family: Family, image_size: int, schedule: NoiseSchedule = NoiseSchedule()) -> dict:
+    """What `settle` needs of a model of `family` whose own size is `image_size` and noise schedule `schedule`:
+    all known before its weights are."""
+    return dict(image_size=image_size, inpainting_model=family.kind == "inpainting",
+                side_multiple=family.side_multiple, default_guidance=family.guidance_scale, schedule=schedule)
+
+
+def check_task(s: Settings, family: Family, switch: float | None = None) -> None:
+    """What a model of `family` can do with settled `s`, without its weights: a refiner refines (an image, or
+    the last steps of a base's run), micro-conditions only where the family has them; with `switch` (a
+    refiner takes over after that share of the run), the run must be an SDXL base's and keep no mask."""
+    if family.kind == "refiner" and not s.redraws:
+        raise SettingError(lambda n: f"this is an {family.title} checkpoint: it refines images; give it "
+                                     f"{n('image')} (image-to-image), or use it as {n('refiner')} of an SDXL base")
+    given = [name for name, default in (("original_size", None), ("crop", DEFAULT_CROP), ("target_size", None))
+             if getattr(s, name) != default and name not in family.micro_conditions]
+    if given:
+        raise SettingError(lambda n: f"{n(given[0])} is a micro-condition of SDXL; {family.title} has none "
+                                     f"({', '.join(family.micro_conditions) or 'no vector'}): leave it out")
+    if switch is None:
+        return
+    check_range("refiner_switch", switch)
+    if not family.name.startswith("sdxl") or family.kind == "refiner":
+        raise SettingError(lambda n: f"{n('refiner')} continues the latents of an SDXL base; this is an "
+                                     f"{family.title} checkpoint")
+    if s.mask is not None:
+        raise SettingError(lambda n: f"{n('refiner')} takes over text-to-image and image-to-image runs; leave "
+                                     f"out {n('mask')} or the refiner")
+
+
+def check_refiner(family: Family) -> None:
+    """A model of `family` can finish a base's run only if it is a refiner."""
+    if family.kind != "refiner":
+        raise SettingError(lambda n: f"{n('refiner')} is an {family.title} checkpoint, not a refiner: give "
+                                     f"sd_xl_refiner_1.0 or another SDXL refiner")
 
 
 def check_pair(name: str, value) -> None:

@@ -21,8 +21,10 @@ from sd.checkpoint import load_checkpoint, read_state_dict
 from sd.embeddings import read_embedding
 from sd.lora import lora_targets
 from sd.errors import SDError
+from sd.families import SD1
 from sd.flags import Flags, settle_flags
 from sd.parameters import parse_parameters
+from sd.settings import model_traits
 from tests.tiny import save_checkpoint, tiny_compvis_state
 from weights_converter import __main__ as converter
 
@@ -216,7 +218,7 @@ def test_mutated_png_parameters_are_read_or_refused(tmp_path):
         Image.new("RGB", (8, 8)).save(png, pnginfo=info)
         args = run_demo.parse_args(["--from-png", str(png)])
         try:
-            flags = settle_flags(args, run_demo.read_parameters(png), image_size=64, lora_dir=run_demo.LORA_DIR)
+            flags = settle_flags(args, run_demo.read_parameters(png), model_traits(SD1, 64), run_demo.LORA_DIR)
         except SDError as e:
             assert "\n" not in str(e), str(e)
         else:

@@ -21,7 +21,9 @@ ALWAYS = {"steps": 20, "sampler": "euler_a", "guidance_scale": 7.5, "seed": 2**6
 UNWRITTEN = {"prompt": "a fox", "negative_prompt": "", "image": None, "mask": None, "invert": None, "strength": 0.75,
              "hires_scale": None, "hires_strength": None, "hires_steps": None, "hires_upscaler": None, "clip_skip": 1,
              "deep_cache": None, "deep_cache_branch": 0, "token_merging": None, "prediction": None, "tiled_decode": False,
-             "ti_hashes": {}, "lora_hashes": {}}
+             "ti_hashes": {}, "lora_hashes": {}, "original_size": None, "crop": None, "target_size": None,
+             "aesthetic_score": None, "negative_aesthetic_score": None, "refiner_model": None, "refiner_hash": None,
+             "refiner_switch": None}
 TRICKY = 'a "dog", at: night\nsecond line, café ☃'  # every character that needs quoting, and non-Latin-1 ones
 
 # name: (the values changed from a text-to-image run's, the attributes that come back beside ALWAYS)
@@ -50,6 +52,16 @@ CASES = {
     "Lora hashes": ({"lora_hashes": {"style": "abcdefabcdef"}}, ["lora_hashes"]),
     "ddim, guidance 1, small": ({"sampler": "ddim", "guidance_scale": 1.0, "seed": 0, "width": 64, "height": 48,
                                  "steps": 1}, []),
+    "SDXL micro-conditions": ({"original_size": (1024, 768), "crop": (0, 256), "target_size": (512, 384)},
+                              ["original_size", "crop", "target_size"]),
+    "micro-conditions at their defaults": ({"original_size": (768, 512), "crop": (0, 0), "target_size": (768, 512)},
+                                           []),  # the image's own (h, w), no crop
+    "switch without refiner": ({"refiner_switch": 0.5}, []),
+    "SDXL refined": ({"refiner_model": "sd_xl_refiner_1.0", "refiner_hash": "7440042bbd", "refiner_switch": 0.8,
+                      "aesthetic_score": 6.0, "negative_aesthetic_score": 2.5, "original_size": (1024, 768),
+                      "crop": (0, 256)},
+                     ["refiner_model", "refiner_hash", "refiner_switch", "aesthetic_score", "negative_aesthetic_score",
+                      "original_size", "crop"]),
     "everything of text-to-image": (
         {"negative_prompt": "ugly", "hires_scale": 1.25, "hires_strength": 0.4, "hires_upscaler": "lanczos",
          "hires_steps": 3, "clip_skip": 3, "deep_cache": 2, "deep_cache_branch": 2, "token_merging": 0.25,
@@ -106,6 +118,10 @@ WRITTEN = {
         "0123456789, Model: v1-5-pruned-emaonly, Denoising strength: 0.4, Hires upscale: 1.25, Hires upscaler: "
         'Lanczos, Hires steps: 3, Clip skip: 3, Deep cache: 2, Deep cache branch: 2, Token merging ratio: 0.25, '
         'TI hashes: "a: 000000000001", Lora hashes: "x: 1, y: 2", Tiled decode: True'),
+    "SDXL refined": (  # "Refiner" and "Refiner switch at" as AUTOMATIC1111 writes them; the rest ours, (h, w) first
+        "Steps: 20, Sampler: euler_a, CFG scale: 7.5, Seed: 18446744073709551615, Size: 512x768, Model hash: "
+        "0123456789, Model: v1-5-pruned-emaonly, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8, "
+        "Original size: 1024x768, Crop top-left: 0x256, Aesthetic score: 6.0, Negative aesthetic score: 2.5"),
 }
 
 

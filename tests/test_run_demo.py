@@ -212,7 +212,8 @@ def test_help_documents_every_flag_with_its_default():
         "-h", "--prompt", "--negative-prompt", "--checkpoint", "--image", "--mask", "--invert", "--strength", "--steps",
         "--guidance-scale", "--sampler", "--seed", "--width", "--height", "--clip-skip", "--embedding", "--lora",
         "--hires-scale", "--hires-strength", "--hires-steps", "--hires-upscaler", "--deep-cache", "--deep-cache-branch",
-        "--tome", "--prediction", "--compile", "--num-images", "--device", "--dtype", "--output", "--overwrite", "--no-progress",
+        "--tome", "--prediction", "--original-size", "--crop", "--target-size", "--refiner", "--refiner-switch",
+        "--aesthetic-score", "--negative-aesthetic-score", "--compile", "--num-images", "--device", "--dtype", "--output", "--overwrite", "--no-progress",
         "--tiled-decode", "--from-png"]
     for entry in entries[1:]:
         assert "(default: " in entry, entry
@@ -266,7 +267,8 @@ def test_model_hash_is_cached_beside_the_checkpoint(tmp_path):
 def test_reads_automatic1111_parameters(tmp_path):
     text = ('masterpiece, a "quoted" word\nsecond line\nNegative prompt: ugly\nSteps: 30, Sampler: DPM++ 2M Karras, '
             'CFG scale: 6, Seed: 42, Size: 512x768, Model hash: abcdef0123, Model: v1-5-pruned-emaonly, '
-            'Lora hashes: "a: 1, b: 2", Denoising strength: 0.5, Hires upscale: 2, Version: v1.10.1')
+            'Lora hashes: "a: 1, b: 2", Denoising strength: 0.5, Hires upscale: 2, Refiner: sd_xl_refiner_1.0 '
+            '[7440042bbd], Refiner switch at: 0.8, Version: v1.10.1')
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", text)
     Image.new("RGB", (8, 8)).save(tmp_path / "a1111.png", pnginfo=info)
@@ -274,4 +276,5 @@ def test_reads_automatic1111_parameters(tmp_path):
         "prompt": 'masterpiece, a "quoted" word\nsecond line', "negative_prompt": "ugly", "steps": 30,
         "sampler": "dpmpp_2m_karras", "guidance_scale": 6.0, "seed": 42, "width": 512, "height": 768,
         "model_hash": "abcdef0123", "model": "v1-5-pruned-emaonly", "lora_hashes": {"a": "1", "b": "2"},
-        "hires_scale": 2.0, "hires_strength": 0.5}  # a strength without init image: the hires fix's
+        "hires_scale": 2.0, "hires_strength": 0.5,  # a strength without init image: the hires fix's
+        "refiner_model": "sd_xl_refiner_1.0", "refiner_hash": "7440042bbd", "refiner_switch": 0.8}
