@@ -1,6 +1,6 @@
 """SDXL on the command line, on tiny checkpoints (tests/tiny.py): the micro-condition flags and a --refiner run
 make the images the library's one-process `text_to_image(..., refiner=...)` makes, bit for bit, with the base
-freed before the refiner loads; the PNG names the refiner as AUTOMATIC1111 does and keeps our micro-conditions,
+freed before the refiner loads (the library's halves, `hand_off` and `refine`); the PNG names the refiner as AUTOMATIC1111 does and keeps our micro-conditions,
 so --from-png makes the image again (finding the refiner in data/ as it finds the model); the family's defaults
 (guidance, size, side multiple) hold before loading; and every bad flag or file is one line `error: ...`, exit
 status 2, no file, and where the files' headers tell, before any checkpoint is loaded.
@@ -22,6 +22,7 @@ from PIL import Image
 
 import run_demo
 from sd.checkpoint import load_checkpoint
+from sd.errors import SettingError
 from sd.families import SDXL
 from sd.flags import settle_flags
 from sd.pipeline import StableDiffusion
@@ -118,6 +119,17 @@ def test_a_refined_run_is_the_library_s_one_process_run_bit_for_bit(made, pipes,
         f"Model hash: {short_hash(files.base)}, Model: base-xl, Refiner: refiner-xl [{short_hash(files.refiner)}], "
         f"Refiner switch at: 0.5, Original size: 512x384, Crop top-left: 32x0, Aesthetic score: 7.0, "
         f"Negative aesthetic score: 2.5")  # the target size is the image's own (h, w): the default, not written
+
+
+def test_a_handoff_refines_again_to_the_same_image(pipes):
+    """`refine` goes on with a copy of the run's generator (euler_a draws from it at every step), so a handoff
+    refined twice gives one image; only a refiner refines."""
+    handoff = pipes.base.hand_off(PROMPT, width=64, height=96, steps=4, seed=2, sampler="euler_a", refiner_switch=0.5,
+                                  progress=False)
+    first, again = (np.asarray(pipes.refiner.refine(handoff, progress=False)[0]) for _ in range(2))
+    assert np.array_equal(first, again)
+    with pytest.raises(SettingError, match="refiner is an SDXL checkpoint, not a refiner"):
+        pipes.base.refine(handoff)
 
 
 def test_a_base_run_with_micro_conditions_is_the_library_s(made, pipes, files):
