@@ -43,9 +43,9 @@ from sd.samplers import DEFAULT_SAMPLER, Sampler, make_sampler
 from sd.samplers.ddim import DDIMInverseSampler
 # re-exported as the library's names: the defaults, `settle` and the checks it runs before loading
 from sd.settings import (DEFAULT_GUIDANCE, DEFAULT_STEPS, LATENT_DTYPE, MAX_SEED, RANGES, REFINER_SWITCH,  # noqa: F401
-                         UPSCALERS, VAE_FACTOR, ImageInput, Settings, check_argument, check_range, check_deep_cache_branch,
-                         check_hires, check_invertible, check_path, check_refiner, check_task, check_upscaled,
-                         is_finite_number, is_int, model_traits, settle)
+                         UPSCALERS, VAE_FACTOR, ImageInput, Settings, check_argument, check_range,
+                         check_deep_cache_branch, check_hires, check_invertible, check_path, check_refiner, check_task,
+                         check_upscaled, is_finite_number, is_int, model_traits, settle)
 from sd.tokenizer import CLIPTokenizer
 from sd.unet import DeepCache, Speedups
 

@@ -213,8 +213,8 @@ def test_help_documents_every_flag_with_its_default():
         "--guidance-scale", "--sampler", "--seed", "--width", "--height", "--clip-skip", "--embedding", "--lora",
         "--hires-scale", "--hires-strength", "--hires-steps", "--hires-upscaler", "--deep-cache", "--deep-cache-branch",
         "--tome", "--prediction", "--original-size", "--crop", "--target-size", "--refiner", "--refiner-switch",
-        "--aesthetic-score", "--negative-aesthetic-score", "--compile", "--num-images", "--device", "--dtype", "--output", "--overwrite", "--no-progress",
-        "--tiled-decode", "--from-png"]
+        "--aesthetic-score", "--negative-aesthetic-score", "--compile", "--num-images", "--device", "--dtype",
+        "--output", "--overwrite", "--no-progress", "--tiled-decode", "--from-png"]
     for entry in entries[1:]:
         assert "(default: " in entry, entry
     assert all(name in options for name in SAMPLERS)

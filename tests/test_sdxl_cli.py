@@ -1,9 +1,10 @@
 """SDXL on the command line, on tiny checkpoints (tests/tiny.py): the micro-condition flags and a --refiner run
 make the images the library's one-process `text_to_image(..., refiner=...)` makes, bit for bit, with the base
-freed before the refiner loads (the library's halves, `hand_off` and `refine`); the PNG names the refiner as AUTOMATIC1111 does and keeps our micro-conditions,
-so --from-png makes the image again (finding the refiner in data/ as it finds the model); the family's defaults
-(guidance, size, side multiple) hold before loading; and every bad flag or file is one line `error: ...`, exit
-status 2, no file, and where the files' headers tell, before any checkpoint is loaded.
+freed before the refiner loads (the library's halves: `hand_off`, `refine`); the PNG names the refiner as
+AUTOMATIC1111 does and keeps our micro-conditions, so --from-png makes the image again (finding the refiner in
+data/ as it finds the model); the family's defaults (guidance, size, side multiple) hold before loading; and
+every bad flag or file is one line `error: ...`, exit status 2, no file, and where the files' headers tell,
+before any checkpoint is loaded.
 
 Everything runs in-process through `run_demo.main` (the whole command but the interpreter's start), on one CPU
 thread, at 64x96 (not square: a height and width swapped would show) and 4 steps."""
@@ -227,8 +228,8 @@ BAD = {  # name: (arguments, fragments of the message); {base}, {refiner}, {sd1}
                                                          "truncated or corrupt"]),
     "original_size_on_sd1": (["--checkpoint", "{sd1}", "--original-size", "512x512"],
                              ["--original-size is a micro-condition of SDXL; SD v1 has none"]),
-    "aesthetic_score_without_refiner": (["--aesthetic-score", "7"],
-                                        ["--aesthetic-score conditions an SDXL refiner, and there is none here", "give --refiner PATH"]),
+    "aesthetic_score_without_refiner": (["--aesthetic-score", "7"], ["--aesthetic-score conditions an SDXL refiner, "
+                                                                    "and there is none here", "give --refiner PATH"]),
     "aesthetic_score_out_of_range": (["--refiner", "{refiner}", "--negative-aesthetic-score", "-1"],
                                      ["--negative-aesthetic-score must be between 0 and 1000, got -1.0"]),
 }
