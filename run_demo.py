@@ -335,13 +335,15 @@ def load_and_generate(args: argparse.Namespace) -> None:
     made_with |= {"refiner_model": flags.refiner.stem, "refiner_hash": model_hash(flags.refiner)}
     note_other_file(args.from_png, "refiner", (stored.get("refiner_model"), stored.get("refiner_hash")), flags.refiner,
                     made_with["refiner_hash"])
-    if flags.loras or embeddings:
-        note("--refiner reads the prompts without the LoRAs and embeddings: they are merged into the base only")
+    if flags.loras:
+        note("--refiner runs without the LoRAs: they are merged into the base only")
     handoffs = list(base_runs(pipe, args, flags, dtype, len(paths)))
     del models, pipe  # the base's weights go before the refiner's come: the two are never in memory together
     gc.collect()
     print(f"loading the refiner {shown(flags.refiner)}", flush=True)
     refiner = StableDiffusion(load_checkpoint(flags.refiner, device, DTYPES[dtype]), tokenizer)
+    for embedding in embeddings:  # an SDXL embedding's "clip_g" vectors, for the refiner's bigG
+        refiner.add_embedding(embedding)
     if args.compile:
         refiner.compile()
     write_images(refined(refiner, handoffs, args, flags), args, flags, paths, made_with)

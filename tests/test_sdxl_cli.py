@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import run_demo
 from sd.checkpoint import load_checkpoint
@@ -27,7 +28,7 @@ from sd.errors import SettingError
 from sd.families import SDXL
 from sd.flags import settle_flags
 from sd.pipeline import StableDiffusion
-from tests.tiny import write_tiny_checkpoint
+from tests.tiny import TINY_BIG_G, TINY_CLIP, write_tiny_checkpoint
 
 PROMPT = "a lighthouse in a storm"
 RUN = ["--steps", "4", "--width", "64", "--height", "96", "--no-progress"]  # (h, w) = (96, 64)
@@ -120,6 +121,28 @@ def test_a_refined_run_is_the_library_s_one_process_run_bit_for_bit(made, pipes,
         f"Model hash: {short_hash(files.base)}, Model: base-xl, Refiner: refiner-xl [{short_hash(files.refiner)}], "
         f"Refiner switch at: 0.5, Original size: 512x384, Crop top-left: 32x0, Aesthetic score: 7.0, "
         f"Negative aesthetic score: 2.5")  # the target size is the image's own (h, w): the default, not written
+
+
+def test_the_refiner_reads_the_prompt_with_the_embeddings(files, tmp_path, capsys):
+    """An SDXL embedding ({"clip_l", "clip_g"}) conditions the base and, by its "clip_g" vectors, the refiner: the
+    image is the library's with the embedding added to both, not to the base alone."""
+    gen = torch.Generator().manual_seed(9)
+    save_file({key: torch.randn(2, width, generator=gen) for key, width in (("clip_l", TINY_CLIP.width),
+                                                                          ("clip_g", TINY_BIG_G.width))},
+              tmp_path / "xl-style.safetensors")
+    prompt = "a lighthouse, xl-style"
+    succeed(capsys, "--prompt", prompt, "--checkpoint", files.base, "--refiner", files.refiner, "--refiner-switch",
+            "0.5", "--embedding", tmp_path / "xl-style.safetensors", *RUN, "--seed", "6", "--output", tmp_path / "a.png")
+    images = []
+    for both in (True, False):
+        base, refiner = (StableDiffusion.from_checkpoint(path) for path in (files.base, files.refiner))
+        for pipe in (base, refiner) if both else (base,):
+            pipe.load_embedding(tmp_path / "xl-style.safetensors")
+        [image] = base.text_to_image(prompt, width=64, height=96, steps=4, seed=6, progress=False, refiner=refiner,
+                                     refiner_switch=0.5)
+        images.append(np.asarray(image))
+    assert np.array_equal(pixels(tmp_path / "a.png"), images[0])
+    assert not np.array_equal(images[0], images[1])
 
 
 def test_a_handoff_refines_again_to_the_same_image(pipes):
