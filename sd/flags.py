@@ -21,8 +21,8 @@ from sd.paths import exists, file_in, readable_file
 from sd.prediction import prediction_name
 from sd.prompt import NUMBER, PromptParser, names_in
 from sd.samplers import DEFAULT_SAMPLER, make_sampler
-from sd.settings import (MAX_SEED, RANGES, REFINER_SWITCH, Settings, check_hires, check_invertible, check_range,
-                         check_refiner, check_task, check_upscaled, settle)
+from sd.settings import (MAX_SEED, RANGES, REFINER_SWITCH, VAE_FACTOR, Settings, check_hires, check_invertible,
+                         check_range, check_refiner, check_task, check_upscaled, settle)
 from sd.tokenizer import CLIPTokenizer
 
 DEFAULT_HIRES_STRENGTH = 0.55
@@ -75,12 +75,14 @@ class Flags:
     refiner_switch: float | None  # settled: the default with a refiner, None without
     tiled_decode: bool
     inversion_size: dict[str, int]  # the width and height given, to which --invert resizes the image (else its own)
+    side_multiple: int  # the model's: the hires fix's size is rounded down to it (SDXL: 32)
     settings: Settings  # the library's, with the init image and mask opened
 
     @property
     def final_size(self) -> tuple[int, int]:
-        """The size of the images made: --width x --height, times --hires-scale (in whole latent pixels)."""
-        return check_upscaled(self.width, self.height, self.hires_scale or 1)
+        """The size of the images made: --width x --height, times --hires-scale (rounded down to the model's side
+        multiple)."""
+        return check_upscaled(self.width, self.height, self.hires_scale or 1, self.side_multiple)
 
     @property
     def micro_conditions(self) -> dict:
@@ -113,8 +115,9 @@ def settle_flags(args: argparse.Namespace, stored: dict, traits: dict, lora_dir:
     given = {key: flag[key] for key in GENERATION_FLAGS if flag[key] is not None}
     inversion_size = {key: given[key] for key in ("width", "height") if key in given}
     settings = settle(text, negative_text, **traits, **given)  # num_images: at most MAX_IMAGES
+    side_multiple = traits.get("side_multiple", VAE_FACTOR)
     if flag["hires_scale"] is not None:
-        check_upscaled(settings.width, settings.height, flag["hires_scale"])
+        check_upscaled(settings.width, settings.height, flag["hires_scale"], side_multiple)
     if settings.seed + flag["num_images"] - 1 > MAX_SEED:
         raise InputError(f"--seed {settings.seed} with --num-images {flag['num_images']} runs past 2**64-1 (image i "
                          f"uses seed+i-1); give a lower --seed")
@@ -122,7 +125,7 @@ def settle_flags(args: argparse.Namespace, stored: dict, traits: dict, lora_dir:
         check_invertible(settings.image)
     settled = {key: getattr(settings, key) for key in SETTLED} | dict(
         text=text, negative_text=negative_text, loras=tuple(loras), tiled_decode=bool(flag["tiled_decode"]),
-        inversion_size=inversion_size, settings=settings,
+        inversion_size=inversion_size, side_multiple=side_multiple, settings=settings,
         token_merging=settings.token_merging.ratio if settings.token_merging is not None else None)
     return Flags(**{f.name: settled[f.name] if f.name in settled else flag[f.name] for f in fields(Flags)})
 

@@ -212,10 +212,13 @@ def test_sdxl_defaults_hold_before_loading(files, tmp_path, monkeypatch, capsys)
         raise SystemExit("stop before loading")
 
     monkeypatch.setattr(run_demo, "settle_flags", stop)
-    with pytest.raises(SystemExit, match="stop before loading"):
-        run_demo.main(["--prompt", PROMPT, "--checkpoint", str(files.base), "--output", str(tmp_path / "x.png")])
-    [flags] = settled
-    assert (flags.width, flags.height, flags.guidance_scale) == (SDXL.image_size, SDXL.image_size, SDXL.guidance_scale)
+    for extra in ([], ["--width", "96", "--height", "64", "--hires-scale", "1.5"]):
+        with pytest.raises(SystemExit, match="stop before loading"):
+            run_demo.main(["--prompt", PROMPT, "--checkpoint", str(files.base), "--output", str(tmp_path / "x.png"),
+                           *extra])
+    default, hires = settled
+    assert (default.width, default.height, default.guidance_scale) == (SDXL.image_size,) * 2 + (SDXL.guidance_scale,)
+    assert hires.final_size == (128, 96)  # 144 x 96 rounded down to SDXL's multiple of 32, as the pipeline makes it
 
 
 # ---- bad input ------------------------------------------------------------------------------------
