@@ -140,8 +140,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--height x --width)")
     p.add_argument("--crop", type=pair_flag("TOPxLEFT (top first)", "0x256"), metavar="TOPxLEFT",
                    help="SDXL's micro-condition: the top-left corner of the crop the UNet is told was cut from the "
-                        "original, TOPxLEFT (the row first); away from 0x0 it draws a cut-off picture (write "
-                        "--crop=0x256 ...) (default: 0x0)")
+                        "original, TOPxLEFT (the row first); away from 0x0 it draws a cut-off picture "
+                        "(default: 0x0)")
     p.add_argument("--target-size", type=pair_flag("HxW (height first)", "1024x768"), metavar="HxW",
                    help="SDXL's micro-condition: the size the crop was resized to, HEIGHTxWIDTH (height first) "
                         "(default: --height x --width)")
@@ -327,8 +327,9 @@ def load_and_generate(args: argparse.Namespace) -> None:
     made_with = {"model": checkpoint.stem, "model_hash": short_hash, "lora_hashes": lora_hashes,
                  "prediction": prediction, "ti_hashes": used}
     if flags.refiner is not None or models.family.kind == "refiner":  # the aesthetic scores condition the image
-        made_with |= {"aesthetic_score": flags.settings.aesthetic_score,
-                      "negative_aesthetic_score": flags.settings.negative_aesthetic_score}
+        conditions = flags.settings.micro_conditions
+        made_with |= {"aesthetic_score": conditions.aesthetic_score,
+                      "negative_aesthetic_score": conditions.negative_aesthetic_score}
     if flags.refiner is None:
         write_images(base_runs(pipe, args, flags, dtype, len(paths)), args, flags, paths, made_with)
         return

@@ -118,6 +118,8 @@ class Family:
     side_multiple: int = 8  # image sides must be multiples of this (SDXL: 32, latents a multiple of 4)
     guidance_scale: float = 7.5  # the default classifier-free guidance scale (diffusers' for SD 1.x and 2.x)
     zero_empty_negative: bool = False  # an empty negative prompt conditions as zeros (AUTOMATIC1111's SDXL rule)
+    vae_upcast: bool = False  # its VAE overflows in float16: a float16 VAE computes in float32 (SDXL's)
+    refinable: bool = False  # an SDXL refiner may take over the last steps of its runs
 
     def default_size(self, prediction_type: str) -> int:
         """The default width and height of its models of `prediction_type`."""
@@ -172,8 +174,9 @@ SD2_INPAINTING = replace(SD2, name="sd2-inpainting", title="SD 2.x inpainting", 
 
 # SDXL (Podell et al., 2023): CLIP ViT-L and OpenCLIP bigG, both on their penultimate layer without the final
 # norm, concatenated (2048); bigG's pooled output and the micro-conditions form the vector label_emb takes (2816
-# wide; the refiner's: 2560, bigG alone, with the aesthetic score in place of the target size). Clip skip moves
-# CLIP ViT-L only, and only past the penultimate layer (AUTOMATIC1111's "sdxl_clip_l_skip"); bigG stays.
+# wide; the refiner's: 2560, bigG alone, with the aesthetic score in place of the target size). Clip skip N moves
+# CLIP ViT-L only, to its N-th last layer, never nearer the end than the penultimate (AUTOMATIC1111's
+# "sdxl_clip_l_skip" but at 1, the default, which stays SDXL's own); bigG stays.
 # Their textual-inversion files hold vectors for each, {"clip_l": (n, 768), "clip_g": (n, 1280)} (kohya's, A1111's).
 VIT_L_XL = TextEncoderSpec(hidden_layer=-2, final_norm=False, clip_skip="from_last", embedding_key="clip_l")
 BIG_G = TextEncoderSpec(name="clip_g", pad_id=0, hidden_layer=-2, final_norm=False, pooled=True, clip_skip="none",
@@ -186,10 +189,11 @@ SDXL = Family(name="sdxl", title="SDXL", detect=lambda s: has_prefix(s, "conditi
                         "clip_g": ("conditioner.embedders.1.model.",)},
               text_encoders=(VIT_L_XL, BIG_G), configs=SDXL_CONFIGS, renames={"clip_g": OPEN_CLIP},
               scale_factor=0.13025, image_size=1024, micro_conditions=("original_size", "crop", "target_size"),
-              side_multiple=32, guidance_scale=7.0, zero_empty_negative=True)
+              side_multiple=32, guidance_scale=7.0, zero_empty_negative=True, vae_upcast=True, refinable=True)
 SDXL_INPAINTING = replace(SDXL, name="sdxl-inpainting", title="SDXL inpainting", kind="inpainting",
                           detect=lambda s: SDXL.detect(s) and unet_in_channels(s) == 9)
-SDXL_REFINER = replace(SDXL, name="sdxl-refiner", title="SDXL refiner", kind="refiner", text_encoders=(BIG_G,),
+SDXL_REFINER = replace(SDXL, name="sdxl-refiner", title="SDXL refiner", kind="refiner", refinable=False,
+                       text_encoders=(BIG_G,),
                        prefixes={"unet": (UNET_PREFIX,), "vae": (VAE_PREFIX,),
                                  "clip_g": ("conditioner.embedders.0.model.",)},
                        micro_conditions=("original_size", "crop", "aesthetic_score"),

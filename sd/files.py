@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from sd.errors import InputError
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # tokenizer files, the tiny model, official checkpoints
 
 
@@ -37,8 +39,9 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool 
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                      torch.uint8: "U8", torch.bool: "BOOL"}
+                      torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+                      torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64",
+                      torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
@@ -50,6 +53,10 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
     if metadata:
         header["__metadata__"] = dict(metadata)
     for key, tensor in tensors.items():
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise InputError(f"{key} is a {str(tensor.dtype).removeprefix('torch.')} tensor, which a .safetensors "
+                             f"file cannot hold; convert it to one of "
+                             f"{', '.join(str(d).removeprefix('torch.') for d in SAFETENSORS_DTYPES)}")
         size = tensor.numel() * tensor.element_size()
         header[key] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
                        "data_offsets": [start, start + size]}

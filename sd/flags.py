@@ -164,13 +164,9 @@ def refiner_switch(flag: dict) -> float | None:
 
 def check_families(flags: Flags, family: Family | None, refiner: Family | None) -> None:
     """What `flags` ask of a checkpoint of `family` and a --refiner of family `refiner`, each where it is known:
-    the library's checks (`check_task`, `check_refiner`), and aesthetic scores only where a refiner reads them."""
+    the library's checks (`check_task`, `check_refiner`)."""
     if family is not None:
         check_task(flags.settings, family, flags.refiner_switch)
-        given = [name for name in ("aesthetic_score", "negative_aesthetic_score") if getattr(flags, name) is not None]
-        if given and flags.refiner is None and family.kind != "refiner":
-            raise InputError(f"--{given[0].replace('_', '-')} conditions an SDXL refiner, and there is none here "
-                             f"(an {family.title} checkpoint, no --refiner); give --refiner PATH, or leave it out")
     if refiner is not None:
         check_refiner(refiner)
 

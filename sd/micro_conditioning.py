@@ -35,14 +35,13 @@ class MicroConditions:
     crop: tuple[int, int]  # (top, left)
     target_size: tuple[int, int]  # (h, w)
     aesthetic_score: float = AESTHETIC_SCORE
+    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE  # the aesthetic score of the negative side
 
-    def values(self, names: tuple[str, ...], negative: bool = False,
-               negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE) -> list[float]:
-        """The numbers the UNet embeds, in the order of `names`; the negative side's aesthetic score for
-        `negative`."""
+    def values(self, names: tuple[str, ...], negative: bool = False) -> list[float]:
+        """The numbers the UNet embeds, in the order of `names`, for the prompt's side or the `negative` one."""
         out = []
         for name in names:
-            value = negative_aesthetic_score if negative and name == "aesthetic_score" else getattr(self, name)
+            value = getattr(self, "negative_" + name if negative and name == "aesthetic_score" else name)
             out += list(value) if isinstance(value, tuple) else [value]
         return out
 

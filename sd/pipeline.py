@@ -74,7 +74,9 @@ class Handoff:
     latents: torch.Tensor  # (B, 4, h, w): the base's, after its share of the steps
     generator: torch.Generator  # the run's, as the base left it
     settings: Settings
-    switch: float  # the share of the run after which the refiner takes over
+    switch: float | None  # the share of the run after which the refiner takes over (None: the base ran to the end)
+    begin: int  # where in its timesteps the base's run began (image-to-image begins part-way)
+    embeddings: dict[str, Embedding]  # the base's: the refiner reads the prompt with those it lacks too
 
 
 def image_to_tensor(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -247,13 +249,11 @@ class StableDiffusion:
         if hires_upscaler == "lanczos" and (not isinstance(prompt, str) or options.get("num_images", 1) != 1):
             raise SettingError(lambda n: f"{n('hires_upscaler')} lanczos redraws one image at a time; make one image "
                                          f"per call, or use the latent upscaler")
-        multiple = self.models.family.side_multiple
-        check_upscaled(*(options.get(side) or self.models.image_size for side in ("width", "height")), hires_scale,
-                       multiple)
+        width, height = check_upscaled(*(options.get(side) or self.models.image_size for side in ("width", "height")),
+                                       hires_scale, self.models.family.side_multiple)  # rounded down
         options.setdefault("seed", random.randrange(2**32))
         base = self.generate(prompt, negative_prompt, output_type="latent", **options)  # (B, 4, h, w)
-        h, w = (int(side * VAE_FACTOR * hires_scale) // multiple * multiple // VAE_FACTOR
-                for side in base.shape[2:])  # rounded down
+        h, w = height // VAE_FACTOR, width // VAE_FACTOR
         second = {key: value for key, value in options.items() if key not in ("width", "height", "steps")}
         second.update(strength=hires_strength, output_type=output_type, tiled_decode=tiled_decode,
                       steps=options.get("steps", DEFAULT_STEPS) if hires_steps is None else hires_steps)
@@ -276,7 +276,7 @@ class StableDiffusion:
             raise SettingError(lambda n: f"{n('prompt')} of an inversion must be one text, got {prompt!r:.60}")
         check_flags(progress=progress)
         s = settle(prompt, negative_prompt, image=image, steps=steps, guidance_scale=guidance_scale,
-                   sampler=DDIMInverseSampler(), width=width, height=height, clip_skip=clip_skip, **self.traits)
+                   sampler=DDIMInverseSampler(self.models.schedule), width=width, height=height, clip_skip=clip_skip, **self.traits)
         if width is None and height is None:
             check_invertible(s.image)
         check_clip_skip(s.clip_skip, self.clip_skip_limit)
@@ -293,7 +293,7 @@ class StableDiffusion:
     @torch.inference_mode()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
                  progress: bool = True, tiled_decode: bool = False, callback: StepCallback | None = None,
-                 refiner: "StableDiffusion | None" = None, refiner_switch: float = REFINER_SWITCH, **settings):
+                 refiner: "StableDiffusion | None" = None, refiner_switch: float | None = None, **settings):
         """One denoising loop for all three tasks.
 
         prompt, negative_prompt: a text or a list of texts (one negative per prompt), in AUTOMATIC1111's
@@ -312,7 +312,7 @@ class StableDiffusion:
         output_type: "pil" (a list of images), "np" (an array (N, H, W, 3) in [0, 1]) or "latent" (the
             final scaled latents (N, 4, H/8, W/8)).
         clip_skip: 1 (the text encoder's output, default) or N: the hidden states of its N-th last layer (SDXL:
-            of CLIP ViT-L only, and 1 and 2 both its penultimate, as AUTOMATIC1111's "sdxl_clip_l_skip").
+            of CLIP ViT-L only, and 1 and 2 both its penultimate: AUTOMATIC1111's "sdxl_clip_l_skip" but at 1).
         original_size (h, w), crop (top, left), target_size (h, w): SDXL's micro-conditions (default: the
             image's size, crop 0, 0); aesthetic_score (6.0) and negative_aesthetic_score (2.5): the refiner's.
         refiner: a loaded SDXL refiner that takes over after `refiner_switch` (0 to 1, default 0.8) of the run,
@@ -334,12 +334,16 @@ class StableDiffusion:
         if refiner is not None:
             check_argument("refiner", refiner, isinstance(refiner, StableDiffusion), "a loaded StableDiffusion refiner")
             check_refiner(refiner.models.family)
-        s = self.settled(prompt, negative_prompt, settings, None if refiner is None else refiner_switch)
-        check_memory(s.width, s.height, self.device, self.models.vae.dtype, tiled_decode, s.batch)
+        if refiner is None and refiner_switch is not None:
+            raise SettingError(lambda n: f"{n('refiner_switch')} says when a refiner takes over; give "
+                                         f"{n('refiner')}, or leave it out")
+        switch = None if refiner is None else REFINER_SWITCH if refiner_switch is None else refiner_switch
+        s = self.settled(prompt, negative_prompt, settings, switch)
+        check_memory(s.width, s.height, self.device, self.vae_dtype, tiled_decode, s.batch)
+        handoff = self.run(s, switch, progress, callback)
         if refiner is not None:
-            return refiner.refine(Handoff(*self.run(s, refiner_switch, progress, callback), s, refiner_switch),
-                                  progress=progress, callback=callback, tiled_decode=tiled_decode)
-        return self.decode(self.run(s, None, progress, callback)[0], s.output_type, tiled_decode)
+            return refiner.refine(handoff, progress=progress, callback=callback, tiled_decode=tiled_decode)
+        return self.decode(handoff.latents, s.output_type, tiled_decode)
 
     @torch.inference_mode()
     def hand_off(self, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
@@ -350,8 +354,8 @@ class StableDiffusion:
         bit, with never both models in memory. The settings are `generate`'s (output_type: the refiner's)."""
         check_callback(callback)
         check_flags(progress=progress)
-        s = self.settled(prompt, negative_prompt, settings, refiner_switch)
-        return Handoff(*self.run(s, refiner_switch, progress, callback), s, refiner_switch)
+        return self.run(self.settled(prompt, negative_prompt, settings, refiner_switch), refiner_switch, progress,
+                        callback)
 
     def settled(self, prompt, negative_prompt, settings: dict, switch: float | None) -> Settings:
         """`generate`'s settings, checked for this model (and, with `switch`, for a hand-off to a refiner)."""
@@ -360,10 +364,9 @@ class StableDiffusion:
         check_clip_skip(s.clip_skip, self.clip_skip_limit)
         return s
 
-    def run(self, s: Settings, switch: float | None, progress: bool,
-            callback: StepCallback | None) -> tuple[torch.Tensor, torch.Generator]:
+    def run(self, s: Settings, switch: float | None, progress: bool, callback: StepCallback | None) -> Handoff:
         """The denoising of settled `s` up to the hand-off at `switch` (None: to the end): the latents
-        (B, 4, h, w) and the run's generator as it left it."""
+        (B, 4, h, w), the run's generator as it left it, and what a refiner needs to go on."""
         generator = torch.Generator("cpu").manual_seed(s.seed)
         guidance = ClassifierFreeGuidance(s.guidance_scale)
         cond = self.conditioning(s, guidance, s.num_images)
@@ -379,7 +382,7 @@ class StableDiffusion:
         latents = self.denoise(latents, cond, sampler=s.sampler, guidance=guidance, generator=generator,
                                inpainting=inpainting, progress=progress, callback=callback,
                                speedups=self.speedups(s), stop=stop)
-        return latents, generator
+        return Handoff(latents, generator, s, switch, s.sampler.begin_index, dict(self.embeddings))
 
     @torch.inference_mode()
     def refine(self, handoff: Handoff, *, progress: bool = True, callback: StepCallback | None = None,
@@ -394,15 +397,26 @@ class StableDiffusion:
         check_refiner(self.models.family)
         s = handoff.settings
         check_clip_skip(s.clip_skip, self.clip_skip_limit)
-        check_memory(s.width, s.height, self.device, self.models.vae.dtype, tiled_decode, s.batch)
+        if s.sampler.schedule != self.models.schedule:
+            raise SettingError(lambda n: f"{n('refiner')} was trained with another noise schedule than the base "
+                                         f"(zero terminal SNR in one of them only); give a refiner of the base's kind")
+        check_memory(s.width, s.height, self.device, self.vae_dtype, tiled_decode, s.batch)
         generator = torch.Generator("cpu").set_state(handoff.generator.get_state())
         guidance = ClassifierFreeGuidance(s.guidance_scale)
         sampler = copy.deepcopy(s.sampler)  # the same kind and options, a state of its own
         sampler.set_timesteps(s.steps, self.device)
-        sampler.set_begin_index(len(sampler.timesteps) - sampler.steps_after(handoff.switch))
-        latents = self.denoise(handoff.latents.to(self.device), self.conditioning(s, guidance, s.num_images),
-                               sampler=sampler, guidance=guidance, generator=generator, progress=progress,
-                               callback=callback, speedups=self.speedups(s))
+        # where the base stopped; an image-to-image base that began past the switch ran no step: from its start
+        sampler.set_begin_index(max(len(sampler.timesteps) - sampler.steps_after(handoff.switch), handoff.begin))
+        lacking = [e for name, e in handoff.embeddings.items() if name not in self.embeddings]
+        for embedding in lacking:
+            self.add_embedding(embedding)
+        try:
+            cond = self.conditioning(s, guidance, s.num_images)
+        finally:
+            for embedding in lacking:
+                del self.embeddings[embedding.name]
+        latents = self.denoise(handoff.latents.to(self.device), cond, sampler=sampler, guidance=guidance,
+                               generator=generator, progress=progress, callback=callback, speedups=self.speedups(s))
         return self.decode(latents, s.output_type, tiled_decode)
 
     def speedups(self, s: Settings) -> Speedups:
@@ -463,20 +477,28 @@ class StableDiffusion:
             return images
         return [Image.fromarray(im) for im in (images * 255).round().astype(np.uint8)]
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        """What the VAE computes in: its own dtype, but float32 for a float16 VAE of a family whose VAE overflows
+        in float16 (SDXL's: diffusers' `force_upcast`)."""
+        dtype = self.models.vae.dtype
+        return torch.float32 if dtype == torch.float16 and self.models.family.vae_upcast else dtype
+
     def run_vae(self, run: Callable, x: torch.Tensor):
-        """`run(x)` (the VAE's encode or decode) in the VAE's dtype; where float16 overflows (on some latents, and
-        often with SDXL's VAE), once more in float32, the weights converted there and back (fp16 -> fp32 -> fp16
-        gives back the same weights)."""
+        """`run(x)` (the VAE's encode or decode) in `vae_dtype`; where float16 overflows (on some latents), once
+        more in float32. For float32 the weights are converted there and back (fp16 -> fp32 -> fp16 gives back
+        the same weights)."""
         vae = self.models.vae
-        out = run(x.to(vae.dtype))
-        if vae.dtype == torch.float16 and not all(torch.isfinite(o).all() for o in (out if isinstance(out, tuple)
+        if self.vae_dtype == vae.dtype:
+            out = run(x.to(vae.dtype))
+            if vae.dtype != torch.float16 or all(torch.isfinite(o).all() for o in (out if isinstance(out, tuple)
                                                                                     else (out,))):
-            vae.float()
-            try:
-                out = run(x.float())
-            finally:
-                vae.half()
-        return out
+                return out
+        vae.float()
+        try:
+            return run(x.float())
+        finally:
+            vae.half()
 
     def conditioning(self, s: Settings, guidance: ClassifierFreeGuidance, num_images: int) -> Conditioning:
         """What the UNet is conditioned on, batched for `guidance` (the negative prompts' first): the prompts'
@@ -485,13 +507,16 @@ class StableDiffusion:
         context, pooled = self.encode_text(s.prompts, s.negatives if guidance.guided else None, num_images,
                                            s.clip_skip)
         names = self.models.family.micro_conditions
-        if not names:
-            return Conditioning(context)
-        rows = [s.micro_conditions.values(names, negative, s.negative_aesthetic_score)
-                for negative in ((True, False) if guidance.guided else (False,))]
-        values = torch.tensor(rows, dtype=torch.float32, device=self.device)  # (2 or 1, k)
-        values = values.repeat_interleave(len(pooled) // len(rows), dim=0)  # (2B or B, k)
-        return Conditioning(context, vector=embed(pooled, values))  # vector (2B or B, P + 256 k)
+        sides = (True, False) if guidance.guided else (False,)  # negative?, in the batch's order
+        bundles = []
+        for negative, side_context, side_pooled in zip(sides, context.chunk(len(sides)),
+                                                       pooled.chunk(len(sides)) if names else sides):
+            vector = None
+            if names:
+                values = torch.tensor([s.micro_conditions.values(names, negative)], device=self.device)  # (1, k)
+                vector = embed(side_pooled, values.expand(len(side_pooled), -1))  # (B, P + 256 k)
+            bundles.append(Conditioning(side_context, vector=vector))  # context (B, 77·k, C)
+        return guidance.conditioning(bundles[-1], bundles[0] if guidance.guided else None)
 
     @property
     def prediction_type(self) -> str:

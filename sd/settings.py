@@ -7,7 +7,7 @@ are opened here (`open_image`), so an unreadable file is refused before any work
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from PIL import Image
 from sd.checkpoint import SD_V1_SIZE
 from sd.errors import InputError, SettingError
 from sd.families import Family
-from sd.micro_conditioning import AESTHETIC_SCORE, DEFAULT_CROP, NEGATIVE_AESTHETIC_SCORE, MicroConditions
+from sd.micro_conditioning import DEFAULT_CROP, MicroConditions
 from sd.paths import readable_file
 from sd.prompt import check_clip_skip, parse_emphasis
 from sd.samplers import DEFAULT_SAMPLER, NoiseSchedule, Sampler, make_sampler
@@ -35,6 +35,7 @@ MAX_IMAGES = 10_000  # per call or run
 MAX_GUIDANCE = 100  # beyond it, guidance overflows rather than steers
 MAX_HIRES_SCALE = 8
 MAX_LORA_WEIGHT = 100  # LoRAs are merged at about -2 to 2; beyond this a weight only overflows
+MAX_MICRO_SIZE = 8 * MAX_SIDE  # pixels: of an original size, target size or crop (SDXL's micro-conditions)
 MAX_LATENT = 1e4  # initial noise is about N(0, 1) and image latents within about ±50: beyond, values overflow
 
 
@@ -73,8 +74,10 @@ RANGES = {  # every numeric setting of a generation, of the hires fix, of the co
     "hires_scale": Range(1, MAX_HIRES_SCALE, above=True, text=f"a number above 1, at most {MAX_HIRES_SCALE}"),
     "hires_strength": Range(0, 1), "hires_steps": STEPS,
     "lora_weight": Range(-MAX_LORA_WEIGHT, MAX_LORA_WEIGHT),
-    "original_size": Range(1, 8 * MAX_SIDE, whole=True), "target_size": Range(1, 8 * MAX_SIDE, whole=True),
-    "crop": Range(0, 8 * MAX_SIDE, whole=True),  # of SDXL's micro-conditions, each number
+    # SDXL's micro-conditions, each number: sizes of the (imagined) training image, which may be far larger than
+    # any image made here; MAX_MICRO_SIZE keeps their embeddings' arguments well within float32
+    "original_size": Range(1, MAX_MICRO_SIZE, whole=True), "target_size": Range(1, MAX_MICRO_SIZE, whole=True),
+    "crop": Range(0, MAX_MICRO_SIZE, whole=True),
     "aesthetic_score": Range(0, 1000), "negative_aesthetic_score": Range(0, 1000),  # ComfyUI's range
     "refiner_switch": Range(0, 1, above=True, below=True, text="a fraction of the steps above 0 and below 1"),
 }
@@ -135,14 +138,16 @@ class Settings:
     original_size: tuple[int, int] | None = None  # SDXL's micro-conditions (`sd.micro_conditioning`): (h, w),
     crop: tuple[int, int] = DEFAULT_CROP  # (top, left),
     target_size: tuple[int, int] | None = None  # (h, w); None: the image's own size
-    aesthetic_score: float = AESTHETIC_SCORE  # the refiner's, and its negative's
-    negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE
+    aesthetic_score: float | None = None  # the refiner's, and its negative's; None: not given (6.0, 2.5)
+    negative_aesthetic_score: float | None = None
 
     @property
     def micro_conditions(self) -> MicroConditions:
         """SDXL's micro-conditions of this run, the sizes by default the image's (diffusers' defaults)."""
         own = (self.height, self.width)
-        return MicroConditions(self.original_size or own, self.crop, self.target_size or own, self.aesthetic_score)
+        scores = {name: value for name in ("aesthetic_score", "negative_aesthetic_score")
+                  if (value := getattr(self, name)) is not None}
+        return MicroConditions(self.original_size or own, self.crop, self.target_size or own, **scores)
 
     @property
     def redraws(self) -> bool:
@@ -196,7 +201,7 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
            image_latents: torch.Tensor | None = None, deep_cache: int | None = None, deep_cache_branch: int = 0,
            token_merging: float | TokenMerging | None = None, original_size: tuple[int, int] | None = None,
            crop: tuple[int, int] = DEFAULT_CROP, target_size: tuple[int, int] | None = None,
-           aesthetic_score: float = AESTHETIC_SCORE, negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+           aesthetic_score: float | None = None, negative_aesthetic_score: float | None = None,
            image_size: int = SD_V1_SIZE, inpainting_model: bool = False, side_multiple: int = VAE_FACTOR,
            default_guidance: float = DEFAULT_GUIDANCE, schedule: NoiseSchedule | None = None) -> Settings:
     """The arguments of `StableDiffusion.generate`, checked, opened and completed with their defaults, without
@@ -226,8 +231,9 @@ def settle(prompt: str | list[str], negative_prompt: str | list[str] = "", *, im
     for name, value in (("original_size", original_size), ("crop", crop), ("target_size", target_size)):
         if value is not None:
             check_pair(name, value)
-    check_range("aesthetic_score", aesthetic_score)
-    check_range("negative_aesthetic_score", negative_aesthetic_score)
+    for name, value in (("aesthetic_score", aesthetic_score), ("negative_aesthetic_score", negative_aesthetic_score)):
+        if value is not None:
+            check_range(name, value)
     if len(negatives) != len(prompts):
         raise SettingError(lambda n: f"got {len(negatives)} values of {n('negative_prompt')} for {len(prompts)} "
                                      f"prompts; give one each")
@@ -295,20 +301,29 @@ def check_task(s: Settings, family: Family, switch: float | None = None) -> None
     if family.kind == "refiner" and not s.redraws:
         raise SettingError(lambda n: f"this is an {family.title} checkpoint: it refines images; give it "
                                      f"{n('image')} (image-to-image), or use it as {n('refiner')} of an SDXL base")
-    given = [name for name, default in (("original_size", None), ("crop", DEFAULT_CROP), ("target_size", None))
-             if getattr(s, name) != default and name not in family.micro_conditions]
+    defaults = {f.name: f.default for f in fields(Settings)}
+    taken = set(family.micro_conditions) | ({"aesthetic_score"} if switch is not None else set())  # + a refiner's
+    given = [name for name, condition in MICRO_SETTINGS.items()
+             if getattr(s, name) != defaults[name] and condition not in taken]
     if given:
-        raise SettingError(lambda n: f"{n(given[0])} is a micro-condition of SDXL; {family.title} has none "
-                                     f"({', '.join(family.micro_conditions) or 'no vector'}): leave it out")
+        refiner = " with no refiner" if MICRO_SETTINGS[given[0]] == "aesthetic_score" else ""
+        raise SettingError(lambda n: f"{n(given[0])} is a micro-condition of SDXL that this {family.title} "
+                                     f"checkpoint{refiner} does not take (it takes "
+                                     f"{', '.join(family.micro_conditions) or 'none'}): leave it out")
     if switch is None:
         return
     check_range("refiner_switch", switch)
-    if not family.name.startswith("sdxl") or family.kind == "refiner":
+    if not family.refinable:
         raise SettingError(lambda n: f"{n('refiner')} continues the latents of an SDXL base; this is an "
                                      f"{family.title} checkpoint")
     if s.mask is not None:
         raise SettingError(lambda n: f"{n('refiner')} takes over text-to-image and image-to-image runs; leave "
                                      f"out {n('mask')} or the refiner")
+
+
+MICRO_SETTINGS = {  # each micro-condition setting: the condition of `sd.micro_conditioning` it gives
+    "original_size": "original_size", "crop": "crop", "target_size": "target_size",
+    "aesthetic_score": "aesthetic_score", "negative_aesthetic_score": "aesthetic_score"}
 
 
 def check_refiner(family: Family) -> None:

@@ -43,12 +43,13 @@ from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
-from sd.checkpoint import StableDiffusionModels, load_checkpoint, save_checkpoint
+from sd.checkpoint import StableDiffusionModels, load_checkpoint, read_family, save_checkpoint
 from sd.cli import CommandParser, note, run_command
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.datasets import CaptionedShapes, CaptionFolder, vocabulary
 from sd.devices import memory_budget
 from sd.errors import InputError, SDError
+from sd.families import Family
 from sd.files import write_atomically
 from sd.paths import writable_folder, writable_output
 from sd.objectives import OBJECTIVES, Objective
@@ -531,12 +532,24 @@ def check_memory(name: str, models: StableDiffusionModels, cfg: StageConfig, dev
 # ---- the command ---------------------------------------------------------------------------------
 
 def initial_models(args: argparse.Namespace, preset: Preset) -> StableDiffusionModels:
-    """From --init (fine-tuning), or new networks of the preset's sizes, seeded."""
+    """From --init (fine-tuning: SD 1.x and 2.x, whose family is checked from a .safetensors header before the
+    load), or new networks of the preset's sizes, seeded."""
     if args.init is not None:
-        return load_checkpoint(args.init, device="cpu")
+        check_trainable(args.init, read_family(args.init) if Path(args.init).is_file() else None)
+        models = load_checkpoint(args.init, device="cpu")
+        check_trainable(args.init, models.family)
+        return models
     torch.manual_seed(args.seed)
     return StableDiffusionModels(clip=CLIPTextModel(preset.clip), vae=AutoencoderKL(preset.vae),
                                  unet=UNet(preset.unet), image_size=preset.image_size)
+
+
+def check_trainable(path: Path, family: Family | None) -> None:
+    """The objectives condition on one text encoder's hidden states: SDXL's two towers, pooled vector and
+    micro-conditions are not trained here (yet). None: a family not known before loading."""
+    if family is not None and (len(family.text_encoders) != 1 or family.micro_conditions):
+        raise InputError(f"--init {path} is an {family.title} checkpoint; sd.train fine-tunes SD 1.x and 2.x models "
+                         f"(one text encoder, no size conditioning): give an SD 1.x or 2.x checkpoint")
 
 
 def dataset(args: argparse.Namespace, image_size: int):

@@ -78,6 +78,28 @@ def test_a_refiner_switch_out_of_range_is_refused(sdxl_and_refiner, value):
                            progress=False)
 
 
+def test_a_refiner_switch_without_a_refiner_is_refused(sdxl_and_refiner):
+    with pytest.raises(SettingError, match=f"^{REFINER} says when a refiner takes over; give refiner"):
+        sdxl_and_refiner[0].text_to_image("a fox", width=64, height=64, steps=2, refiner_switch=0.5, progress=False)
+
+
+MICRO = {"original_size": (512, 512), "crop": (8, 0), "target_size": (64, 64), "aesthetic_score": 7.0,
+         "negative_aesthetic_score": 2.0}
+NOT_TAKEN = [(0, name) for name in MICRO] + [(1, "aesthetic_score"), (1, "negative_aesthetic_score"), (2, "target_size")]
+
+
+@pytest.mark.parametrize("model, name", NOT_TAKEN, ids=[f"{['sd1', 'sdxl', 'refiner'][m]}-{n}" for m, n in NOT_TAKEN])
+def test_a_micro_condition_the_model_does_not_take_is_refused(sdxl_and_refiner, tmp_path_factory, model, name):
+    """Not silently ignored: SD v1 takes no micro-condition, SDXL's base without a refiner no aesthetic score,
+    the refiner no target size."""
+    models = [StableDiffusion.from_checkpoint(write_tiny_checkpoint(tmp_path_factory.mktemp("sd1") / "sd1.ckpt")),
+              *sdxl_and_refiner] if model == 0 else [None, *sdxl_and_refiner]
+    start = dict(image=Image.new("RGB", (64, 64))) if model == 2 else {}
+    with pytest.raises(SettingError, match=f"^{name} is a micro-condition of SDXL that this .* does not take"):
+        models[model].text_to_image("a fox", width=64, height=64, steps=1, progress=False, **start,
+                                    **{name: MICRO[name]})
+
+
 @pytest.mark.parametrize("width, scale", [(4096, 8), (MAX_SIDE, 1.01), (3000, 6.0)])
 def test_an_upscale_past_the_largest_side_is_refused(width, scale):
     with pytest.raises(SettingError, match=f"upscales {width}x64 to .* above {MAX_SIDE} a side"):

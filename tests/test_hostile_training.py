@@ -23,7 +23,9 @@ from PIL import Image
 from sd import devices, objectives, paths, train
 from sd.checkpoint import save_checkpoint
 from sd.errors import SettingError
+from sd.families import FAMILIES
 from tests.test_fuzz import flip
+from tests.tiny import write_tiny_checkpoint
 
 MICRO = ["--preset", "micro", "--no-progress", "--sample-every", "1000", "--batch-size", "2"]
 
@@ -466,3 +468,14 @@ def test_mutated_resume_states_resume_or_are_refused_in_one_line(init, saved, tm
         else:
             assert "Traceback" not in capsys.readouterr().err and (run_dir / "out.safetensors").is_file()
     assert 0 < refused < STATE_FUZZ_CASES, refused
+
+
+@pytest.mark.parametrize("family, suffix", [("sdxl", ".safetensors"), ("sdxl-refiner", ".safetensors"),
+                                            ("sdxl", ".ckpt")])
+def test_an_sdxl_init_is_refused_in_one_line(tmp_path, capsys, family, suffix):
+    """Training conditions on one text encoder: an SDXL file is refused before a step (a .safetensors before it
+    loads, from its header), not at the first step with a traceback."""
+    init = write_tiny_checkpoint(tmp_path / f"{family}{suffix}", family=family)
+    code = train.main(diffusion_args(init, tmp_path))
+    error = one_error(capsys, code)
+    assert f"is an {FAMILIES[family].title} checkpoint; sd.train fine-tunes SD 1.x and 2.x models" in error

@@ -122,6 +122,21 @@ def test_zero_terminal_snr_runs_match_diffusers(name, options):
     assert (expected[-1] - expected[0]).abs().max() > 1  # the run goes somewhere (from sigma 4096 few steps move much)
 
 
+def test_trailing_timesteps_are_diffusers_at_every_step_count():
+    """n trailing timesteps for every n of the schedule, as diffusers' DDIM with "trailing" spacing (numpy's arange,
+    float step and all); where numpy's arange runs to n + 1 entries, ending at t = -1, the n kept are its first."""
+    from sd.checkpoint import ZERO_SNR_SCHEDULE
+    ref, _ = reference_scheduler("ddim", {})
+    ref = type(ref).from_config(ref.config, timestep_spacing="trailing", rescale_betas_zero_snr=True)
+    longer = []
+    for n in range(1, ZERO_SNR_SCHEDULE.num_train_timesteps + 1):
+        ref.set_timesteps(n)
+        ours = ZERO_SNR_SCHEDULE.integer_timesteps(n)
+        assert len(ours) == n and ours[0] == 999 and int(ours[-1]) >= 0 and torch.equal(ours, ref.timesteps[:n]), n
+        longer += [n] * (len(ref.timesteps) > n)
+    assert longer  # the step counts where numpy's arange overshoots (61, 103, ...) were among those tried
+
+
 # The samplers whose diffusers step returns its estimate of the clean latents (pred_original_sample).
 X0_CASES = [(name, options) for name, options in CASES if name in ("ddpm", "ddim", "euler", "euler_a", "lms")]
 

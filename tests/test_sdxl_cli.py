@@ -9,6 +9,7 @@ before any checkpoint is loaded.
 Everything runs in-process through `run_demo.main` (the whole command but the interpreter's start), on one CPU
 thread, at 64x96 (not square: a height and width swapped would show) and 4 steps."""
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -111,7 +112,8 @@ def test_a_refined_run_is_the_library_s_one_process_run_bit_for_bit(made, pipes,
                                               aesthetic_score=7.0, **API_CONDITIONS)
         assert np.array_equal(pixels(out / name), np.asarray(expected))
     # what the equality rests on reaches the image: the refiner, its aesthetic score and the micro-conditions
-    for changed in (dict(refiner=None), dict(aesthetic_score=6.0), dict(crop=(0, 0))):
+    for changed in (dict(refiner=None, refiner_switch=None, aesthetic_score=None), dict(aesthetic_score=6.0),
+                    dict(crop=(0, 0))):
         options = dict(refiner=pipes.refiner, refiner_switch=0.5, aesthetic_score=7.0, **API_CONDITIONS) | changed
         [other] = pipes.base.text_to_image(PROMPT, width=64, height=96, steps=4, seed=4, progress=False,
                                            sampler="euler_a", **options)
@@ -125,7 +127,8 @@ def test_a_refined_run_is_the_library_s_one_process_run_bit_for_bit(made, pipes,
 
 def test_the_refiner_reads_the_prompt_with_the_embeddings(files, tmp_path, capsys):
     """An SDXL embedding ({"clip_l", "clip_g"}) conditions the base and, by its "clip_g" vectors, the refiner: the
-    image is the library's with the embedding added to both, not to the base alone."""
+    image is the library's with the embedding added to both, or to the base alone (the refiner takes those of the
+    base's it lacks); a refiner without it makes another image."""
     gen = torch.Generator().manual_seed(9)
     save_file({key: torch.randn(2, width, generator=gen) for key, width in (("clip_l", TINY_CLIP.width),
                                                                           ("clip_g", TINY_BIG_G.width))},
@@ -138,11 +141,13 @@ def test_the_refiner_reads_the_prompt_with_the_embeddings(files, tmp_path, capsy
         base, refiner = (StableDiffusion.from_checkpoint(path) for path in (files.base, files.refiner))
         for pipe in (base, refiner) if both else (base,):
             pipe.load_embedding(tmp_path / "xl-style.safetensors")
-        [image] = base.text_to_image(prompt, width=64, height=96, steps=4, seed=6, progress=False, refiner=refiner,
-                                     refiner_switch=0.5)
+        settings = dict(width=64, height=96, steps=4, seed=6, progress=False, refiner_switch=0.5)
+        [image] = base.text_to_image(prompt, refiner=refiner, **settings)
         images.append(np.asarray(image))
-    assert np.array_equal(pixels(tmp_path / "a.png"), images[0])
-    assert not np.array_equal(images[0], images[1])
+    handoff = base.hand_off(prompt, **settings)
+    [without] = refiner.refine(dataclasses.replace(handoff, embeddings={}), progress=False)
+    assert np.array_equal(pixels(tmp_path / "a.png"), images[0]) and np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[1], np.asarray(without)) and not refiner.embeddings
 
 
 def test_a_handoff_refines_again_to_the_same_image(pipes):
@@ -253,9 +258,11 @@ BAD = {  # name: (arguments, fragments of the message); {base}, {refiner}, {sd1}
     "truncated_refiner": (["--refiner", "{truncated}"], ["{truncated} is not a readable .safetensors file",
                                                          "truncated or corrupt"]),
     "original_size_on_sd1": (["--checkpoint", "{sd1}", "--original-size", "512x512"],
-                             ["--original-size is a micro-condition of SDXL; SD v1 has none"]),
-    "aesthetic_score_without_refiner": (["--aesthetic-score", "7"], ["--aesthetic-score conditions an SDXL refiner, "
-                                                                    "and there is none here", "give --refiner PATH"]),
+                             ["--original-size is a micro-condition of SDXL that this SD v1 checkpoint does not "
+                              "take (it takes none)"]),
+    "aesthetic_score_without_refiner": (["--aesthetic-score", "7"], ["--aesthetic-score is a micro-condition of SDXL "
+                                                                    "that this SDXL checkpoint with no refiner does "
+                                                                    "not take"]),
     "aesthetic_score_out_of_range": (["--refiner", "{refiner}", "--negative-aesthetic-score", "-1"],
                                      ["--negative-aesthetic-score must be between 0 and 1000, got -1.0"]),
 }

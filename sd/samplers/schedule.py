@@ -73,9 +73,12 @@ class NoiseSchedule:
 
     def integer_timesteps(self, num_inference_steps: int) -> torch.Tensor:
         """The integer timesteps of an n-step run, descending: trailing or leading, as the schedule says."""
-        if self.trailing:  # T - 1, T - 1 - T/n, ... rounded (diffusers' "trailing")
-            step = self.num_train_timesteps / num_inference_steps
-            return (torch.arange(self.num_train_timesteps, 0, -step, dtype=torch.float64).round() - 1).long()
+        if self.trailing:  # T - 1, T - 1 - T/n, ... rounded: diffusers' "trailing" (numpy's arange, whose
+            # float step comes out as (T - T/n) - T; its length can be n + 1, ending at t = -1: n are kept)
+            top = float(self.num_train_timesteps)
+            delta = (top - top / num_inference_steps) - top
+            values = top + torch.arange(num_inference_steps, dtype=torch.float64) * delta  # (n,)
+            return (values.round() - 1).long()
         return self.leading_timesteps(num_inference_steps)
 
     def leading_timesteps(self, num_inference_steps: int) -> torch.Tensor:
