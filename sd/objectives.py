@@ -23,13 +23,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from PIL import Image
 
-from sd.checkpoint import StableDiffusionModels
+from sd.checkpoint import StableDiffusionModels, save_checkpoint
 from sd.cli import note
+from sd.conditioning import Conditioning
 from sd.datasets import CaptionedShapes, CaptionFolder, to_tensor
+from sd.distributed import Processes
 from sd.errors import InputError
 from sd.files import write_atomically
+from sd.micro_conditioning import embed
 from sd.parameterization import check_prediction_type, noised, scales, target
 from sd.pipeline import StableDiffusion
 from sd.prediction import prediction_name
@@ -88,11 +92,13 @@ def mse(prediction: torch.Tensor, wanted: torch.Tensor, weights: torch.Tensor | 
 
 
 class Objective:
-    """One stage's loss and what goes with it. `prepare` is called once before the first step (after a
-    resumed state is loaded), `loss` at every step, `sample` with the EMA weights, `finish` after the last step."""
+    """One stage's loss and what goes with it. `attach` is called once on the models (it says what trains),
+    `prepare` once before the first step (after a resumed state is loaded), `loss` at every step, `sample`
+    with the averaged weights, `finish` after the last step and `write` for the output."""
 
     trains: tuple[str, ...] = ()  # the networks it optimises, of "unet", "vae", "clip"
     options = None  # a frozen dataclass of its settings, or None
+    processes = Processes()  # the run's processes (set by the stage under torchrun)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Objective":
@@ -106,6 +112,21 @@ class Objective:
         values = dataclasses.asdict(self.options)
         return {f.name: values[f.name] for f in dataclasses.fields(self.options) if values[f.name] != f.default}
 
+    def attach(self, models: StableDiffusionModels) -> dict[str, nn.Module]:
+        """The modules holding what a step optimises (their parameters that require grad), by part name."""
+        self.modules = self.trainable(models)
+        return self.modules
+
+    def trainable(self, models: StableDiffusionModels) -> dict[str, nn.Module]:
+        """The networks of `trains`, trained whole; the others frozen."""
+        for net in ("unet", "vae", "clip"):
+            getattr(models, net).requires_grad_(net in self.trains).train(net in self.trains)
+        return {net: getattr(models, net) for net in self.trains}
+
+    def learning_rates(self, lr: float) -> dict[str, float]:
+        """Each part's peak learning rate, given the run's (--lr)."""
+        return {part: lr for part in self.trains}
+
     def prepare(self, models: StableDiffusionModels, data, cfg, device: torch.device) -> None:
         self.models, self.data, self.cfg, self.device = models, data, cfg, device
 
@@ -116,7 +137,15 @@ class Objective:
         raise NotImplementedError
 
     def finish(self, models: StableDiffusionModels) -> None:
-        """After the last step, on the models with the EMA weights in place."""
+        """After the last step, on the models with the averaged weights in place."""
+
+    def outputs(self, path: Path) -> list[Path]:
+        """The files `write` makes for the output `path`."""
+        return [path]
+
+    def write(self, models: StableDiffusionModels, path: Path, dtype: torch.dtype | None) -> None:
+        """The result: a checkpoint of the models (in `dtype`, None: as they are)."""
+        save_checkpoint(models, path, dtype)
 
 
 class VAEObjective(Objective):
@@ -149,16 +178,88 @@ class VAEObjective(Objective):
 
 @dataclass(frozen=True)
 class DiffusionOptions:
-    """What the UNet learns to predict, and the min-SNR-gamma loss weighting (None: every timestep alike)."""
+    """What the UNet learns to predict, the min-SNR-gamma loss weighting (None: every timestep alike) and the
+    noise offset (Guttenberg, 2023: noise + offset * N(0, 1) per image and channel, for darker and brighter
+    images than the mean; kohya users take about 0.1)."""
 
     prediction_type: str = "epsilon"  # or "v_prediction" (`sd.parameterization.PREDICTION_TYPES`)
     min_snr_gamma: float | None = None  # Hang et al. use 5
+    noise_offset: float = 0.0
 
     def __post_init__(self):
         check_prediction_type(self.prediction_type)
         if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
             raise InputError(f"min_snr_gamma must be a positive number (Hang et al. use 5) or None, "
                              f"got {self.min_snr_gamma}")
+        if not 0 <= self.noise_offset <= 1:
+            raise InputError(f"--noise-offset must be between 0 and 1 (kohya users take about 0.1), got "
+                             f"{self.noise_offset}")
+
+
+LITERAL = str.maketrans({c: "\\" + c for c in "()[]\\"})  # the prompt syntax's brackets and backslash, escaped
+
+
+def literal(caption: str) -> str:
+    """A caption as the prompt parser reads it as plain text: training reads brackets as text, not emphasis."""
+    return caption.translate(LITERAL)
+
+
+@dataclass(frozen=True)
+class LatentBatch:
+    """A step's whole batch, before any process takes its part."""
+
+    latents: torch.Tensor  # (B, 4, h, w): samples of the images' latent distributions, scaled
+    captions: list[str]
+    weights: torch.Tensor | None = None  # (B,): each image's share of the loss (DreamBooth's class images)
+    micro: list[list[float]] | None = None  # SDXL: each image's original size, crop and target size
+
+
+class LatentPool:
+    """The images of the generated set or a caption folder, encoded once by the frozen VAE; each step draws
+    its batch from them at random (the generated set's captions drawn anew each time)."""
+
+    def __init__(self, objective: "DiffusionObjective", data, pool: int):
+        self.data = data
+        samples = first_images(data, pool)
+        self.mean, self.std = encode_pool(objective.models.vae, [s[0] for s in samples], objective.device)  # 2 x (N, 4, h, w)
+        self.captions = objective.cut([s[1] for s in samples])
+        if isinstance(data, CaptionFolder):  # the sample grid's prompts, refused now rather than after training
+            parser = PromptParser(objective.tokenizer)
+            for image, caption in zip(data.images[:8], self.captions):
+                parser.parse(caption, f"the caption {image.with_suffix('.txt')} (a prompt of the sample grid)")
+        self.scenes = [s[2] for s in samples]
+        self.scale_factor = objective.models.scale_factor
+
+    def caption(self, index: int, draw: int) -> str:
+        """A caption of pool image `index`: drawn anew each time for the generated set, else its own."""
+        scene = self.scenes[index]
+        return self.data.caption_of(scene, draw) if scene is not None else self.captions[index]
+
+    def draw(self, step: int, gen: torch.Generator, b: int) -> LatentBatch:
+        index = torch.randint(len(self.mean), (b,), generator=gen)  # (B,)
+        eps_latent = torch.randn((b, *self.mean.shape[1:]), generator=gen)
+        x0 = (self.mean[index] + self.std[index] * eps_latent) * self.scale_factor  # (B, 4, h, w)
+        return LatentBatch(x0, [self.caption(int(i), step * b + j) for j, i in enumerate(index)])
+
+    def sample_prompts(self) -> list[str]:
+        return SAMPLE_PROMPTS if isinstance(self.data, CaptionedShapes) else self.captions[:8]
+
+
+class Denoiser(nn.Module):
+    """The networks a training step runs through, as one module (what DDP wraps when several processes train):
+    captions -> the text encoders' conditioning -> the UNet's prediction at (x_t, t); `extra` holds other
+    trained modules the conditioning uses (textual inversion's vectors)."""
+
+    def __init__(self, objective: "DiffusionObjective", extra: dict[str, nn.Module]):
+        super().__init__()
+        self.unet = objective.models.unet
+        self.text_encoders = nn.ModuleList(encoder.network for encoder in objective.pipe.text_encoders)
+        self.extra = nn.ModuleDict(extra)
+        self.conditioning = objective.conditioning
+
+    def forward(self, noisy: torch.Tensor, t: torch.Tensor, captions: list[str],
+                micro: list[list[float]] | None = None) -> torch.Tensor:
+        return self.unet(noisy, t, self.conditioning(captions, micro))  # (B, 4, h, w)
 
 
 class DiffusionObjective(Objective):
@@ -181,17 +282,20 @@ class DiffusionObjective(Objective):
         models.prediction_type = self.options.prediction_type  # stored in the checkpoint written
 
     def prepare(self, models: StableDiffusionModels, data, cfg, device: torch.device) -> None:
-        """Encode the image pool once with the frozen VAE."""
+        """Encode the images once with the frozen VAE; the denoiser module a step calls."""
         super().prepare(models, data, cfg, device)
-        samples = first_images(data, cfg.pool)
-        self.pool_mean, self.pool_std = encode_pool(models.vae, [s[0] for s in samples], device)  # 2 x (N, 4, h, w)
-        self.pool_captions = self.cut([s[1] for s in samples])
-        if isinstance(data, CaptionFolder):  # the sample grid's prompts, refused now rather than after training
-            parser = PromptParser(self.tokenizer)
-            for image, caption in zip(data.images[:8], self.pool_captions):
-                parser.parse(caption, f"the caption {image.with_suffix('.txt')} (a prompt of the sample grid)")
-        self.pool_scenes = [s[2] for s in samples]
+        self.pipe = StableDiffusion(models, self.tokenizer)
+        self.source = self.latents(data, cfg)
+        self.denoiser = self.processes.wrap(Denoiser(self, self.extra_modules()))
         self.alphas_cumprod = self.alphas_cumprod.to(device)
+
+    def latents(self, data, cfg):
+        """Where the batches come from: the pool of encoded images."""
+        return LatentPool(self, data, cfg.pool)
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Trained modules besides the networks (none)."""
+        return {}
 
     def cut(self, captions: list[str]) -> list[str]:
         """Captions as CLIP reads them in training: longer ones cut to their first MAX_PROMPT_TOKENS tokens
@@ -204,10 +308,15 @@ class DiffusionObjective(Objective):
         return [self.tokenizer.decode(t[:MAX_PROMPT_TOKENS]) if i in long else c
                 for i, (c, t) in enumerate(zip(captions, tokens))]
 
-    def caption(self, pool_index: int, draw: int) -> str:
-        """A caption of pool image `pool_index`: drawn anew each time for the generated set, else its own."""
-        scene = self.pool_scenes[pool_index]
-        return self.data.caption_of(scene, draw) if scene is not None else self.pool_captions[pool_index]
+    def conditioning(self, captions: list[str], micro: list[list[float]] | None = None) -> Conditioning:
+        """What the UNet is conditioned on for these captions, computed as the pipeline computes it for a
+        prompt (the family's text encoders and layers, embeddings by name), the captions read literally; for
+        SDXL the pooled text and each image's micro-conditions (B, k) make the vector."""
+        context, pooled = self.pipe.encode_text([literal(c) for c in captions], None, 1)  # (B, 77, C), (B, P)
+        if not self.models.family.micro_conditions:
+            return Conditioning(context)
+        values = torch.tensor(micro, dtype=torch.float32, device=context.device)  # (B, k)
+        return Conditioning(context, vector=embed(pooled, values))  # vector (B, P + 256 k)
 
     def training_pair(self, x0: torch.Tensor, noise: torch.Tensor,
                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -224,26 +333,30 @@ class DiffusionObjective(Objective):
         return noisy, wanted, weights
 
     def loss(self, step: int, gen: torch.Generator) -> torch.Tensor:
+        """Every random number of the step's whole batch is drawn (the same in every process), then this
+        process takes its part."""
         b = self.cfg.batch_size
-        index = torch.randint(len(self.pool_mean), (b,), generator=gen)  # (B,)
-        eps_latent = torch.randn((b, *self.pool_mean.shape[1:]), generator=gen)
-        x0 = (self.pool_mean[index] + self.pool_std[index] * eps_latent) * self.models.scale_factor  # (B, 4, h, w)
-        captions = [self.caption(int(i), step * b + j) for j, i in enumerate(index)]
+        batch = self.source.draw(step, gen, b)
         drop = torch.rand(b, generator=gen) < self.cfg.caption_dropout
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist())]
         t = torch.randint(self.schedule.num_train_timesteps, (b,), generator=gen)  # (B,)
-        noise = torch.randn(x0.shape, generator=gen)
-        x0, noise, t = x0.to(self.device), noise.to(self.device), t.to(self.device)
+        noise = torch.randn(batch.latents.shape, generator=gen)
+        if self.options.noise_offset:
+            noise = noise + self.options.noise_offset * torch.randn((*noise.shape[:2], 1, 1), generator=gen)
+        x0, noise, t = (self.processes.part(x, b).to(self.device) for x in (batch.latents, noise, t))
         noisy, wanted, weights = self.training_pair(x0, noise, t)
-        context = self.models.clip(self.tokenizer(captions).to(self.device))  # (B, 77, C)
-        return mse(self.models.unet(noisy, t, context).float(), wanted, weights)
+        if batch.weights is not None:
+            share = self.processes.part(batch.weights, b).to(self.device)  # (B,)
+            weights = share if weights is None else weights * share
+        micro = self.processes.part(batch.micro, b) if batch.micro is not None else None
+        prediction = self.denoiser(noisy, t, self.processes.part(captions, b), micro)  # (B, 4, h, w)
+        return mse(prediction.float(), wanted, weights)
 
     @torch.no_grad()
     def sample(self, models: StableDiffusionModels, path: Path) -> None:
         """Eight prompts (the dataset's first captions for a folder), 20 steps of the default sampler."""
         pipe = StableDiffusion(dataclasses.replace(models, prediction_type=self.options.prediction_type), self.tokenizer)
-        prompts = SAMPLE_PROMPTS if isinstance(self.data, CaptionedShapes) else self.pool_captions[:8]
-        save_grid(pipe.text_to_image(prompts, seed=0, steps=20, progress=False), 8, path)
+        save_grid(pipe.text_to_image(self.source.sample_prompts(), seed=0, steps=20, progress=False), 8, path)
 
 
 OBJECTIVES = {"vae": VAEObjective, "diffusion": DiffusionObjective}  # stage name -> its objective

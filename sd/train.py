@@ -32,8 +32,9 @@ import math
 import os
 import stat
 import sys
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ from sd.cli import CommandParser, note, run_command
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.datasets import CaptionedShapes, CaptionFolder, vocabulary
 from sd.devices import memory_budget
+from sd.distributed import Processes
 from sd.errors import InputError, SDError
 from sd.families import Family
 from sd.files import write_atomically
@@ -67,12 +69,13 @@ except ImportError:  # Windows: runs are not locked
 
 PROG = "python -m sd.train"
 STAGES = ("vae", "diffusion")
+NETWORKS = ("unet", "vae", "clip", "clip_g")  # the fields of StableDiffusionModels that are networks
 SEED_FACTOR, STAGE_FACTOR = 1_000_003, 100_000_019  # of `step_generator`
 MAX_STEPS = 10**9
 MAX_SEED = (2**64 - 1 - STAGE_FACTOR * (len(STAGES) - 1) - MAX_STEPS) // SEED_FACTOR  # every step's seed fits
 LIMITS = {"steps": (1, MAX_STEPS), "batch_size": (1, 65536), "save_every": (1, None), "sample_every": (1, None),
           "image_size": (8, None), "seed": (0, MAX_SEED)}  # the integer flags' ranges, None: no upper bound
-RESUMABLE = ("lr", "steps", "batch_size")  # the StageConfig fields a --resume may change
+RESUMABLE = ("lr", "steps", "batch_size", "schedule_steps")  # the StageConfig fields a --resume may change
 LOCK_NAME = "train.lock"
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # what torch.save and safetensors raise on a full disk
 
@@ -87,10 +90,12 @@ class StageConfig:
     warmup: int = 200
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float | None = 0.999  # None: no average, the trained weights are the result
     kl_weight: float = 1e-6  # vae: weight of the KL term, per latent number against the L1 per pixel number
     caption_dropout: float = 0.1  # diffusion: share of captions replaced by ""
     pool: int = 8192  # diffusion: images of an endless dataset encoded once and reused
+    schedule: str = "cosine"  # the learning rate after the warm-up (`SCHEDULES`)
+    schedule_steps: int | None = None  # the steps the schedule spans: the first run's (None: steps)
 
 
 @dataclass(frozen=True)
@@ -164,26 +169,56 @@ def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * SEED_FACTOR + STAGES.index(stage) * STAGE_FACTOR + step)
 
 
-def learning_rate(cfg: StageConfig, step: int) -> float:
-    """Linear warm-up to cfg.lr, then a cosine decay to a tenth of it at the last step."""
+def schedule_factor(cfg: StageConfig, step: int) -> float:
+    """The learning rate of `step` as a share of the peak: a linear warm-up over cfg.warmup steps, then
+    cfg.schedule (`SCHEDULES`) over the steps up to cfg.schedule_steps; a run extended past those (--resume
+    --steps MORE) goes on at the schedule's last rate."""
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return (step + 1) / cfg.warmup
+    total = cfg.schedule_steps or cfg.steps
+    progress = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
+    return SCHEDULES[cfg.schedule](progress)
+
+
+SCHEDULES = {  # after the warm-up: the share of the peak rate at progress 0..1 through the run
+    "cosine": lambda p: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)),  # to a tenth of the peak
+    "linear": lambda p: 1 - 0.9 * p,  # to a tenth of the peak
+    "constant": lambda p: 1.0,
+}
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (Polyak averaging); `model` is the averaged copy."""
+    """Exponential moving average (Polyak averaging) of the trained parameters, by name."""
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
         self.decay = decay
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.shadow = {name: p.detach().clone() for name, p in params.items()}
 
     @torch.no_grad()
-    def update(self, model: nn.Module, step: int) -> None:
+    def update(self, params: dict[str, torch.Tensor], step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))  # short memory at first, as the CompVis LitEma
-        for ema, p in zip(self.model.parameters(), model.parameters()):
-            ema.lerp_(p.detach(), 1 - decay)
+        for name, p in params.items():
+            self.shadow[name].lerp_(p.detach(), 1 - decay)
+
+
+def trained_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of `module` that train, by name: the whole network, or its LoRA layers' down and up."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def swapped_in(params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """`values` in place of `params` for a while (samples drawn with the averaged weights)."""
+    with torch.no_grad():
+        kept = {name: p.detach().clone() for name, p in params.items()}
+        for name, p in params.items():
+            p.copy_(values[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(kept[name])
 
 
 # ---- training states -----------------------------------------------------------------------------
@@ -219,12 +254,11 @@ def read_state(path: Path) -> dict:
     return state
 
 
-def check_weights(path: Path, part: str, saved, model: nn.Module) -> None:
-    """`saved` must be a state dict `model` loads: the same names, and dense finite tensors of its shapes
-    and dtypes."""
+def check_weights(path: Path, part: str, saved, wanted: dict[str, torch.Tensor]) -> None:
+    """`saved` must hold the trained tensors `wanted`: the same names, and dense finite tensors of their
+    shapes and dtypes."""
     if not isinstance(saved, dict):
         raise damaged_state(path, f"no {part}")
-    wanted = model.state_dict()
     if saved.keys() != wanted.keys():
         missing = sorted(wanted.keys() - saved.keys()) or sorted(saved.keys() - wanted.keys())
         raise damaged_state(path, f"{part} has other weights than the network: {missing[0]} and "
@@ -288,24 +322,36 @@ def draw_loss_curve(rows: list[tuple[int, float]], path: Path, title: str) -> No
 
 class Stage:
     """One stage of training, the loop around an objective (by default the stage name's in `OBJECTIVES`):
-    `run()` takes the networks the objective trains from the saved step (0 without --resume) to
-    `cfg.steps` steps, saving the state every `save_every` steps, and returns the models with the EMA
-    weights in place."""
+    `run()` trains what the objective attaches (whole networks, LoRA layers, new token vectors) from the saved
+    step (0 without --resume) to `cfg.steps` steps, saving the state every `save_every` steps, and returns the
+    models with the averaged weights (if any) in place. Under torchrun every process runs it; only the main
+    one writes."""
 
     def __init__(self, name: str, models: StableDiffusionModels, data, cfg: StageConfig, args: argparse.Namespace,
-                 objective: Objective | None = None):
+                 objective: Objective | None = None, processes: Processes = Processes()):
         self.name, self.models, self.data, self.cfg, self.args = name, models, data, cfg, args
+        self.processes = processes
         self.objective = objective or OBJECTIVES[name].from_args(args)
-        self.device = torch.device(args.device)
+        self.objective.processes = processes
+        self.device = processes.device(args.device)
         self.run_dir = Path(args.run_dir)
         self.state_path = self.run_dir / f"{name}-state.pt"
         self.loss_path = self.run_dir / f"{name}-loss.csv"
-        self.trained = list(self.objective.trains)
-        for net in ("unet", "vae", "clip"):
-            getattr(models, net).to(self.device).requires_grad_(net in self.trained).train(net in self.trained)
-        self.params = [p for net in self.trained for p in getattr(models, net).parameters()]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.ema = {net: EMA(getattr(models, net), cfg.ema_decay) for net in self.trained}
+        for net in NETWORKS:
+            if getattr(models, net, None) is not None:
+                getattr(models, net).to(self.device)
+        parts = self.objective.attach(models)
+        self.trained = list(parts)
+        self.params = {part: trained_parameters(module) for part, module in parts.items()}
+        self.peaks = []  # each optimizer group's peak learning rate; parts of one rate share a group
+        groups = []
+        for part, lr in self.objective.learning_rates(cfg.lr).items():
+            if lr not in self.peaks:
+                self.peaks.append(lr)
+                groups.append({"params": [], "lr": lr})
+            groups[self.peaks.index(lr)]["params"] += self.params[part].values()
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.flat(), cfg.ema_decay) if cfg.ema_decay else None
         self.identity = json.dumps({"stage": name, "cfg": dataclasses.asdict(cfg), "seed": args.seed,
                                     "trained": self.trained, "data": str(args.data),
                                     "configs": {n: dataclasses.asdict(getattr(models, n).config)
@@ -315,13 +361,20 @@ class Stage:
         self.losses: list[tuple[int, float]] = []
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.bf16 and self.device.type == "cuda")
 
+    def flat(self) -> dict[str, nn.Parameter]:
+        """Every trained parameter, named part.name."""
+        return {f"{part}.{name}": p for part, params in self.params.items() for name, p in params.items()}
+
+    def by_part(self, flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        return {part: {name: flat[f"{part}.{name}"] for name in params} for part, params in self.params.items()}
+
     # -- state ---------------------------------------------------------------------------------------
 
     def save_state(self, step: int) -> None:
         """The state at `step` (self.step becomes it once written), then the loss CSV and curve."""
         state = {"identity": self.identity, "step": step, "optimizer": self.optimizer.state_dict(),
-                 "models": {n: getattr(self.models, n).state_dict() for n in self.trained},
-                 "ema": {n: e.model.state_dict() for n, e in self.ema.items()},
+                 "models": {part: {n: p.detach() for n, p in params.items()} for part, params in self.params.items()},
+                 "ema": self.by_part(self.ema.shadow) if self.ema else {},
                  "scale_factor": self.models.scale_factor}
         with saving(self.state_path, self.kept()):
             write_atomically(self.state_path, lambda tmp: torch.save(state, tmp))
@@ -348,21 +401,28 @@ class Stage:
     def load_state(self) -> None:
         """The saved state, checked whole (identity, step, every tensor) before any of it is loaded."""
         state = read_state(self.state_path)
-        self.check_identity(json.loads(state["identity"]), state["step"])
-        for part in ("models", "ema"):
-            for net in self.trained:
-                check_weights(self.state_path, f"{part}.{net}", state[part].get(net), getattr(self.models, net))
+        saved = json.loads(state["identity"])
+        self.check_identity(saved, state["step"])
+        for part in self.trained:
+            wanted = {n: p.detach() for n, p in self.params[part].items()}
+            check_weights(self.state_path, f"models.{part}", state["models"].get(part), wanted)
+            if self.ema:
+                check_weights(self.state_path, f"ema.{part}", state["ema"].get(part), wanted)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
             raise damaged_state(self.state_path, f"its optimizer state does not fit ({type(e).__name__})") from None
         if any(isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape
-               for p in self.params for v in self.optimizer.state[p].values()):
+               for p in self.flat().values() for v in self.optimizer.state[p].values()):
             raise damaged_state(self.state_path, "its optimizer state is for networks of other shapes")
-        for net in self.trained:
-            getattr(self.models, net).load_state_dict(state["models"][net])
-            self.ema[net].model.load_state_dict(state["ema"][net])
+        with torch.no_grad():
+            for part, params in self.params.items():
+                for name, p in params.items():
+                    p.copy_(state["models"][part][name])
+                    if self.ema:
+                        self.ema.shadow[f"{part}.{name}"].copy_(state["ema"][part][name])
         self.step, self.models.scale_factor = state["step"], float(state["scale_factor"])
+        self.cfg = dataclasses.replace(self.cfg, schedule_steps=saved["cfg"].get("schedule_steps") or saved["cfg"]["steps"])
         self.losses = read_losses(self.loss_path, self.step) if self.loss_path.is_file() else []
 
     def check_identity(self, saved: dict, step: int) -> None:
@@ -371,16 +431,20 @@ class Stage:
         ours = json.loads(self.identity)
         differs = [k for k in sorted(ours.keys() | saved.keys()) if fixed(ours, k) != fixed(saved, k)]
         if differs:
+            what = differs if differs != ["cfg"] else [f"cfg.{k}" for k in sorted(fixed(ours, "cfg"))
+                                                       if fixed(ours, "cfg")[k] != fixed(saved, "cfg").get(k)]
             raise TrainingError(f"--resume: {self.state_path} was written by a run with another configuration "
-                                f"(differs in: {', '.join(differs)}); resume with the same flags (only --lr, "
+                                f"(differs in: {', '.join(what)}); resume with the same flags (only --lr, "
                                 f"--steps and --batch-size may change), or use another --run-dir")
         if step > self.cfg.steps:
             raise TrainingError(f"--resume: {self.state_path} is at step {step}, past --steps {self.cfg.steps}: "
                                 f"give --steps above {step} to train on, or use another --run-dir")
-        changed = [f"{k} {ours['cfg'][k]} (was {saved['cfg'].get(k)})" for k in RESUMABLE
+        changed = [f"{k} {ours['cfg'][k]} (was {saved['cfg'].get(k)})" for k in RESUMABLE[:-1]
                    if ours["cfg"][k] != saved["cfg"].get(k)]
         if changed:
-            note(f"resuming the {self.name} stage at step {step} with {', '.join(changed)}")
+            span = saved["cfg"].get("schedule_steps") or saved["cfg"]["steps"]
+            tail = f"; steps past {span} run at the schedule's last learning rate" if self.cfg.steps > span else ""
+            note(f"resuming the {self.name} stage at step {step} with {', '.join(changed)}{tail}")
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -388,40 +452,58 @@ class Stage:
         if resume and self.state_path.exists():
             self.load_state()
         self.prepare()
+        main = self.processes.main
         bar = tqdm(range(self.step, self.cfg.steps), initial=self.step, total=self.cfg.steps, desc=self.name,
-                   disable=self.args.no_progress)
+                   disable=self.args.no_progress or not main)
+        started, first = time.perf_counter(), self.step
         for step in bar:
-            for group in self.optimizer.param_groups:
-                group["lr"] = learning_rate(self.cfg, step)
+            factor = schedule_factor(self.cfg, step)
+            for group, peak in zip(self.optimizer.param_groups, self.peaks):
+                group["lr"] = peak * factor
             with self.autocast:
                 loss = self.loss(step, step_generator(self.args.seed, self.name, step))
-            if not torch.isfinite(loss):
+            shown = self.processes.mean(loss.item())  # NaN in every process if it is in one
+            if not math.isfinite(shown):
                 saved = self.step or any(self.run_dir.glob("*-state.pt"))  # this stage's, or an earlier one's
                 again = "continue with --resume" if saved else "run again"
-                raise TrainingError(f"the {self.name} loss became {loss.item()} at step {step}; {self.kept()}: "
+                raise TrainingError(f"the {self.name} loss became {shown} at step {step}; {self.kept()}: "
                                     f"lower --lr and {again}")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+            nn.utils.clip_grad_norm_(list(self.flat().values()), self.cfg.grad_clip)
             self.optimizer.step()
-            for net, ema in self.ema.items():
-                ema.update(getattr(self.models, net), step)
-            self.losses.append((step, loss.item()))
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.ema:
+                self.ema.update(self.flat(), step)
+            self.losses.append((step, shown))
             done = step + 1
-            if done % self.args.save_every == 0 or done == self.cfg.steps:
+            rate = (done - first) * self.cfg.batch_size / (time.perf_counter() - started)
+            bar.set_postfix(loss=f"{shown:.4f}", samples_per_s=f"{rate:.3g}")
+            if main and (done % self.args.save_every == 0 or done == self.cfg.steps):
                 self.save_state(done)
-            if done % self.args.sample_every == 0 or done == self.cfg.steps:
+            if main and (done % self.args.sample_every == 0 or done == self.cfg.steps):
                 self.sample(done)
-        for net, ema in self.ema.items():
-            getattr(self.models, net).load_state_dict(ema.model.state_dict())
-            getattr(self.models, net).requires_grad_(False).eval()
+        if self.ema:
+            with torch.no_grad():
+                for name, p in self.flat().items():
+                    p.copy_(self.ema.shadow[name])
+        for net in NETWORKS:
+            if getattr(self.models, net, None) is not None:
+                getattr(self.models, net).requires_grad_(False).eval()
         self.objective.finish(self.models)
         return self.models
 
-    def with_ema(self) -> StableDiffusionModels:
-        """The models with the EMA copies of the trained networks, for samples."""
-        return dataclasses.replace(self.models, **{n: e.model for n, e in self.ema.items()})
+    @contextmanager
+    def for_sampling(self) -> Iterator[None]:
+        """The averaged weights (if any) in place and the trained modules in eval mode, while sampling."""
+        modules = [m for m in self.objective.modules.values() if m.training]
+        with swapped_in(self.flat(), self.ema.shadow) if self.ema else nullcontext():
+            for m in modules:
+                m.eval()
+            try:
+                yield
+            finally:
+                for m in modules:
+                    m.train()
 
     # -- the objective -------------------------------------------------------------------------------
 
@@ -433,8 +515,8 @@ class Stage:
 
     def sample(self, step: int) -> None:
         path = self.run_dir / f"{self.name}-samples-{step:06d}.png"
-        with saving(path, self.kept(), OSError):
-            self.objective.sample(self.with_ema(), path)
+        with saving(path, self.kept(), OSError), self.for_sampling():
+            self.objective.sample(self.models, path)
 
 
 # ---- the run folder and the memory a stage needs ---------------------------------------------------
