@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sd.attention import Attention
+from sd.checkpointing import call
 
 
 @dataclass(frozen=True)
@@ -118,12 +119,12 @@ class CLIPTextModel(nn.Module):
         stop = len(layers) + 1 + hidden_layer  # layers run before the conditioning layer's output
         x = self.embeddings(ids, token_vectors)  # (B, 77, C)
         for layer in layers[:stop]:
-            x = layer(x)
+            x = call(self, layer, x)
         hidden = self.final_layer_norm(x) if final_norm else x  # (B, 77, C)
         if eos is None:
             return hidden, None
         for layer in layers[stop:]:
-            x = layer(x)
+            x = call(self, layer, x)
         pooled = self.final_layer_norm(x[torch.arange(x.shape[0], device=x.device), eos])  # (B, C)
         return hidden, self.text_projection(pooled) if self.config.projection_dim is not None else pooled
 

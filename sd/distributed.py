@@ -1,13 +1,13 @@
 """Training in several processes: torch.distributed's data parallelism (DDP), launched by torchrun.
 
 `torchrun --nproc-per-node N -m sd.train ...` (and torchrun's rendezvous flags for several machines) starts N
-processes and gives each its RANK, LOCAL_RANK and WORLD_SIZE; `Processes.from_environment` joins them into
-one process group: NCCL on GPUs (one per process, by local rank), gloo on CPUs. Each step's batch is the
-global one (--batch-size): every process draws the same random numbers for all of it and takes its slice of
-batch / world images, DDP averages the gradients, so N processes compute the step one process computes with
-the whole batch (up to float summation order), and a run resumes in any process count that divides the
-batch. Only rank 0 writes (states, samples, outputs); the others wait for it where a file must exist.
-Without torchrun's variables the run is one process and nothing here does anything.
+processes and gives each its RANK, LOCAL_RANK and WORLD_SIZE; `Processes.from_environment` reads them and
+`join` makes the processes one group: NCCL on GPUs (one per process, by local rank), gloo on CPUs. Each
+step's batch is the global one (--batch-size): every process draws the same random numbers for all of it
+and takes its slice of batch / world images, DDP averages the gradients, so N processes compute the step
+one process computes with the whole batch (up to float summation order), and a run resumes in any process
+count that divides the batch. Only rank 0 writes (states, samples, outputs); the others wait for it where a
+file must exist. Without torchrun's variables the run is one process and nothing here does anything.
 """
 
 import datetime
@@ -33,18 +33,20 @@ class Processes:
     local_rank: int = 0
 
     @classmethod
-    def from_environment(cls, device: str) -> "Processes":
-        """One process, or, under torchrun, this process joined into the run's process group."""
+    def from_environment(cls) -> "Processes":
+        """This process's place as torchrun's variables give it (one process without them); `join` before use."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             return cls()
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not dist.is_initialized():
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def join(self, device: str) -> None:
+        """Join the run's process group: NCCL on GPUs (this process's by its local rank), gloo on CPUs."""
+        if self.several and not dist.is_initialized():
             backend = "nccl" if device.startswith("cuda") else "gloo"
             if backend == "nccl":
-                torch.cuda.set_device(local_rank)
+                torch.cuda.set_device(self.local_rank)
             dist.init_process_group(backend, timeout=TIMEOUT)
-        return cls(rank, world, local_rank)
 
     @property
     def main(self) -> bool:
@@ -77,7 +79,7 @@ class Processes:
         if not self.several:
             return module
         ids = [self.local_rank] if next(module.parameters()).device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids)
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)  # SD 2.x: CLIP's last layer unread
 
     def mean(self, value: float) -> float:
         """The mean over the processes of a number each computed (the loss shown)."""

@@ -287,7 +287,8 @@ class DiffusionObjective(Objective):
         self.pipe = StableDiffusion(models, self.tokenizer)
         self.source = self.latents(data, cfg)
         self.denoiser = self.processes.wrap(Denoiser(self, self.extra_modules()))
-        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        self.schedule = models.schedule  # the one it was trained with (zero terminal SNR or SD's)
+        self.alphas_cumprod = self.schedule.alphas_cumprod.to(device)
 
     def latents(self, data, cfg):
         """Where the batches come from: the pool of encoded images."""
@@ -312,11 +313,15 @@ class DiffusionObjective(Objective):
         """What the UNet is conditioned on for these captions, computed as the pipeline computes it for a
         prompt (the family's text encoders and layers, embeddings by name), the captions read literally; for
         SDXL the pooled text and each image's micro-conditions (B, k) make the vector."""
-        context, pooled = self.pipe.encode_text([literal(c) for c in captions], None, 1)  # (B, 77, C), (B, P)
+        context, pooled = self.encode([literal(c) for c in captions])  # (B, 77, C), (B, P) or None
         if not self.models.family.micro_conditions:
             return Conditioning(context)
         values = torch.tensor(micro, dtype=torch.float32, device=context.device)  # (B, k)
         return Conditioning(context, vector=embed(pooled, values))  # vector (B, P + 256 k)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text encoders' hidden states and pooled vectors of the prompts."""
+        return self.pipe.encode_text(prompts, None, 1)
 
     def training_pair(self, x0: torch.Tensor, noise: torch.Tensor,
                       t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd.attention import Attention, group_norm
+from sd.checkpointing import call
 from sd.conditioning import Conditioning
 from sd.token_merging import TokenMerge, TokenMerging
 
@@ -325,16 +326,16 @@ class UNet(nn.Module):
         down = self.input_blocks[: deep_cache.branch + 1] if shallow else self.input_blocks
         h, skips = latents, []
         for block in down:
-            h = block(h, emb, context, token_merging=token_merging)
+            h = call(self, block, h, emb, context, token_merging=token_merging)
             skips.append(h)
         up = list(self.output_blocks)
         if shallow:
             h, up = deep_cache.features, up[-(deep_cache.branch + 1):]
         else:
-            h = self.middle_block(h, emb, context, token_merging=token_merging)  # (B, 1280, h/8, w/8)
+            h = call(self, self.middle_block, h, emb, context, token_merging=token_merging)  # (B, 1280, h/8, w/8)
         for i, block in enumerate(up):
             if deep_cache is not None and not shallow and i == len(up) - 1 - deep_cache.branch:
                 deep_cache.features = h  # the deep features the next shallow calls reuse
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h', w')
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None, token_merging)
+            h = call(self, block, h, emb, context, skips[-1].shape[-2:] if skips else None, token_merging)
         return self.out(h)  # (B, 4, h, w)
