@@ -173,16 +173,24 @@ def check_width(e: Embedding, widths: Mapping[str | None, int]) -> None:
                              f"is {width} wide: {wanted}")
 
 
+def name_refusal(name: str, tokenizer: CLIPTokenizer, loaded: dict[str, Embedding],
+                 path: Path | None = None) -> str | None:
+    """Why prompts could not tell `name` apart from words or from the `loaded` embeddings (None: they can), said
+    as the end of a sentence that begins with the name; `path`: the file the name is for (an embedding loaded
+    from the same file is no clash)."""
+    if not name or any(c.isspace() or c in NAME_SYNTAX for c in name) or re.search(r"\bBREAK\b", name):
+        return "has spaces, prompt brackets or BREAK; take a name of one word"
+    [ids, *others] = tokenizer.tokenize([name, *loaded])
+    if len(ids) == 1:
+        return f"is a word of CLIP's vocabulary, which prompts could no longer use; take another name, e.g. <{name}>"
+    for other, other_ids in zip(loaded.values(), others):
+        if other_ids == ids and other.path != path:
+            return f"reads as {other.name!r} of {other.path}, already loaded; take another name"
+    return None
+
+
 def check_name(e: Embedding, tokenizer: CLIPTokenizer, loaded: dict[str, Embedding]) -> None:
     """Refuse a name that prompts could not tell apart from words or from the `loaded` embeddings."""
-    if not e.name or any(c.isspace() or c in NAME_SYNTAX for c in e.name) or re.search(r"\bBREAK\b", e.name):
-        raise InputError(f"the embedding name {e.name!r} of {e.path} has spaces, prompt brackets or BREAK; load it "
-                         f"under a name of one word")
-    [ids, *others] = tokenizer.tokenize([e.name, *loaded])
-    if len(ids) == 1:
-        raise InputError(f"the embedding name {e.name!r} of {e.path} is a word of CLIP's vocabulary, which prompts "
-                         f"could no longer use; load it under another name, e.g. <{e.name}>")
-    for other, other_ids in zip(loaded.values(), others):
-        if other_ids == ids and other.path != e.path:
-            raise InputError(f"the embedding name {e.name!r} of {e.path} reads as {other.name!r} of {other.path}, "
-                             f"already loaded; load it under another name")
+    refusal = name_refusal(e.name, tokenizer, loaded, e.path)
+    if refusal is not None:
+        raise InputError(f"the embedding name {e.name!r} of {e.path} {refusal}")
