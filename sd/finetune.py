@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from sd.checkpoint import StableDiffusionModels
-from sd.errors import InputError
+from sd.errors import InputError, SettingError
 from sd.hashing import file_sha256
 from sd.finetune_data import BucketOptions, CaptionOptions, FineTuneData, cache_latents
 from sd.lora_network import LoRANetworkConfig, add_lora_network, write_lora
@@ -262,8 +262,11 @@ class TextualInversionObjective(FineTuneObjective):
         for net in ("unet", "vae", "clip", "clip_g"):
             if getattr(models, net) is not None:
                 getattr(models, net).requires_grad_(False)
-        self.embedding = TrainableEmbedding(StableDiffusion(models, self.tokenizer), self.token, self.init_word,
-                                            self.vectors)
+        try:
+            self.embedding = TrainableEmbedding(StableDiffusion(models, self.tokenizer), self.token, self.init_word,
+                                                self.vectors)
+        except SettingError as e:
+            raise e.for_flags() from None
         return {"embedding": self.embedding}
 
     def extra_modules(self) -> dict[str, nn.Module]:

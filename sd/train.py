@@ -469,8 +469,8 @@ def command_parser() -> argparse.ArgumentParser:
             sub.add_argument("--lora", action="store_true", help="train a LoRA (the network flags) instead of the "
                                                                  "whole UNet")
             sub.add_argument("--half", action="store_true", help="write the checkpoint in fp16")
-        sub.add_argument("--text-encoder", choices=("train", "freeze"), default="freeze",
-                         help="dreambooth without --lora: train the text encoder too (default: freeze)")
+            sub.add_argument("--text-encoder", choices=("train", "freeze"), default="freeze",
+                             help="without --lora: train the text encoder too (default: freeze)")
         if name == "textual-inversion":
             textual_inversion_flags(sub)
     return p
@@ -495,6 +495,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise InputError("the diffusion stage alone needs --init CHECKPOINT (whose VAE it trains on); or run 'all'")
     else:
         args.sample_prompt_list = read_prompts(args.sample_prompts) if args.sample_prompts else None
+        args.text_encoder = getattr(args, "text_encoder", "freeze")
+        if args.command == "textual-inversion" and args.caption_dropout:
+            raise InputError("--caption-dropout does not go with textual-inversion: every caption must use the "
+                             "token being learned; leave it out")
         if args.sample_every is None and args.sample_prompts:
             args.sample_every = MAX_STEPS  # at the end only
     for name, (low, high) in LIMITS.items():
