@@ -15,6 +15,7 @@
 """
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -231,8 +232,7 @@ def reference_layer(refs, name: str) -> torch.nn.Module:
     return names.get(path) or names[path.removeprefix("text_model.")]
 
 
-@pytest.mark.parametrize("variant", LOCON)
-@pytest.mark.parametrize("family", REFERENCES)
+@pytest.mark.parametrize("family, variant", [("sd1", "lora"), ("sd1", "locon"), ("sdxl", "locon")])
 def test_written_files_merge_as_diffusers_and_as_the_layers(family, variant, tmp_path):
     refs, state, pipeline = REFERENCES[family]()
     ours = StableDiffusion.from_checkpoint(compvis.save_checkpoint(state, tmp_path / "base.safetensors"))
@@ -270,3 +270,268 @@ def test_written_files_merge_as_diffusers_and_as_the_layers(family, variant, tmp
             assert changed == len(lora.layers)
         finally:
             ours.unload_lora()
+
+
+# ---- AUTOMATIC1111's and ComfyUI's names ----------------------------------------------------------------------
+
+SUFFIXES = {"resnets": {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+                        "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}}
+OPEN_CLIP_NAMES = {"mlp_fc1": "mlp_c_fc", "mlp_fc2": "mlp_c_proj", "self_attn": "attn"}
+
+
+def a1111_compvis_name(key: str, is_sd2: bool) -> str:
+    """AUTOMATIC1111's `convert_diffusers_name_to_compvis` rules (diffusers' SD v1 block layout: 3 modules a level)."""
+    def tower(layer, rest, root):
+        for name, theirs in OPEN_CLIP_NAMES.items():
+            rest = rest.replace(name, theirs)
+        return f"{root}transformer_resblocks_{layer}_{rest}"
+
+    rules = [
+        (r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", lambda i, kind, j, rest:
+         f"diffusion_model_input_blocks_{1 + 3 * int(i) + int(j)}_{int(kind == 'attentions')}_"
+         f"{SUFFIXES.get(kind, {}).get(rest, rest)}"),
+        (r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", lambda kind, j, rest:
+         f"diffusion_model_middle_block_{1 if kind == 'attentions' else 2 * int(j)}_{SUFFIXES.get(kind, {}).get(rest, rest)}"),
+        (r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", lambda i, kind, j, rest:
+         f"diffusion_model_output_blocks_{3 * int(i) + int(j)}_{int(kind == 'attentions')}_"
+         f"{SUFFIXES.get(kind, {}).get(rest, rest)}"),
+        (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda i: f"diffusion_model_input_blocks_{3 + 3 * int(i)}_0_op"),
+        (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", lambda i:
+         f"diffusion_model_output_blocks_{2 + 3 * int(i)}_{2 if int(i) > 0 else 1}_conv"),
+        (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", lambda layer, rest:
+         tower(layer, rest, "model_") if is_sd2 else f"transformer_text_model_encoder_layers_{layer}_{rest}"),
+        (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", lambda layer, rest: tower(layer, rest, "1_model_")),
+    ]
+    for pattern, convert in rules:
+        if m := re.match(pattern, key):
+            return convert(*m.groups())
+    return key
+
+
+def a1111_module(name: str, mapping: dict[str, torch.Size]) -> str | None:
+    """The layer AUTOMATIC1111's Lora extension finds for a kohya layer name, or None: the converted name, its
+    attention module for q/k/v (OpenCLIP's in_proj), then the sgm names SDXL files use as they are."""
+    key = a1111_compvis_name(name, any(k.startswith("model_transformer_resblocks") for k in mapping))
+    if key in mapping:
+        return key
+    if (m := re.match(r"(.*)_([qkv]_proj)$", key)) and m[1] in mapping:
+        return m[1]
+    for theirs, ours in (("lora_unet", "diffusion_model"), ("lora_te1_text_model", "0_transformer_text_model"),
+                         ("lora_te1_text_model", "transformer_text_model")):
+        if theirs in name and name.replace(theirs, ours) in mapping:
+            return name.replace(theirs, ours)
+    return None
+
+
+A1111_ROOTS = ("model.", "cond_stage_model.", "conditioner.embedders.")  # the LDM model's modules it names
+
+
+def a1111_mapping(state: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
+    """AUTOMATIC1111's `network_layer_mapping` of a checkpoint's model: each weight's module, '.' -> '_' (the shape
+    of its weight; OpenCLIP's attention by its in_proj_weight)."""
+    mapping = {}
+    for key, value in state.items():
+        root = next((r for r in A1111_ROOTS if key.startswith(r)), None)
+        if root and key.endswith(("weight", "in_proj_weight")):
+            module = key[len(root):].removesuffix(".in_proj_weight").removesuffix(".weight")
+            mapping[module.replace(".", "_")] = value.shape
+    return mapping
+
+
+def fits(shape: torch.Size, down: list[int], up: list[int], fused_qkv: bool) -> bool:
+    """Whether the layer's weight has the pair's shape (a third of it for OpenCLIP's fused q, k, v)."""
+    return list(shape) == [up[0] * (3 if fused_qkv else 1), down[1], *down[2:]]
+
+
+COMFY_TOWERS = {"sd1": {"clip": "clip_l"}, "sd2": {"clip": "clip_h"}, "sdxl": {"clip": "clip_l", "clip_g": "clip_g"}}
+COMFY_CLIP = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+def diffusers_unet_config(cfg: UNetConfig) -> dict:
+    """diffusers' UNet2DConditionModel options of one of our configurations."""
+    levels = range(len(cfg.channel_mult))
+    down = tuple("CrossAttnDownBlock2D" if i in cfg.attention_levels else "DownBlock2D" for i in levels)
+    widths = tuple(cfg.model_channels * m for m in cfg.channel_mult)
+    options = dict(sample_size=8, layers_per_block=cfg.num_res_blocks, block_out_channels=widths,
+                   down_block_types=down, up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
+                   cross_attention_dim=cfg.context_dim, use_linear_projection=cfg.linear_proj,
+                   attention_head_dim=tuple(w // cfg.head_channels for w in widths) if cfg.head_channels else 8,
+                   transformer_layers_per_block=tuple(max(cfg.depth(i), 1) for i in levels))
+    if cfg.adm_in_channels:
+        options |= dict(addition_embed_type="text_time", addition_time_embed_dim=256,
+                        projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    return options
+
+
+def comfy_keys(family: str, state: dict[str, torch.Tensor], models) -> dict[str, tuple]:
+    """ComfyUI's `model_lora_keys_unet` and `model_lora_keys_clip` for the model: LoRA layer name -> the shape of the
+    weight it changes. The UNet by its sgm names and by diffusers' (its `unet_to_diffusers`, here diffusers' own
+    converter, run on index-tagged weights); each text tower by transformers' names, all its layers."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    unet = {k[len(compvis.UNET_PREFIX):]: v for k, v in state.items() if k.startswith(compvis.UNET_PREFIX)}
+    keys = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): v.shape for k, v in unet.items()
+            if k.endswith(".weight")}
+    with torch.device("meta"):
+        config = oracle("diffusers").UNet2DConditionModel(**diffusers_unet_config(models.unet.config)).config
+    names = list(unet)
+    tags = {compvis.UNET_PREFIX + k: torch.tensor(float(i)).expand(unet[k].shape) for i, k in enumerate(names)}
+    for dk, tag in convert_ldm_unet_checkpoint(tags, dict(config)).items():
+        if dk.endswith(".weight"):
+            keys["lora_unet_" + dk.removesuffix(".weight").replace(".", "_")] = unet[names[int(tag.reshape(-1)[0])]].shape
+    towers = COMFY_TOWERS[family]
+    for net, tower in towers.items():
+        cfg = getattr(models, net).config
+        shapes = {"mlp.fc1": (4 * cfg.width, cfg.width), "mlp.fc2": (cfg.width, 4 * cfg.width)}
+        prefixes = {"clip_l": ("lora_te_", "lora_te1_"), "clip_h": ("lora_te_", "lora_te1_"),
+                    "clip_g": ("lora_te2_",) if "clip_l" in towers.values() else ("lora_te_",)}[tower]
+        for b in range(cfg.layers):
+            for c in COMFY_CLIP:
+                for prefix in prefixes:
+                    keys[f"{prefix}text_model_encoder_layers_{b}_{c.replace('.', '_')}"] = shapes.get(c, (cfg.width,) * 2)
+    return keys
+
+
+@pytest.mark.parametrize("variant", LOCON)
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_every_key_maps_under_a1111_and_comfyui(family, variant, tmp_path):
+    state = tiny_compvis_state(family=family)
+    models = StableDiffusion.from_checkpoint(compvis.save_checkpoint(state, tmp_path / "base.safetensors")).models
+    trained(models, LOCON[variant])
+    path, = write_lora(tmp_path / "lora.safetensors", models, {})
+    _, head = header(path)
+    mapping, comfy = a1111_mapping(state), comfy_keys(family, state, models)
+    layers = file_layers(path)
+    assert len(layers) == sum(map(len, network_layers(models).values()))
+    for name in layers:
+        down, up = head[name + ".lora_down.weight"]["shape"], head[name + ".lora_up.weight"]["shape"]
+        module = a1111_module(name, mapping)
+        assert module is not None, f"AUTOMATIC1111 finds no layer for {name}"
+        assert fits(mapping[module], down, up, module != a1111_compvis_name(name, True) and module.endswith("_attn")), name
+        assert name in comfy, f"ComfyUI finds no layer for {name}"
+        assert fits(torch.Size(comfy[name]), down, up, False), name
+
+
+# ---- the metadata ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", LOCON)
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_metadata_is_kohyas(family, variant, tmp_path):
+    models = tiny_models(tmp_path, family).models
+    if family == "sd2":  # SD 2.x's 768-v: kohya's version says v-prediction
+        models = dataclasses.replace(models, prediction_type="v_prediction")
+    cfg = LOCON[variant]
+    trained(models, cfg)
+    settings = {"ss_output_name": "trained", "ss_learning_rate": 1e-4, "ss_tag_frequency": {"sks": {"dog": 3}},
+                "ss_resolution": [512, 512]}
+    path, = write_lora(tmp_path / "lora.safetensors", models, settings)
+    n, head = header(path)
+    meta = head["__metadata__"]
+    assert all(isinstance(v, str) for v in meta.values())
+    assert json.loads(meta["ss_tag_frequency"]) == settings["ss_tag_frequency"] and meta["ss_learning_rate"] == "0.0001"
+    args = {} if cfg.conv_rank is None else {"conv_dim": str(cfg.conv_rank), "conv_alpha": str(cfg.conv_alpha)}
+    assert {k: meta[k] for k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_v2",
+                                 "ss_base_model_version")} == {
+        "ss_network_module": "networks.lora", "ss_network_dim": str(cfg.rank), "ss_network_alpha": str(cfg.alpha),
+        "ss_v2": str(family == "sd2"), "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2_v",
+                                                                 "sdxl": "sdxl_base_v1-0"}[family]}
+    assert json.loads(meta["ss_network_args"]) == args
+    assert meta["sshs_model_hash"] == hashlib.sha256(path.read_bytes()[8 + n:]).hexdigest()
+    prefixes = {name.split("_")[1] for name in file_layers(path)}
+    assert prefixes == {"sd1": {"unet", "te"}, "sd2": {"unet", "te"}, "sdxl": {"unet", "te1", "te2"}}[family]
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------------
+
+BAD_SETTINGS = {
+    "rank 0": (dict(rank=0), "--rank must be a whole number >= 1, got 0"),
+    "rank -1": (dict(rank=-1), "--rank must be a whole number >= 1, got -1"),
+    "rank 2.5": (dict(rank=2.5), "--rank must be a whole number >= 1, got 2.5"),
+    "rank True": (dict(rank=True), "--rank must be a whole number >= 1, got True"),
+    "rank text": (dict(rank="4"), "--rank must be a whole number >= 1, got '4'"),
+    "conv rank 0": (dict(conv_rank=0), "--conv-dim must be a whole number >= 1, got 0"),
+    "alpha 0": (dict(alpha=0.0), "--alpha must be a finite number > 0"),
+    "alpha -1": (dict(alpha=-1.0), "--alpha must be a finite number > 0"),
+    "alpha nan": (dict(alpha=float("nan")), "--alpha must be a finite number > 0"),
+    "alpha inf": (dict(alpha=float("inf")), "--alpha must be a finite number > 0"),
+    "conv alpha nan": (dict(conv_alpha=float("nan")), "--conv-alpha must be a finite number > 0"),
+    "dropout -0.1": (dict(dropout=-0.1), "--network-dropout must be a number from 0 up to (not including) 1"),
+    "dropout 1": (dict(dropout=1.0), "--network-dropout must be a number from 0 up to (not including) 1"),
+    "dropout nan": (dict(dropout=float("nan")), "--network-dropout must be a number from 0 up to (not including) 1"),
+    "nothing": (dict(unet=False, text_encoder=False), "trains nothing"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_settings_are_one_line(case):
+    options, message = BAD_SETTINGS[case]
+    with pytest.raises(InputError, match=re.escape(message)) as error:
+        LoRANetworkConfig(**options)
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_models(tmp_path_factory.mktemp("tiny"), "sd1")
+
+
+# A rank above a layer's width: the tiny model's text encoder is 64 wide, its UNet's first level 32 (3x3
+# convolutions: min(32 * 9, 32) = 32 output channels)
+TOO_WIDE = {
+    "linear": (dict(rank=33), "--rank 33 is above the width of the layer input_blocks.1.1.proj_in (32"),
+    "text": (dict(rank=65, unet=False), "--rank 65 is above the width of the layer encoder.layers.0.self_attn.q_proj (64"),
+    "conv": (dict(conv_rank=33), "--conv-dim 33 is above the width of the layer input_blocks.1.0.in_layers.2 (32"),
+}
+
+
+@pytest.mark.parametrize("case", TOO_WIDE)
+def test_a_rank_above_a_layers_width_is_refused_with_the_models_unchanged(tiny, case):
+    options, message = TOO_WIDE[case]
+    with pytest.raises(InputError, match=re.escape(message)) as error:
+        add_lora_network(tiny.models, LoRANetworkConfig(**options))
+    assert "\n" not in str(error.value) and "give" in str(error.value)
+    assert not lora_layers(tiny.models.unet) and not lora_layers(tiny.models.clip)
+
+
+def test_a_rank_above_the_width_of_one_layer_is_refused_by_the_layer():
+    with pytest.raises(InputError, match=re.escape("the LoRA rank 6 is above the width of the layer")):
+        LoRALinear(torch.nn.Linear(5, 9), 6, 1.0)
+
+
+@pytest.mark.parametrize("formats", [("kohya",), ("kohya", "peft")])
+@pytest.mark.parametrize("old", [False, True])
+def test_a_failed_write_leaves_nothing_and_the_old_file(tmp_path, monkeypatch, formats, old):
+    models = tiny_models(tmp_path, "sd1").models
+    trained(models, LOCON["lora"])
+    path = tmp_path / "lora.safetensors"
+    if old:
+        path.write_bytes(b"the old LoRA")
+
+    def half_then_fail(target, tensors, metadata):
+        target.write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("sd.lora_network.write_safetensors", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_lora(path, models, {}, formats=formats)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["sd1.safetensors"] + ["lora.safetensors"] * old)
+    assert not old or path.read_bytes() == b"the old LoRA"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no layers", "the models have no LoRA layers to write"),
+    ("metadata clash", "LoRA metadata ['ss_network_dim'] is written from the layers themselves"),
+    ("format", "LoRA file formats ['onnx']"),
+    ("suffix", "a LoRA is written as a .safetensors file in a folder that exists"),
+])
+def test_bad_writes_are_refused_before_writing(tmp_path, case, message):
+    models = tiny_models(tmp_path, "sd1").models
+    if case != "no layers":
+        trained(models, LOCON["lora"])
+    arguments = {"no layers": (tmp_path / "a.safetensors", {}, ("kohya",)),
+                 "metadata clash": (tmp_path / "a.safetensors", {"ss_network_dim": 8}, ("kohya",)),
+                 "format": (tmp_path / "a.safetensors", {}, ("onnx",)),
+                 "suffix": (tmp_path / "a.ckpt", {}, ("kohya",))}[case]
+    path, metadata, formats = arguments
+    with pytest.raises(InputError, match=re.escape(message)):
+        write_lora(path, models, metadata, formats=formats)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sd1.safetensors"]
