@@ -28,7 +28,7 @@ import torch
 from sd.checkpoint import StableDiffusionModels
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.errors import InputError
-from sd.lora import diffusers_unet_path, lora_targets, read_lora
+from sd.lora import diffusers_unet_path, lora_targets, written_name
 from sd.lora_layers import LoRALinear, lora_layers, network_layers, unwrap_lora
 from sd.lora_network import LoRANetworkConfig, add_lora_network, write_lora
 from sd.objectives import DiffusionObjective, mse
@@ -38,8 +38,8 @@ from sd.vae import AutoencoderKL, VAEConfig
 from tests import compvis
 from tests.conftest import rel_err
 from tests.pipelines import reference_pipeline
-from tests.reference import oracle, randomize_, reference_scheduler, sd15_clip, sd15_unet, small_vae, to_compvis
-from tests.tiny import TINY, tiny_compvis_state, write_tiny_checkpoint
+from tests.reference import oracle, reference_scheduler, sd15_clip, sd15_unet, small_vae, to_compvis
+from tests.tiny import tiny_compvis_state, write_tiny_checkpoint
 
 LOCON = {"lora": LoRANetworkConfig(rank=4, alpha=2.0), "locon": LoRANetworkConfig(rank=4, alpha=2.0, conv_rank=2,
                                                                                     conv_alpha=0.5)}
@@ -96,7 +96,7 @@ def file_layers(path) -> set[str]:
 
 
 @pytest.mark.parametrize("variant", LOCON)
-def test_full_size_sd1_layers_are_kohyas(variant, tmp_path, monkeypatch):
+def test_full_size_sd1_layers_are_kohyas(variant):
     """At SD v1's full size (on the meta device, nothing allocated): the layers are those kohya's rule finds on
     diffusers' UNet and transformers' CLIP, 192 and 72 without LoCon."""
     cfg = LOCON[variant]
@@ -108,7 +108,6 @@ def test_full_size_sd1_layers_are_kohyas(variant, tmp_path, monkeypatch):
     locon = cfg.conv_rank is not None
     expected_unet = kohya_rule("lora_unet_", unet, KOHYA_MODULES["unet"] + KOHYA_MODULES["locon"] * locon, locon)
     expected_text = kohya_rule("lora_te_", clip, KOHYA_MODULES["text"], locon)
-    from sd.lora import written_name
     names = {net: {written_name("kohya", net, path, ours) for path in found} for net, found in layers.items()}
     assert names == {"unet": expected_unet, "clip": expected_text}
     if not locon:  # the figures of kohya's log for SD v1 ("create LoRA for U-Net: 192 modules")
@@ -139,7 +138,8 @@ def unpeft(ref) -> None:
 
 
 def relative(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |ours - ref| / max |ref|: gradients are small, and of very different scales from layer to layer."""
+    """max |ours - ref| / max |ref|: gradients are small, and of very different scales from layer to layer (here,
+    on this CPU, ours and peft's agree bit for bit)."""
     return float((ours.detach() - ref.detach()).abs().max() / ref.detach().abs().max())
 
 
@@ -169,7 +169,7 @@ def test_one_step_against_peft_at_full_size(refs, loaded):
                 pairs.append((layer, theirs))
         gen = torch.Generator().manual_seed(5)
         x0, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
-        t, ids = torch.tensor([17, 730]), torch.randint(0, 49408, (2, 77), generator=gen)
+        t, ids = torch.tensor([17, 730]), torch.randint(0, 49408, (2, 16), generator=gen)  # 16 tokens: 5 x less text
         noisy, wanted, weights = DiffusionObjective().training_pair(x0, noise, t)
         loss = mse(models.unet(noisy, t, models.clip(ids)).float(), wanted, weights)
         scheduler, _ = reference_scheduler("ddpm", {})  # diffusers' noising and epsilon target, its loss
@@ -184,14 +184,14 @@ def test_one_step_against_peft_at_full_size(refs, loaded):
         for layer, theirs in pairs:
             for mine, other in ((layer.down.weight, theirs.lora_A["default"].weight),
                                 (layer.up.weight, theirs.lora_B["default"].weight)):
-                assert relative(mine.grad, other.grad) < 1e-4, layer
+                assert relative(mine.grad, other.grad) < 1e-5, layer
                 ours_params.append((mine, mine.grad))
                 their_params.append((other, other.grad))
         assert all(layer.down.weight.grad.abs().max() > 0 for layer, _ in pairs)  # up is non-zero: down learns
         for optimizer, options in ((torch.optim.AdamW, dict(lr=1e-4, weight_decay=1e-2)), (torch.optim.SGD, dict(lr=0.1))):
             mine, other = step(ours_params, optimizer, **options), step(their_params, optimizer, **options)
             for after, their_after, (start, _) in zip(mine, other, their_params):  # the steps made, compared
-                assert relative(after - start, their_after - start) < 1e-3, optimizer.__name__
+                assert relative(after - start, their_after - start) < 1e-5, optimizer.__name__
     finally:
         for net in ("unet", "clip"):
             unwrap_lora(getattr(models, net), merge=False)
@@ -250,7 +250,7 @@ def test_written_files_merge_as_diffusers_and_as_the_layers(family, variant, tmp
             spelled.setdefault(module, name)
     targets = {name: module for module, name in spelled.items()}
     for path in files:
-        lora = ours.load_lora(path)
+        lora = ours.load_lora(path)  # read_lora and the merger
         assert not lora.unmatched and len(lora.layers) == sum(map(len, layers.values()))
         try:
             for net in nets:  # read_lora and the merger give the layers' own merge; kohya's file bit for bit
