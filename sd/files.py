@@ -44,6 +44,11 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16
                       torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's values as a .safetensors file holds them: contiguous, in its dtype, little-endian."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None) -> None:
     """The safetensors format (an 8-byte header length, a JSON header of dtypes, shapes and offsets, the data)
@@ -66,4 +71,4 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for tensor in tensors.values():
-            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(tensor_bytes(tensor))

@@ -106,6 +106,21 @@ def lora_names(net: str, path: str, config) -> tuple[str, ...]:
     return (*(k + p.replace(".", "_") for k in kohya for p in paths), *(k + p for k in peft for p in peft_paths))
 
 
+def written_name(layout: str, net: str, path: str, models: StableDiffusionModels) -> str:
+    """The name the module at `path` of our network `net` gets in a file we write, in `layout` "kohya" (as
+    kohya's trainers name it: SD 1.x and 2.x on diffusers' UNet, `lora_unet_<diffusers path>` and `lora_te_`; SDXL
+    on its own sgm UNet, `lora_unet_<our path>` and `lora_te1_` / `lora_te2_`, numbered where there are two text
+    encoders) or "peft" (`unet.<diffusers path>`, `text_encoder.text_model.<path>`, `text_encoder_2.text_model.`)."""
+    two_towers = models.clip_g is not None
+    if net == "unet":
+        diffusers = diffusers_unet_path(path, models.unet.config)
+        name = {"kohya": (path if two_towers else diffusers).replace(".", "_"), "peft": diffusers}[layout]
+    else:
+        name = {"kohya": (TEXT_MODEL + path).replace(".", "_"), "peft": TEXT_MODEL + path}[layout]
+    kohya_prefix = {"unet": "lora_unet_", "clip": "lora_te1_" if two_towers else "lora_te_", "clip_g": "lora_te2_"}
+    return {"kohya": kohya_prefix[net], "peft": PREFIXES[net][1][0]}[layout] + name
+
+
 def lora_targets(models: StableDiffusionModels) -> dict[str, nn.Module]:
     """Every layer a LoRA can change, by each name a LoRA file may give it (`lora_names`): kohya's and
     diffusers' spellings, 'lora_unet_down_blocks_0_...', 'lora_unet_input_blocks_1_...', 'unet.down_blocks.0....';
@@ -202,6 +217,11 @@ class LoRAPatch(Patch):
     def kohya_state(self, name: str) -> dict[str, torch.Tensor]:
         """The patch as layer `name` of a kohya file."""
         return {name + _DOWN[0]: self.down, name + _UP[0]: self.up, name + ".alpha": torch.tensor(self.alpha)}
+
+    def peft_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The patch as layer `name` of a diffusers/PEFT file: lora_A = down, lora_B = (alpha / r) up, the scale
+        folded into up, since such a file has no alpha (diffusers and we read it as alpha = r)."""
+        return {name + _DOWN[1]: self.down, name + _UP[1]: self.up * (self.alpha / self.rank)}
 
 
 PATCHES: dict[str, type[Patch]] = {_DOWN[0]: LoRAPatch, _DOWN[1]: LoRAPatch}  # the key that marks a layer's kind

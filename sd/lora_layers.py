@@ -7,10 +7,13 @@ r-channel convolution with W's kernel, stride, padding and dilation and up a 1x1
 the convolution whose kernel is `LoRAPatch.delta`. As in the paper and peft, down starts kaiming-uniform
 (a = sqrt 5, nn.Linear's default) and up at zero, so a fresh layer computes W x; only down and up train.
 
+A rank is at most the layer's width: the smaller side of W as a matrix, min(in, out), with in * k * k for a
+convolution's kernel (`rank_limit`); a higher one adds no expressive power, only parameters, and is refused.
+
 `wrap_lora` puts such layers in place of a network's Linear and Conv2d layers by name pattern;
 `unwrap_lora` takes them out again, merging their change into W (`sd.lora.add_patch`, the merger's own
-sum) or not; `lora_state_dict` writes those of a model in kohya's layout, a file `read_lora` reads back
-(into the unwrapped model).
+sum) or not; `lora_state_dict` writes those of a model in kohya's layout or diffusers/PEFT's (the names of
+`sd.lora.written_name`), files `read_lora` reads back (into the unwrapped model).
 """
 
 import math
@@ -21,7 +24,7 @@ from torch import nn
 
 from sd.checkpoint import StableDiffusionModels
 from sd.errors import InputError
-from sd.lora import PREFIXES, LoRAPatch, add_patch, lora_names
+from sd.lora import PREFIXES, LoRAPatch, add_patch, written_name
 
 
 class LoRALayer(nn.Module):
@@ -46,9 +49,21 @@ class LoRALayer(nn.Module):
         return LoRAPatch(self.down.weight.detach().clone(), self.up.weight.detach().clone(), self.alpha)
 
 
-def check_rank(base: nn.Module, rank: int) -> None:
-    if not isinstance(rank, int) or rank < 1:
-        raise InputError(f"the LoRA rank for {base} must be a whole number >= 1, got {rank!r}")
+def rank_limit(base: nn.Module) -> int:
+    """The highest rank a LoRA of `base` can have: the smaller side of its weight as a matrix, min(in, out)
+    (in * k * k for a convolution)."""
+    return min(base.weight.shape[0], base.weight[0].numel())
+
+
+def check_rank(base: nn.Module, rank: int, flag: str = "the LoRA rank", path: str | None = None) -> None:
+    """Refuse a rank that is not a whole number >= 1, or above the width of `base` (the layer at `path`), in one
+    line naming `flag`."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InputError(f"{flag} must be a whole number >= 1, got {rank!r}")
+    if rank > rank_limit(base):
+        shape = "x".join(map(str, base.weight.shape))
+        raise InputError(f"{flag} {rank} is above the width of the layer {path or base} ({rank_limit(base)}, the "
+                         f"smaller side of its {shape} weight): give {flag} {rank_limit(base)} or less")
 
 
 class LoRALinear(LoRALayer):
@@ -89,21 +104,30 @@ def replace_module(network: nn.Module, path: str, module: nn.Module) -> None:
     setattr(network.get_submodule(parent), name, module)
 
 
-def wrap_lora(network: nn.Module, pattern: str, rank: int, alpha: float,
-              dropout: float = 0.0) -> dict[str, LoRALayer]:
-    """Put a fresh LoRA layer in place of every nn.Linear and nn.Conv2d (those types, not subclasses, which may
-    use their weight directly) of `network` whose module path `re.search`es `pattern`
-    (e.g. r"attn[12]\\.to_(q|k|v|out\\.0)$"), those inside LoRA layers left alone.
-    Returns the new layers by path; their down and up are the parameters to train."""
+def lora_candidates(network: nn.Module, pattern: str) -> dict[str, nn.Module]:
+    """The nn.Linear and nn.Conv2d layers (those types, not subclasses, which may use their weight directly) of
+    `network` whose module path `re.search`es `pattern` (e.g. r"attn[12]\\.to_(q|k|v|out\\.0)$"), those inside
+    LoRA layers left out; refused if there are none."""
     wrapped = lora_layers(network)
-    found = [(path, module) for path, module in network.named_modules()
+    found = {path: module for path, module in network.named_modules()
              if path and re.search(pattern, path) and type(module) in WRAPPERS
-             and not any(path.startswith(w + ".") for w in wrapped)]
+             and not any(path.startswith(w + ".") for w in wrapped)}
     if not found:
         raise InputError(f"no Linear or Conv2d layer of the {type(network).__name__} has a path matching "
                          f"{pattern!r}; give a regular expression that matches some of its `named_modules()` paths")
+    return found
+
+
+def wrap_lora(network: nn.Module, pattern: str, rank: int, alpha: float, dropout: float = 0.0,
+              flag: str = "the LoRA rank") -> dict[str, LoRALayer]:
+    """Put a fresh LoRA layer in place of every `lora_candidates` layer of `network`, after checking the rank
+    against each (a refusal names `flag`), so that a refused rank leaves the network as it was.
+    Returns the new layers by path; their down and up are the parameters to train."""
+    found = lora_candidates(network, pattern)
+    for path, module in found.items():
+        check_rank(module, rank, flag, path)
     layers = {}
-    for path, module in found:
+    for path, module in found.items():
         layers[path] = WRAPPERS[type(module)](module, rank, alpha, dropout)
         replace_module(network, path, layers[path])
     return layers
@@ -119,13 +143,20 @@ def unwrap_lora(network: nn.Module, merge: bool = True) -> nn.Module:
     return network
 
 
-def lora_state_dict(models: StableDiffusionModels) -> dict[str, torch.Tensor]:
-    """The LoRA layers of the UNet and the text encoders in kohya's file layout (`lora_unet_...`,
-    `lora_te_...`, `lora_te2_...` with `.lora_down.weight`, `.lora_up.weight`, `.alpha`): saved with
-    safetensors, a file `read_lora` reads back."""
+def network_layers(models: StableDiffusionModels) -> dict[str, dict[str, LoRALayer]]:
+    """The LoRA layers of the UNet and the text encoders: network name -> module path -> layer (networks
+    without any left out)."""
+    found = {net: lora_layers(model) for net in PREFIXES if (model := getattr(models, net)) is not None}
+    return {net: layers for net, layers in found.items() if layers}
+
+
+def lora_state_dict(models: StableDiffusionModels, layout: str = "kohya") -> dict[str, torch.Tensor]:
+    """The LoRA layers of the UNet and the text encoders in kohya's file layout (`lora_unet_...`, `lora_te_...`
+    or `lora_te1_...` and `lora_te2_...`, with `.lora_down.weight`, `.lora_up.weight`, `.alpha`) or, with `layout`
+    "peft", diffusers/PEFT's (`LoRAPatch.peft_state`): saved with safetensors, a file `read_lora` reads back."""
     state = {}
-    for net in PREFIXES:
-        model = getattr(models, net)  # None: a text encoder the family lacks
-        for path, layer in (lora_layers(model) if model is not None else {}).items():
-            state.update(layer.patch().kohya_state(lora_names(net, path, model.config)[0]))
+    for net, layers in network_layers(models).items():
+        for path, layer in layers.items():
+            patch, name = layer.patch(), written_name(layout, net, path, models)
+            state.update(patch.kohya_state(name) if layout == "kohya" else patch.peft_state(name))
     return state

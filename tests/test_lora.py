@@ -320,7 +320,7 @@ LAYERS = {
     "linear r6 dropout": (lambda: torch.nn.Linear(16, 8), (2, 3, 16), 6, 3.0, 0.25),
     "conv1x1 r2": (lambda: torch.nn.Conv2d(6, 5, 1), (2, 6, 7, 5), 2, 3.0, 0.0),
     "conv3x3 r4": (lambda: torch.nn.Conv2d(6, 8, 3, padding=1), (2, 6, 9, 7), 4, 2.0, 0.0),
-    "conv3x3 r8 stride 2": (lambda: torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), (1, 4, 10, 8), 8, 16.0, 0.0),
+    "conv3x3 r8 stride 2": (lambda: torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), (1, 4, 10, 8), 8, 16.0, 0.0),
 }
 
 
