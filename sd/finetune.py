@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from sd.checkpoint import StableDiffusionModels
+from sd.datasets import read_image_size
 from sd.errors import InputError, SettingError
 from sd.hashing import file_sha256
 from sd.finetune_data import BucketOptions, CaptionOptions, FineTuneData, cache_latents
@@ -57,10 +58,11 @@ class DataOptions:
                              f"{self.prior_loss_weight}")
 
 
-def micro_values(item, bucket: tuple[int, int]) -> list[float]:
-    """SDXL's micro-conditions of an image fitted to its bucket: its original size (h, w), the top-left corner of
-    the centre crop in the resized image, the bucket's size (h, w), as kohya's SDXL trainer passes them."""
-    width, height = item.size
+def micro_values(size: tuple[int, int], bucket: tuple[int, int]) -> list[float]:
+    """SDXL's micro-conditions of an image of `size` (w, h) fitted to its bucket (w, h): its original size (h, w),
+    the top-left corner of the centre crop in the resized image, the bucket's size (h, w), as kohya's SDXL
+    trainer passes them."""
+    width, height = size
     bw, bh = bucket
     scale = max(bw / width, bh / height)
     top, left = (round(height * scale) - bh) // 2, (round(width * scale) - bw) // 2
@@ -77,7 +79,7 @@ class BucketLatents:
         self.captions = objective.cut([item.caption for item in data.items])
         self.weights = torch.tensor([objective.data_options.prior_loss_weight if item.is_class else 1.0
                                      for item in data.items])  # (N,)
-        self.micro = [micro_values(data.original_size(i), item.bucket) for i, item in enumerate(data.items)] \
+        self.micro = [micro_values(read_image_size(item.path), item.bucket) for item in data.items] \
             if objective.models.family.micro_conditions else None
         self.caption_options = CaptionOptions(objective.data_options.shuffle_tags, objective.data_options.keep_tokens)
         self.seed = objective.seed
@@ -110,7 +112,7 @@ class FineTuneObjective(DiffusionObjective):
         self.data_options = DataOptions(args.shuffle_tags, args.keep_tokens, args.prior_loss_weight)
         self.seed = args.seed
         self.prompts = args.sample_prompt_list
-        self.sample_size = None  # (width, height) of the sample images: the training resolution's square
+        self.sample_size = (args.resolution, args.resolution)  # of the sample images (settled by sd.train)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "FineTuneObjective":
@@ -120,7 +122,6 @@ class FineTuneObjective(DiffusionObjective):
         return {**super().identity(), **non_default(self.data_options)}
 
     def latents(self, data, cfg):
-        self.sample_size = (data.buckets.resolution,) * 2
         return BucketLatents(self, data)
 
     @torch.no_grad()
@@ -189,12 +190,12 @@ def check_identifier(instance_prompt: str, class_prompt: str | None) -> None:
                          f"'a photo of dog'")
 
 
-def bucket_options(args: argparse.Namespace, native: int) -> BucketOptions:
-    """The buckets of --resolution (default: the model's own size) and the bucket flags."""
-    resolution = args.resolution or native
-    return BucketOptions(resolution=resolution, min_side=args.min_bucket_side or max(64, resolution // 2),
-                         max_side=args.max_bucket_side or resolution * 2, step=args.bucket_step,
-                         enabled=not args.no_buckets)
+def bucket_options(args: argparse.Namespace) -> BucketOptions:
+    """The buckets of --resolution and the bucket flags: by default sides from half the resolution (kohya's 256
+    for 512) to twice it, in steps of --bucket-step."""
+    step, resolution = args.bucket_step, args.resolution
+    return BucketOptions(resolution=resolution, min_side=args.min_bucket_side or max(step, resolution // 2 // step * step),
+                         max_side=args.max_bucket_side or 2 * resolution, step=step, enabled=not args.no_buckets)
 
 
 MAX_PROMPTS_BYTES = 64 * 1024
@@ -233,8 +234,7 @@ def training_metadata(args: argparse.Namespace, models: StableDiffusionModels, d
         "ss_training_started_at": int(time.time()), "ss_max_train_steps": cfg.steps,
         "ss_learning_rate": cfg.lr, "ss_unet_lr": args.unet_lr, "ss_text_encoder_lr": args.text_encoder_lr,
         "ss_lr_scheduler": cfg.schedule, "ss_lr_warmup_steps": cfg.warmup, "ss_train_batch_size": cfg.batch_size,
-        "ss_resolution": f"({data.buckets.resolution}, {data.buckets.resolution})",
-        "ss_enable_bucket": data.buckets.enabled, "ss_seed": args.seed, "ss_noise_offset": args.noise_offset,
+        "ss_resolution": f"({args.resolution}, {args.resolution})", "ss_enable_bucket": not args.no_buckets, "ss_seed": args.seed, "ss_noise_offset": args.noise_offset,
         "ss_min_snr_gamma": args.min_snr_gamma, "ss_caption_dropout_rate": cfg.caption_dropout,
         "ss_shuffle_caption": args.shuffle_tags, "ss_keep_tokens": args.keep_tokens,
         "ss_prior_loss_weight": getattr(args, "prior_loss_weight", 1.0),

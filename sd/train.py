@@ -288,10 +288,11 @@ def fine_tune(args: argparse.Namespace) -> None:
         with folder.hold() if processes.main else nullcontext():
             processes.agree(error_of(folder.check) if processes.main else None)  # now that the folder is held
             models = load_init(args.init, fine_tune_trainable)
+            args.resolution = args.resolution or models.image_size
             if args.prediction is None:  # fine-tuning keeps what the model predicts
                 args.prediction = SHORT[models.prediction_type]
-                objective = FINE_TUNES[args.command].objective(args)
-            buckets = bucket_options(args, models.image_size)
+            objective = FINE_TUNES[args.command].objective(args)
+            buckets = bucket_options(args)
             class_data = class_images(args, models, buckets, processes)
             data = FineTuneData(args.data, buckets, caption_extension=args.caption_extension, class_root=class_data,
                                 class_caption=args.class_prompt, instance_caption=args.instance_prompt)
