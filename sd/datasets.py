@@ -152,47 +152,74 @@ class CaptionFolder:
                              f"(name.png beside name.txt)")
         self.folder = folder
         self.image_size = image_size
-        self.images = sorted(self.own(p, "image") for p in folder.iterdir()
+        self.images = sorted(own_file(p, folder, "image") for p in folder.iterdir()
                              if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.images:
             raise InputError(f"dataset folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put "
                              f"name.png beside name.txt for each")
         self.captions = [self.read_caption(p) for p in self.images]
 
-    def own(self, path: Path, what: str, missing: InputError | None = None) -> Path:
-        """`path`, a readable file whose real path is inside the folder: a link out of it is refused, so that
-        nothing from elsewhere ends up in the trained model or its metadata."""
-        return inside(readable_file(path, what, missing), self.folder, f"{what} of dataset folder {self.folder}",
-                      "copy the file into the folder")
-
     def read_caption(self, image: Path) -> str:
         path = image.with_suffix(".txt")
-        self.own(path, "caption", missing=InputError(f"caption {path} not found for image {image}; write the caption "
-                                                     f"into {path.name}"))
-        try:
-            with open(path, "rb") as f:
-                raw = f.read(MAX_CAPTION_BYTES + 1)  # bounded: a caption is a line, not a book
-            if len(raw) > MAX_CAPTION_BYTES:
-                raise InputError(f"caption {path} is over {MAX_CAPTION_BYTES // 1024} kB; a caption is a short text "
-                                 f"(CLIP reads its first 75 tokens): shorten it")
-            return " ".join(raw.decode("utf-8").split())
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read caption {path}: {e}; save it as UTF-8 text") from None
+        return read_caption(path, self.folder, InputError(f"caption {path} not found for image {image}; write the "
+                                                          f"caption into {path.name}"))
 
     def __len__(self) -> int:
         return len(self.images)
 
     def sample(self, index: int) -> tuple[Image.Image, str, None]:
-        path = self.images[index % len(self.images)]
-        try:
-            with Image.open(path) as opened:
-                image = opened.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise InputError(f"cannot read image {path}: {e}; replace or remove it") from None
+        image = open_image(self.images[index % len(self.images)])
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((self.image_size,) * 2, Image.LANCZOS)
         return image, self.captions[index % len(self.images)], None
+
+
+def own_file(path: Path, folder: Path, what: str, missing: InputError | None = None) -> Path:
+    """`path`, a readable file whose real path is inside `folder`: a link out of it is refused, so that nothing
+    from elsewhere ends up in the trained model or its metadata."""
+    return inside(readable_file(path, what, missing), folder, f"{what} of dataset folder {folder}",
+                  "copy the file into the folder")
+
+
+def read_caption(path: Path, folder: Path, missing: InputError | None = None) -> str:
+    """The caption file `path` of dataset folder `folder` (`own_file`), its whitespace runs made single spaces;
+    `missing`: the error where there is none."""
+    own_file(path, folder, "caption", missing)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CAPTION_BYTES + 1)  # bounded: a caption is a line, not a book
+        if len(raw) > MAX_CAPTION_BYTES:
+            raise InputError(f"caption {path} is over {MAX_CAPTION_BYTES // 1024} kB; a caption is a short text "
+                             f"(CLIP reads its first 75 tokens): shorten it")
+        return " ".join(raw.decode("utf-8").split())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read caption {path}: {e}; save it as UTF-8 text") from None
+
+
+def unreadable_image(path: Path, error: Exception) -> InputError:
+    return InputError(f"cannot read image {path}: {error}; replace or remove it")
+
+
+IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)  # what PIL raises on a file that is no image
+
+
+def open_image(path: Path) -> Image.Image:
+    """The image file `path` as RGB; an `InputError` naming it if it cannot be read."""
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except IMAGE_ERRORS as e:
+        raise unreadable_image(path, e) from None
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of the image file `path`, from its header (nothing decoded)."""
+    try:
+        with Image.open(path) as opened:
+            return opened.size
+    except IMAGE_ERRORS as e:
+        raise unreadable_image(path, e) from None
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
