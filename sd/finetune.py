@@ -154,7 +154,7 @@ class LoRAObjective(FineTuneObjective):
                                          conv_alpha=args.conv_alpha, dropout=args.network_dropout,
                                          unet=args.unet_lr > 0, text_encoder=args.text_encoder_lr > 0)
         self.rates = {"unet": args.unet_lr, "text": args.text_encoder_lr}
-        self.metadata = args.lora_metadata
+        self.metadata: dict[str, object] = {}  # the training settings for the file (`training_metadata`)
         self.formats = ("kohya", "peft") if args.save_peft else ("kohya",)
 
     def identity(self) -> dict:

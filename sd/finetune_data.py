@@ -51,6 +51,7 @@ from sd.settings import LATENT_DTYPE, VAE_FACTOR
 
 DATA_FLAG = "--data"
 CLASS_DATA_FLAG = "--class-data"
+FALLBACK_FLAGS = {DATA_FLAG: "--instance-prompt", CLASS_DATA_FLAG: "--class-prompt"}  # whose prompt captions the rest
 BUCKET_FLAGS = {"resolution": "--resolution", "min_side": "--min-bucket-side", "max_side": "--max-bucket-side",
                 "step": "--bucket-step"}
 CAPTION_FLAGS = {"keep_tokens": "--keep-tokens", "separator": "--caption-separator",
@@ -214,8 +215,10 @@ def read_set(folder: Path, repeats: int, fallback: str | None, extension: str, f
     return ImageSet(folder, repeats, images, captions, from_files, fallback)
 
 
-def read_sets(root: Path, flag: str, extension: str, class_caption: str | None) -> tuple[list[ImageSet], bool]:
-    """The image sets of `root` and whether it was read in kohya's naming (subfolders) rather than as one set."""
+def read_sets(root: Path, flag: str, extension: str, fallback: str | None) -> tuple[list[ImageSet], bool]:
+    """The image sets of `root` and whether it was read in kohya's naming (subfolders) rather than as one set;
+    `fallback`: the caption of images without a caption file where the folder's name gives none (the instance or
+    class prompt)."""
     if not root.is_dir():
         raise InputError(f"{flag} {printable(str(root))} is not a folder; give a folder of subfolders like "
                          f"'{EXAMPLE}' (kohya's naming) or of images with their caption files")
@@ -230,16 +233,16 @@ def read_sets(root: Path, flag: str, extension: str, class_caption: str | None) 
         if not loose:
             raise InputError(f"{flag} {printable(str(root))} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no "
                              f"subfolders; put images with caption files in it, or subfolders like '{EXAMPLE}'")
-        fix = ("write the caption into {caption}" + (", or give a class prompt" if flag == CLASS_DATA_FLAG else "")
-               + " (the folder has no subfolders, so it is read as one set of captioned images, repeats 1)")
-        return [read_set(root, 1, class_caption, extension, flag, root, fix)], False
+        fix = (f"write the caption into {{caption}}, or give {FALLBACK_FLAGS[flag]} (the folder has no subfolders, "
+               f"so it is read as one set of captioned images, repeats 1)")
+        return [read_set(root, 1, fallback, extension, flag, root, fix)], False
     sets = []
     for folder in folders:
         inside(folder, root, f"{flag} {root}", "copy the folder into it")
         repeats, caption = parse_folder_name(folder.name, flag, root)
         fix = (f"write the caption into {{caption}} (folder {printable(repr(folder.name))} names no caption after its "
                f"repeat count), or rename the folder like '{repeats}_sks dog'")
-        sets.append(read_set(folder, repeats, caption or class_caption, extension, flag, root, fix))
+        sets.append(read_set(folder, repeats, caption or fallback, extension, flag, root, fix))
     return sets, True
 
 
@@ -275,12 +278,13 @@ class FineTuneData:
     images of `class_root`, each assigned to an aspect-ratio bucket. Every problem is an `InputError` in one line."""
 
     def __init__(self, root: str | Path, buckets: BucketOptions, *, caption_extension: str = ".txt",
-                 class_root: str | Path | None = None, class_caption: str | None = None):
+                 class_root: str | Path | None = None, class_caption: str | None = None,
+                 instance_caption: str | None = None):
         self.root = Path(root)
         self.class_root = None if class_root is None else Path(class_root)
         self.buckets = make_buckets(buckets)
         extension = check_caption_extension(caption_extension)
-        self.sets, self.kohya = read_sets(self.root, DATA_FLAG, extension, None)
+        self.sets, self.kohya = read_sets(self.root, DATA_FLAG, extension, instance_caption)
         self.items = [Item(path, caption, s.repeats, nearest_bucket(read_image_size(path), self.buckets))
                       for s in self.sets for path, caption in zip(s.images, s.captions)]
         self.num_instance_images = len(self.items)

@@ -262,7 +262,7 @@ LORA_LR = FINE_TUNES["lora"].cfg.lr  # dreambooth --lora's default
 
 
 def fine_tune_trainable(family: Family) -> str | None:
-    if family.kind == "refiner" or family.unet.in_channels != 4:
+    if family.kind != "text-to-image":
         return "fine-tuning takes a text-to-image model (not an inpainting model or a refiner)"
     return None
 

@@ -420,7 +420,8 @@ class Stage:
             bar.set_postfix(loss=f"{shown:.4f}", samples_per_s=f"{rate:.3g}")
             if main and (done % self.args.save_every == 0 or done == self.cfg.steps):
                 self.save_state(done)
-            if main and (done % self.args.sample_every == 0 or done == self.cfg.steps):
+            every = self.args.sample_every  # None: no samples
+            if main and every and (done % every == 0 or done == self.cfg.steps):
                 self.sample(done)
         if self.ema:
             with torch.no_grad():
