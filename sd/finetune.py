@@ -164,7 +164,9 @@ class LoRAObjective(FineTuneObjective):
         for net in ("unet", "vae", "clip", "clip_g"):
             if getattr(models, net) is not None:
                 getattr(models, net).requires_grad_(False)
-        layers = add_lora_network(models, self.network)
+        with torch.random.fork_rng():  # kaiming's init of the down weights from --seed, alike in every process
+            torch.manual_seed(self.seed)
+            layers = add_lora_network(models, self.network)
         parts = {net: getattr(models, net).train() for net, found in layers.items() if found}
         return parts
 

@@ -46,13 +46,27 @@ from sd.objectives import Objective
 from sd.pipeline import StableDiffusion
 from sd.prediction import SHORT, prediction_name
 from sd.prompt import words
-from sd.training import (MAX_SEED, MAX_STEPS, PROG, SCHEDULES, RunFolder, Stage, StageConfig, saving)
+from sd.settings import MAX_IMAGES, MAX_SIDE, VAE_FACTOR, Range
+from sd.training import MAX_SEED, MAX_STEPS, PROG, SCHEDULES, RunFolder, Stage, StageConfig, saving
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 
 BASE_STAGES = ("vae", "diffusion")
-LIMITS = {"steps": (1, MAX_STEPS), "batch_size": (1, 65536), "save_every": (1, None), "sample_every": (1, None),
-          "image_size": (8, None), "seed": (0, MAX_SEED)}  # the integer flags' ranges, None: no upper bound
+MAX_BATCH = 65536
+COUNT = Range(1, MAX_STEPS, whole=True)  # of steps
+FRACTION = Range(0, 1, below=True, text="at least 0 and below 1")
+OPEN_FRACTION = Range(0, 1, above=True, below=True, text="above 0 and below 1")
+FLAG_RANGES = {  # every numeric flag of every command
+    "steps": COUNT, "save_every": COUNT, "sample_every": COUNT, "warmup": Range(0, MAX_STEPS, whole=True),
+    "batch_size": Range(1, MAX_BATCH, whole=True), "seed": Range(0, MAX_SEED, whole=True),
+    "image_size": Range(VAE_FACTOR, MAX_SIDE, whole=True, multiple=VAE_FACTOR,
+                        text=f"a positive multiple of {VAE_FACTOR} up to {MAX_SIDE}"),
+    "lr": OPEN_FRACTION, "unet_lr": FRACTION, "text_encoder_lr": FRACTION, "ema_decay": OPEN_FRACTION,
+    "caption_dropout": FRACTION, "network_dropout": FRACTION,
+    "min_snr_gamma": Range(0, 1e4, above=True, text="above 0 (5 is usual)"), "noise_offset": Range(0, 10),
+    "prior_loss_weight": Range(0, 1e4), "num_class_images": Range(0, MAX_IMAGES, whole=True),
+    "alpha": Range(0, 1e6), "conv_alpha": Range(0, 1e6),
+}
 
 
 @dataclass(frozen=True)
@@ -134,7 +148,7 @@ def initial_models(args: argparse.Namespace, preset: Preset) -> StableDiffusionM
     """From --init (fine-tuning: SD 1.x and 2.x, whose family is checked from a .safetensors header before the
     load), or new networks of the preset's sizes, seeded."""
     if args.init is not None:
-        return load_init(args.init, BASE_TRAINABLE)
+        return load_init(args.init, base_stage_fault)
     torch.manual_seed(args.seed)
     return StableDiffusionModels(clip=CLIPTextModel(preset.clip), vae=AutoencoderKL(preset.vae),
                                  unet=UNet(preset.unet), image_size=preset.image_size)
@@ -156,7 +170,7 @@ def check_trainable(path: Path, family: Family | None, trainable) -> None:
         raise InputError(f"--init {path} is an {family.title} checkpoint; {fault}")
 
 
-def BASE_TRAINABLE(family: Family) -> str | None:
+def base_stage_fault(family: Family) -> str | None:
     """The base stages condition on one text encoder's hidden states: SDXL's two towers, pooled vector and
     micro-conditions are trained by the fine-tuning commands only."""
     if len(family.text_encoders) != 1 or family.micro_conditions:
@@ -491,7 +505,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.command in STAGE_COMMANDS:
         args.text_encoder = args.text_encoder or ("freeze" if args.init else "train")
-        args.sample_every = args.sample_every or 1000
+        args.sample_every = 1000 if args.sample_every is None else args.sample_every
         if args.command == "diffusion" and args.init is None:
             raise InputError("the diffusion stage alone needs --init CHECKPOINT (whose VAE it trains on); or run 'all'")
     else:
@@ -502,22 +516,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "token being learned; leave it out")
         if args.sample_every is None and args.sample_prompts:
             args.sample_every = MAX_STEPS  # at the end only
-    for name, (low, high) in LIMITS.items():
+    for name, bounds in FLAG_RANGES.items():
         value = getattr(args, name, None)
-        if value is not None and not (low <= value <= (high or value)):
-            flag = f"--{name.replace('_', '-')}"
-            raise InputError(f"{flag} must be {f'between {low} and {high}' if high else f'at least {low}'}, got {value}")
-    if getattr(args, "image_size", None) is not None and args.image_size % 8:
-        raise InputError(f"--image-size must be a multiple of 8, got {args.image_size}")
-    for flag, (low, high) in FRACTIONS.items():
-        value = getattr(args, flag, None)
-        if value is not None and not (low < value < high):
-            raise InputError(f"--{flag.replace('_', '-')} must be between {low} and {high} (exclusive), got {value}")
+        if value is not None and not bounds.holds(value):
+            raise InputError(f"--{name.replace('_', '-')} must be {bounds.says()}, got {value}")
     return args
-
-
-FRACTIONS = {"lr": (0, 1), "unet_lr": (-1e-12, 1), "text_encoder_lr": (-1e-12, 1), "ema_decay": (0, 1),
-             "caption_dropout": (-1e-12, 1)}  # the float flags' open ranges
 
 
 def main(argv: list[str] | None = None) -> int:

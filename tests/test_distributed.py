@@ -61,9 +61,11 @@ def torchrun(n: int, args: list[str]) -> subprocess.CompletedProcess:
 
 
 def close(a: dict, b: dict) -> None:
+    """Equal up to the order of the gradient sums: Adam divides by a gradient's size, so a near-zero one's rounding
+    moves a weight by up to ~1e-5 here, while a wrong share of the batch moves it by about --lr (1e-2)."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
 
 
 def test_two_processes_train_what_one_process_trains_with_the_whole_batch(init, images, tmp_path):

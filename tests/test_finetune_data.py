@@ -309,7 +309,7 @@ def test_plain_class_folder_takes_the_class_prompt(tmp_path):
     assert [(i.caption, i.repeats, i.is_class) for i in data.items] == [
         ("sks dog", 2, False), ("a dog", 1, True), ("a dog on grass", 1, True)]
     one_line_error(lambda: FineTuneData(tmp_path / "data", SMALL, class_root=tmp_path / "reg"), "--class-data",
-                   "x.txt", "give a class prompt")
+                   "x.txt", "give --class-prompt")
 
 
 def test_items_images_and_description(mixed):

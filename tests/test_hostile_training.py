@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sd import devices, objectives, paths, train
+from sd import devices, objectives, paths, train, training
 from sd.checkpoint import save_checkpoint
 from sd.errors import SettingError
 from sd.families import FAMILIES
@@ -32,7 +32,7 @@ MICRO = ["--preset", "micro", "--no-progress", "--sample-every", "1000", "--batc
 
 def snapshot(folder) -> dict:
     """Every file under `folder` and its bytes (the run folder's lock file left out)."""
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != train.LOCK_NAME}
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != training.LOCK_NAME}
 
 
 def one_error(capsys, code: int, status: int = 2) -> str:
@@ -111,8 +111,8 @@ def test_bad_flag_values_are_refused_before_any_work(tmp_path, capsys, monkeypat
 def test_the_seed_and_step_limits_fit_every_step_generator():
     args = train.parse_args(["all", "--run-dir", "r", "--output", "o.safetensors", "--seed", str(train.MAX_SEED),
                              "--steps", str(train.MAX_STEPS)])
-    for stage in train.STAGES:
-        train.step_generator(args.seed, stage, args.steps - 1)
+    for stage in training.STAGES:
+        training.step_generator(args.seed, stage, args.steps - 1)
 
 
 def test_resume_and_overwrite_together_are_refused(tmp_path, capsys, monkeypatch):
@@ -126,7 +126,7 @@ def test_resume_and_overwrite_together_are_refused(tmp_path, capsys, monkeypatch
 def test_a_stage_that_cannot_fit_in_the_process_memory_is_refused_before_the_first_step(init, tmp_path, capsys,
                                                                                         monkeypatch, limit):
     """The process's own limits (RLIMIT_AS, the cgroup's memory.max), not only the machine's free memory."""
-    monkeypatch.setattr(train.Stage, "run", lambda *a: pytest.fail("trained despite too little memory"))
+    monkeypatch.setattr(training.Stage, "run", lambda *a: pytest.fail("trained despite too little memory"))
     extra = ["--image-size", "4096"] if limit == "size" else []
     if limit == "rlimit":
         monkeypatch.setattr(resource, "getrlimit", lambda which: (2**20, resource.RLIM_INFINITY))
@@ -215,8 +215,8 @@ def test_overwrite_starts_over_replacing_the_state_and_the_output(init, tmp_path
 # ---- the lock: one run at a time in a run folder ------------------------------------------------------
 
 def test_a_run_folder_held_by_another_run_is_refused(init, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train.Stage, "run", lambda *a: pytest.fail("trained in a folder another run holds"))
-    with open(tmp_path / train.LOCK_NAME, "w") as other:  # another open file: flock conflicts as another process
+    monkeypatch.setattr(training.Stage, "run", lambda *a: pytest.fail("trained in a folder another run holds"))
+    with open(tmp_path / training.LOCK_NAME, "w") as other:  # another open file: flock conflicts as another process
         other.write("12345")
         other.flush()
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -227,14 +227,14 @@ def test_a_run_folder_held_by_another_run_is_refused(init, tmp_path, capsys, mon
 @pytest.mark.parametrize("planted", ["link", "folder", "fifo"])
 def test_a_lock_name_that_is_no_plain_file_is_refused_and_nothing_is_written_through(init, tmp_path, capsys,
                                                                                        monkeypatch, planted):
-    monkeypatch.setattr(train.Stage, "run", lambda *a: pytest.fail("trained without the lock"))
+    monkeypatch.setattr(training.Stage, "run", lambda *a: pytest.fail("trained without the lock"))
     run_dir, victim = tmp_path / "run", tmp_path / "victim.txt"
     run_dir.mkdir()
     victim.write_text("precious")
-    lock = run_dir / train.LOCK_NAME
+    lock = run_dir / training.LOCK_NAME
     {"link": lambda: lock.symlink_to(victim), "folder": lock.mkdir, "fifo": lambda: os.mkfifo(lock)}[planted]()
     error = one_error(capsys, train.main(diffusion_args(init, run_dir)))
-    assert train.LOCK_NAME in error and victim.read_text() == "precious"
+    assert training.LOCK_NAME in error and victim.read_text() == "precious"
 
 
 class Allocates:
@@ -357,10 +357,10 @@ def test_a_full_disk_while_saving_is_one_line_saying_what_was_kept(init, tmp_pat
     if writer in ("state", "second state"):
         save = torch.save
         calls = iter(range(10))
-        monkeypatch.setattr(train.torch, "save", lambda *a, **k: fails() if writer == "state" or next(calls) else
+        monkeypatch.setattr(training.torch, "save", lambda *a, **k: fails() if writer == "state" or next(calls) else
                             save(*a, **k))
     if writer == "loss log":
-        monkeypatch.setattr(train.Stage, "write_csv", staticmethod(fails))
+        monkeypatch.setattr(training.Stage, "write_csv", staticmethod(fails))
     if writer == "sample grid":
         monkeypatch.setattr(objectives, "save_grid", fails)
     if writer == "output":
@@ -380,8 +380,8 @@ def test_a_full_disk_while_saving_is_one_line_saying_what_was_kept(init, tmp_pat
 # ---- NaN losses: the truth about what is kept, and the README's advice works ------------------------
 
 def nan_at(monkeypatch, step: int):
-    original = train.Stage.loss
-    monkeypatch.setattr(train.Stage, "loss", lambda self, s, gen: original(self, s, gen) * (math.nan if s == step else 1))
+    original = training.Stage.loss
+    monkeypatch.setattr(training.Stage, "loss", lambda self, s, gen: original(self, s, gen) * (math.nan if s == step else 1))
 
 
 def test_a_nan_before_the_first_save_says_no_state_is_kept(init, tmp_path, capsys, monkeypatch):
@@ -425,7 +425,7 @@ def caption_folder(folder, caption: bytes | None = None, size: int | None = None
 ])
 def test_captions_that_cannot_be_read_or_drawn_are_refused_naming_the_file(init, tmp_path, capsys, monkeypatch,
                                                                            case, caption, size, word):
-    monkeypatch.setattr(train.Stage, "loss", lambda *a: pytest.fail("trained on a bad caption"))
+    monkeypatch.setattr(training.Stage, "loss", lambda *a: pytest.fail("trained on a bad caption"))
     parse = objectives.PromptParser.parse
 
     def refusing(self, prompt, what="prompt"):  # whatever the prompt parser refuses, (x:1.2.3) today
@@ -478,4 +478,5 @@ def test_an_sdxl_init_is_refused_in_one_line(tmp_path, capsys, family, suffix):
     init = write_tiny_checkpoint(tmp_path / f"{family}{suffix}", family=family)
     code = train.main(diffusion_args(init, tmp_path))
     error = one_error(capsys, code)
-    assert f"is an {FAMILIES[family].title} checkpoint; sd.train fine-tunes SD 1.x and 2.x models" in error
+    assert f"is an {FAMILIES[family].title} checkpoint; the vae and diffusion stages train SD 1.x and 2.x models" in error
+    assert "fine-tune it with lora, dreambooth or textual-inversion" in error

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd import train
+from sd import train, training
 from sd.checkpoint import load_checkpoint, save_checkpoint
 from sd.errors import InputError
 from sd.objectives import OBJECTIVES, DiffusionObjective, DiffusionOptions, VAEObjective, kl_divergence, mse
@@ -93,14 +93,14 @@ def test_a_stage_trains_on_another_objective_whose_options_its_resume_checks(tmp
                              "--output", str(tmp_path / "out.safetensors"), "--sample-every", "2"])
     init = tmp_path / "init.safetensors"
     save_checkpoint(train.initial_models(args, train.PRESETS["micro"]), init)
-    cfg = train.StageConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, pool=4)
+    cfg = training.StageConfig(steps=2, batch_size=2, lr=1e-3, warmup=1, pool=4)
 
     def stage(objective):
-        return train.Stage("diffusion", load_checkpoint(init), train.dataset(args, 32), cfg, args, objective)
+        return training.Stage("diffusion", load_checkpoint(init), train.dataset(args, 32), cfg, args, objective)
 
     run = stage(DiffusionObjective(options=DiffusionOptions("v_prediction", min_snr_gamma=5.0)))
     run.run(resume=False)
     assert [s for s, _ in run.losses] == [0, 1] and all(math.isfinite(loss) for _, loss in run.losses)
     assert (tmp_path / "diffusion-samples-000002.png").is_file()
-    with pytest.raises(train.TrainingError, match=r"differs in: min_snr_gamma, prediction_type\)"):
+    with pytest.raises(training.TrainingError, match=r"differs in: min_snr_gamma, prediction_type\)"):
         stage(None).run(resume=True)

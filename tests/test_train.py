@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from sd import train
+from sd import train, training
 from sd.checkpoint import load_checkpoint
 from sd.datasets import CaptionFolder
 from sd.errors import InputError
@@ -56,14 +56,14 @@ def test_the_output_loads_with_its_scale_size_and_vocabulary(trained):
 
 
 def interrupt_at(monkeypatch, step: int):
-    original = train.Stage.loss
+    original = training.Stage.loss
 
     def loss(self, s, gen):
         if s == step:
             raise KeyboardInterrupt
         return original(self, s, gen)
 
-    monkeypatch.setattr(train.Stage, "loss", loss)
+    monkeypatch.setattr(training.Stage, "loss", loss)
 
 
 def test_resume_after_an_interruption_gives_the_same_weights(trained, tmp_path, monkeypatch, capsys):
@@ -112,8 +112,8 @@ def test_resume_with_a_lower_lr_and_more_steps(trained, tmp_path, capsys):
 
 
 def test_a_non_finite_loss_stops_keeping_the_last_good_state(trained, tmp_path, monkeypatch, capsys):
-    original = train.Stage.loss
-    monkeypatch.setattr(train.Stage, "loss",
+    original = training.Stage.loss
+    monkeypatch.setattr(training.Stage, "loss",
                         lambda self, s, gen: original(self, s, gen) * (math.nan if s == 7 else 1.0))
     args = ["diffusion", *MICRO, "--init", str(trained / "vae.safetensors"), "--steps", "10", "--save-every", "5",
             "--run-dir", str(tmp_path), "--output", str(tmp_path / "out.safetensors")]

@@ -67,7 +67,7 @@ def test_a_finished_run_extended_goes_on_at_the_schedules_last_rate(init, tmp_pa
     stage_cfg = dataclasses.replace(train.stage_config(train.PRESETS["micro"], "diffusion", parsed), schedule_steps=3)
     parsed.run_dir = tmp_path / "at-once"
     parsed.run_dir.mkdir()
-    at_once = train.Stage("diffusion", models, train.dataset(parsed, models.image_size), stage_cfg, parsed).run(False)
+    at_once = training.Stage("diffusion", models, train.dataset(parsed, models.image_size), stage_cfg, parsed).run(False)
     extended = load_file(tmp_path / "out.safetensors")
     ours = {k: v for k, v in at_once.unet.state_dict().items()}
     assert all(torch.equal(extended["model.diffusion_model." + k], v) for k, v in ours.items())
