@@ -184,12 +184,13 @@ class LoRAObjective(FineTuneObjective):
         write_lora(path, models, {**self.metadata, **done}, formats=self.formats)
 
 
-def check_identifier(instance_prompt: str, class_prompt: str | None) -> None:
-    """DreamBooth binds the subject to a word of the instance prompt that the class prompt lacks."""
-    if class_prompt is not None and not set(words(instance_prompt)) - set(words(class_prompt)):
-        raise InputError(f"--instance-prompt {instance_prompt!r} has no word that --class-prompt {class_prompt!r} "
-                         f"lacks: add a rare identifier for the subject, e.g. 'a photo of sks dog' for the class "
-                         f"'a photo of dog'")
+def check_identifier(captions: list[str], class_prompt: str | None, source: str = "--instance-prompt") -> None:
+    """DreamBooth binds the subject to a word of each instance caption that the class prompt lacks."""
+    for caption in captions if class_prompt is not None else []:
+        if not set(words(caption)) - set(words(class_prompt)):
+            raise InputError(f"{source} {caption!r} has no word that --class-prompt {class_prompt!r} lacks: add a "
+                             f"rare identifier for the subject, e.g. 'a photo of sks dog' for the class 'a photo of "
+                             f"dog'")
 
 
 def bucket_options(args: argparse.Namespace) -> BucketOptions:
@@ -197,7 +198,7 @@ def bucket_options(args: argparse.Namespace) -> BucketOptions:
     for 512) to twice it, in steps of --bucket-step."""
     step, resolution = args.bucket_step, args.resolution
     return BucketOptions(resolution=resolution, min_side=args.min_bucket_side or max(step, resolution // 2 // step * step),
-                         max_side=args.max_bucket_side or 2 * resolution, step=step, enabled=not args.no_buckets)
+                         max_side=args.max_bucket_side or max(step, 2 * resolution // step * step), step=step, enabled=not args.no_buckets)
 
 
 MAX_PROMPTS_BYTES = 64 * 1024
@@ -239,7 +240,7 @@ def training_metadata(args: argparse.Namespace, models: StableDiffusionModels, d
         "ss_resolution": f"({args.resolution}, {args.resolution})", "ss_enable_bucket": not args.no_buckets, "ss_seed": args.seed, "ss_noise_offset": args.noise_offset,
         "ss_min_snr_gamma": args.min_snr_gamma, "ss_caption_dropout_rate": cfg.caption_dropout,
         "ss_shuffle_caption": args.shuffle_tags, "ss_keep_tokens": args.keep_tokens,
-        "ss_prior_loss_weight": getattr(args, "prior_loss_weight", 1.0),
+        "ss_prior_loss_weight": args.prior_loss_weight,
         "ss_num_train_images": sum(item.repeats for item in instance),
         "ss_num_reg_images": len(data.items) - len(instance),
         "ss_gradient_checkpointing": args.gradient_checkpointing, "ss_mixed_precision": "bf16" if args.bf16 else "no",

@@ -124,8 +124,8 @@ class Objective:
         return {net: getattr(models, net) for net in self.trains}
 
     def learning_rates(self, lr: float) -> dict[str, float]:
-        """Each part's peak learning rate, given the run's (--lr)."""
-        return {part: lr for part in self.trains}
+        """Each attached part's peak learning rate, given the run's (--lr)."""
+        return {part: lr for part in self.modules}
 
     def prepare(self, models: StableDiffusionModels, data, cfg, device: torch.device) -> None:
         self.models, self.data, self.cfg, self.device = models, data, cfg, device

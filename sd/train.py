@@ -23,6 +23,7 @@ folders (`sd/finetune_data.py`):
 
 import argparse
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -258,7 +259,7 @@ class FineTune:
 
 
 def dreambooth_objective(args: argparse.Namespace) -> Objective:
-    check_identifier(args.instance_prompt, args.class_prompt)
+    check_identifier([args.instance_prompt] if args.instance_prompt else [], args.class_prompt)
     return LoRAObjective(args) if args.lora else FineTuneObjective(args)
 
 
@@ -294,8 +295,8 @@ def fine_tune(args: argparse.Namespace) -> None:
     processes.share(cfg.batch_size)
     processes.join(args.device)
     try:
-        args.unet_lr = cfg.lr if getattr(args, "unet_lr", None) is None else args.unet_lr
-        args.text_encoder_lr = cfg.lr if getattr(args, "text_encoder_lr", None) is None else args.text_encoder_lr
+        args.unet_lr = cfg.lr if args.unet_lr is None else args.unet_lr
+        args.text_encoder_lr = cfg.lr if args.text_encoder_lr is None else args.text_encoder_lr
         objective = FINE_TUNES[args.command].objective(args)
         folder = RunFolder(args, (args.command,), objective.outputs(args.output), ".safetensors")
         processes.agree(error_of(folder.check) if processes.main else None)
@@ -307,9 +308,11 @@ def fine_tune(args: argparse.Namespace) -> None:
                 args.prediction = SHORT[models.prediction_type]
             objective = FINE_TUNES[args.command].objective(args)
             buckets = bucket_options(args)
-            class_data = class_images(args, models, buckets, processes)
-            data = FineTuneData(args.data, buckets, caption_extension=args.caption_extension, class_root=class_data,
-                                class_caption=args.class_prompt, instance_caption=args.instance_prompt)
+            read = functools.partial(FineTuneData, args.data, buckets, caption_extension=args.caption_extension,
+                                     instance_caption=args.instance_prompt)
+            captions = [item.caption for item in read().items]  # the folders checked before class images are made
+            check_identifier(captions, args.class_prompt, "the instance caption")
+            data = read(class_root=class_images(args, models, buckets, processes), class_caption=args.class_prompt)
             if processes.main:
                 note(data.describe())
             for net in ("unet", "clip", "clip_g"):
@@ -321,7 +324,7 @@ def fine_tune(args: argparse.Namespace) -> None:
             if processes.main:
                 path = Path(args.output)
                 with saving(path, f"the training state in {args.run_dir} is kept"):
-                    objective.write(models, path, torch.float16 if getattr(args, "half", False) else None)
+                    objective.write(models, path, torch.float16 if args.half else None)
                 print(f"wrote {', '.join(map(str, objective.outputs(path)))}", file=sys.stderr)
     finally:
         processes.close()
@@ -339,7 +342,7 @@ def error_of(check: Callable[[], None]) -> str | None:
 def class_images(args: argparse.Namespace, models: StableDiffusionModels, buckets, processes: Processes) -> Path | None:
     """DreamBooth's class folder, topped up to --num-class-images by the base model (the main process makes
     them, the others wait)."""
-    if getattr(args, "class_prompt", None) is None:
+    if args.class_prompt is None:
         return None
     folder = args.class_data or Path(args.run_dir) / "class-images"
     if processes.main:
@@ -500,6 +503,10 @@ OUTPUT_HELP = {"lora": "the LoRA file to write (.safetensors, kohya's layout)",
                                     "beside it)"}
 
 
+FINE_TUNE_DEFAULTS = dict(class_prompt=None, class_data=None, num_class_images=0, prior_loss_weight=1.0,
+                          unet_lr=None, text_encoder_lr=None, half=False, text_encoder="freeze")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = command_parser().parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -510,7 +517,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise InputError("the diffusion stage alone needs --init CHECKPOINT (whose VAE it trains on); or run 'all'")
     else:
         args.sample_prompt_list = read_prompts(args.sample_prompts) if args.sample_prompts else None
-        args.text_encoder = getattr(args, "text_encoder", "freeze")
+        for flag, value in FINE_TUNE_DEFAULTS.items():  # the flags a fine-tune command lacks
+            vars(args).setdefault(flag, value)
         if args.command == "textual-inversion" and args.caption_dropout:
             raise InputError("--caption-dropout does not go with textual-inversion: every caption must use the "
                              "token being learned; leave it out")

@@ -462,6 +462,14 @@ class Stage:
 
 # ---- the run folder and the memory a stage needs ---------------------------------------------------
 
+def same_file(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
 class RunFolder:
     """The run folder's policy, before any model is built: every path the run writes can be written (the
     folders exist and take files, no name is a folder), a saved state or the --output is replaced only with
@@ -471,11 +479,13 @@ class RunFolder:
         self.args, self.path, self.outputs, self.suffix = args, Path(args.run_dir), outputs, suffix
         self.files = [self.path / f"{n}{end}" for n in stages for end in ("-state.pt", "-loss.csv", "-loss.png")]
         self.files += [self.path / "vae.safetensors"] if len(stages) > 1 else []
+        self.created = False  # whether `check` made the folder (a refused run then leaves none)
 
     def check(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"--run-dir {self.path} is a file, not a folder; give a folder for the run's state")
         try:
+            self.created = self.created or not self.path.exists()
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(f"cannot create --run-dir {self.path} ({e.strerror}); choose another folder") from None
@@ -497,18 +507,26 @@ class RunFolder:
 
     @contextmanager
     def hold(self) -> Iterator[None]:
-        """The run folder's lock file, held until the run ends (none where fcntl is missing)."""
-        if fcntl is None:
-            yield
-            return
+        """The run folder's lock file, held until the run ends and then removed (none where fcntl is missing);
+        a folder this run made and left empty (it was refused) is removed too."""
+        try:
+            with self.lock() if fcntl is not None else nullcontext():
+                yield
+        finally:
+            if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+                self.path.rmdir()
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        lock_path = self.path / LOCK_NAME
         try:  # never through a link planted at the name, and only a plain file
-            fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
-            raise InputError(f"cannot open the lock file {self.path / LOCK_NAME} ({e.strerror}); remove what is at "
+            raise InputError(f"cannot open the lock file {lock_path} ({e.strerror}); remove what is at "
                              f"that name, or use another --run-dir") from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            raise InputError(f"{self.path / LOCK_NAME} is not a plain file; remove it, or use another --run-dir")
+            raise InputError(f"{lock_path} is not a plain file; remove it, or use another --run-dir")
         with os.fdopen(fd, "r+") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -517,9 +535,15 @@ class RunFolder:
                 raise InputError(f"--run-dir {self.path} is in use by another training run (process "
                                  f"{lock.read().strip() or 'unknown'}); wait for it to end, or use another "
                                  f"--run-dir") from None
+            if not same_file(lock_path, fd):  # removed by a run that ended while this one opened it
+                raise InputError(f"--run-dir {self.path} was in use by another training run that has just ended; "
+                                 f"run the command again")
             lock.truncate(0)
             lock.write(str(os.getpid()))
             lock.flush()
-            yield
+            try:
+                yield
+            finally:
+                lock_path.unlink(missing_ok=True)  # while held: a run that opened it before finds it gone (above)
 
 

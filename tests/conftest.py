@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests import compvis, reference
-from sd.checkpoint import load_checkpoint
+from sd.checkpoint import load_checkpoint, save_checkpoint
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.full_size)
         if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def micro_init(tmp_path_factory):
+    """A checkpoint of sd.train's "micro" preset (new networks, seeded): what the training tests fine-tune."""
+    from sd import train
+    path = tmp_path_factory.mktemp("micro") / "init.safetensors"
+    args = train.parse_args(["all", "--preset", "micro", "--run-dir", "unused", "--output", "unused.safetensors"])
+    save_checkpoint(train.initial_models(args, train.PRESETS["micro"]), path)
+    return path
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

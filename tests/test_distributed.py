@@ -15,17 +15,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sd import train
-from sd.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def init(tmp_path_factory):
-    path = tmp_path_factory.mktemp("init") / "init.safetensors"
-    args = train.parse_args(["all", "--preset", "micro", "--run-dir", "unused", "--output", "unused.safetensors"])
-    save_checkpoint(train.initial_models(args, train.PRESETS["micro"]), path)
-    return path
+def init(micro_init):
+    return micro_init
 
 
 @pytest.fixture(scope="module")

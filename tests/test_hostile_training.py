@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from sd import devices, objectives, paths, train, training
-from sd.checkpoint import save_checkpoint
 from sd.errors import SettingError
 from sd.families import FAMILIES
 from tests.test_fuzz import flip
@@ -43,12 +42,8 @@ def one_error(capsys, code: int, status: int = 2) -> str:
 
 
 @pytest.fixture(scope="module")
-def init(tmp_path_factory):
-    """A micro checkpoint to fine-tune from."""
-    path = tmp_path_factory.mktemp("init") / "init.safetensors"
-    args = train.parse_args(["all", "--preset", "micro", "--run-dir", "unused", "--output", "unused.safetensors"])
-    save_checkpoint(train.initial_models(args, train.PRESETS["micro"]), path)
-    return path
+def init(micro_init):
+    return micro_init
 
 
 REAL_SAMPLE = objectives.DiffusionObjective.sample
@@ -222,6 +217,21 @@ def test_a_run_folder_held_by_another_run_is_refused(init, tmp_path, capsys, mon
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         error = one_error(capsys, train.main(diffusion_args(init, tmp_path)))
     assert "in use by another training run (process 12345)" in error and snapshot(tmp_path) == {}
+
+
+def test_a_lock_its_holder_removed_while_this_run_opened_it_is_refused(init, tmp_path, capsys, monkeypatch):
+    """A run ends by removing its lock file; a run that opened that file just before would lock a file no
+    longer in the folder, beside a third run's new one: it is refused instead."""
+    monkeypatch.setattr(training.Stage, "run", lambda *a: pytest.fail("trained on a removed lock"))
+    monkeypatch.setattr(training, "same_file", lambda path, fd: False)
+    error = one_error(capsys, train.main(diffusion_args(init, tmp_path / "run")))
+    assert "was in use by another training run that has just ended; run the command again" in error
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [training.LOCK_NAME]  # the new holder's, kept
+
+
+def test_a_finished_run_leaves_no_lock(init, tmp_path):
+    assert train.main(diffusion_args(init, tmp_path)) == 0
+    assert (tmp_path / "out.safetensors").exists() and not (tmp_path / training.LOCK_NAME).exists()
 
 
 @pytest.mark.parametrize("planted", ["link", "folder", "fifo"])
