@@ -477,7 +477,8 @@ def command_parser() -> argparse.ArgumentParser:
     for name, what in STAGE_COMMANDS.items():
         stage_flags(commands.add_parser(name, parents=[common], help=what, description=what))
     for name, spec in FINE_TUNES.items():
-        sub = commands.add_parser(name, parents=[common], help=spec.help, description=spec.help)
+        sub = commands.add_parser(name, parents=[common], help=spec.help, description=spec.help,
+                                  epilog=defaults_shown(spec.cfg, name))
         data_flags(sub)
         sub.add_argument("--output", type=Path, required=True, help=OUTPUT_HELP[name])
         if name != "textual-inversion":
@@ -501,6 +502,14 @@ OUTPUT_HELP = {"lora": "the LoRA file to write (.safetensors, kohya's layout)",
                "dreambooth": "the checkpoint (.safetensors), or with --lora the LoRA file",
                "textual-inversion": "the embedding to write (.safetensors; NAME.pt in AUTOMATIC1111's layout "
                                     "beside it)"}
+
+
+def defaults_shown(cfg: StageConfig, name: str) -> str:
+    """The optimisation numbers a fine-tune command uses when its flags are not given."""
+    lr = f"--lr {cfg.lr:g}" + (f" ({LORA_LR:g} with --lora)" if name == "dreambooth" else "")
+    return (f"defaults: --steps {cfg.steps}, --batch-size {cfg.batch_size}, {lr}, --warmup {cfg.warmup}, "
+            f"--lr-schedule {cfg.schedule}, --caption-dropout {cfg.caption_dropout:g}, "
+            + (f"--ema-decay {cfg.ema_decay:g}" if cfg.ema_decay else "no EMA"))
 
 
 FINE_TUNE_DEFAULTS = dict(class_prompt=None, class_data=None, num_class_images=0, prior_loss_weight=1.0,

@@ -190,3 +190,15 @@ def test_bad_input_is_one_line_and_leaves_nothing(micro_init, folders, tmp_path,
     lines = [line for line in err.splitlines() if not line.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", train.FINE_TUNES)
+def test_help_explains_every_flag_and_shows_the_commands_numbers(name, capsys):
+    parser = train.command_parser()
+    sub = parser._subparsers._group_actions[0].choices[name]
+    assert all(action.help for action in sub._actions), [a.dest for a in sub._actions if not a.help]
+    with pytest.raises(SystemExit) as done:
+        train.parse_args([name, "--help"])
+    cfg = train.FINE_TUNES[name].cfg
+    out = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and f"defaults: --steps {cfg.steps}, --batch-size {cfg.batch_size}, --lr {cfg.lr:g}" in out
