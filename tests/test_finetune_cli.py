@@ -5,11 +5,12 @@ finished run's files byte for byte."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sd import train, training
+from sd import objectives, train, training
 from sd.checkpoint import load_checkpoint
 from sd.embeddings import read_embedding
 from sd.pipeline import StableDiffusion
@@ -116,6 +117,41 @@ def test_the_embedding_loads_from_both_files_as_the_same_two_vectors_trained_fro
     assert 0 < (pair[0] - init_row).abs().max() < 1  # moved from the init word by two steps of lr 1e-2
     image = pipe.text_to_image("a my-shape", seed=0, steps=2, width=32, height=32, progress=False)[0]
     assert image.size == (32, 32)
+
+
+def test_dreambooths_loss_is_the_instance_mse_plus_the_weighted_prior_mse(micro_init, folders, tmp_path, monkeypatch):
+    """Each step of a real run: the loss equals diffusers' DreamBooth formula, mse(instance) + w mse(class) over
+    a batch of n instance and n class images, halved (our loss is sum_i w_i mse_i / B); the class images are
+    known by their caption, the class prompt."""
+    steps, weight = [], 0.3
+    forward, mse = objectives.Denoiser.forward, objectives.mse
+
+    def recording_forward(self, noisy, t, captions, micro=None):
+        steps.append({"captions": captions})
+        return forward(self, noisy, t, captions, micro)
+
+    def recording_mse(prediction, wanted, weights=None):
+        loss = mse(prediction, wanted, weights)
+        steps[-1].update(prediction=prediction.detach(), wanted=wanted, loss=loss.detach())
+        return loss
+
+    monkeypatch.setattr(objectives.Denoiser, "forward", recording_forward)
+    monkeypatch.setattr(objectives, "mse", recording_mse)
+    argv = command(micro_init, folders, tmp_path / "run", "dreambooth", "--batch-size", "4", "--steps", "6",
+                   "--prior-loss-weight", str(weight), "--no-buckets")
+    assert train.main(argv) == 0
+    balanced = 0
+    for step in steps:
+        is_class = torch.tensor([c == "a photo of shape" for c in step["captions"]])
+        per_image = (step["prediction"] - step["wanted"]).square().flatten(1).mean(1)  # (B,)
+        expected = (per_image[~is_class].sum() + weight * per_image[is_class].sum()) / len(per_image)
+        torch.testing.assert_close(step["loss"], expected, rtol=1e-5, atol=0)
+        if is_class.sum() * 2 == len(per_image):
+            diffusers = (F.mse_loss(step["prediction"][~is_class], step["wanted"][~is_class])
+                         + weight * F.mse_loss(step["prediction"][is_class], step["wanted"][is_class]))
+            torch.testing.assert_close(step["loss"], diffusers / 2, rtol=1e-5, atol=0)
+            balanced += 1
+    assert len(steps) == 6 and balanced and any(0 < s["captions"].count("a photo of shape") for s in steps)
 
 
 def test_every_command_removes_its_lock(runs):
