@@ -10,17 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from sd import train, training
-from sd.checkpoint import load_checkpoint, save_checkpoint
+from sd.checkpoint import load_checkpoint
 
 MICRO = ["--preset", "micro", "--save-every", "1000", "--sample-every", "1000", "--no-progress", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
-def init(tmp_path_factory):
-    path = tmp_path_factory.mktemp("init") / "init.safetensors"
-    args = train.parse_args(["all", "--preset", "micro", "--run-dir", "unused", "--output", "unused.safetensors"])
-    save_checkpoint(train.initial_models(args, train.PRESETS["micro"]), path)
-    return path
+def init(micro_init):
+    return micro_init
 
 
 @pytest.fixture(autouse=True)
