@@ -32,6 +32,7 @@ COLOURS = {
 }
 BACKGROUNDS = {**COLOURS, "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle", "star", "heart")
+NEW_SHAPES = ("cross",)  # drawn, never in the data: what the fine-tuning benchmark teaches the tiny model
 SIZES = {"small": 0.28, "large": 0.5}  # side of the shape's box, as a fraction of the image's
 POSITIONS = {  # centre of the shape, as fractions of the image's width and height
     "top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7),
@@ -70,6 +71,11 @@ def shape_outline(shape: str, cx: float, cy: float, side: float) -> list[tuple[f
         radii = [r if k % 2 == 0 else 0.45 * r for k in range(10)]
         return [(cx + rr * math.sin(math.pi * k / 5), cy + 0.1 * r - rr * math.cos(math.pi * k / 5))
                 for k, rr in enumerate(radii)]
+    if shape == "cross":  # a plus sign, its arms a third of the box wide
+        t = r / 3
+        quarter = [(t, -r), (t, -t), (r, -t)]  # the top arm's right edge round to the right arm's top edge
+        turns = [(1, 0, 0, 1), (0, -1, 1, 0), (-1, 0, 0, -1), (0, 1, -1, 0)]  # turned by 0, 90, 180, 270 degrees
+        return [(cx + a * x + b * y, cy + c * x + d * y) for a, b, c, d in turns for x, y in quarter]
     if shape == "heart":  # the classic parametric heart, scaled to the box
         ts = [2 * math.pi * k / 64 for k in range(64)]
         points = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)

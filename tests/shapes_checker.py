@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from sd.datasets import BACKGROUNDS, COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, Scene, article, shape_outline
+from sd.datasets import (BACKGROUNDS, COLOURS, HELD_OUT, NEW_SHAPES, POSITIONS, SHAPES, SIZES, Scene, article,
+                         shape_outline)
 
 TEMPLATE = 32  # silhouettes are compared at this size
 FOREGROUND_DISTANCE = 80.0  # RGB distance from the background above which a pixel is foreground
@@ -59,7 +60,7 @@ def silhouette(mask: np.ndarray) -> np.ndarray:
 def templates() -> dict[str, np.ndarray]:
     big = 256
     out = {}
-    for shape in SHAPES:
+    for shape in SHAPES + NEW_SHAPES:
         canvas = Image.new("L", (big, big), 0)
         ImageDraw.Draw(canvas).polygon(shape_outline(shape, big / 2, big / 2, big * 0.8), fill=255)
         out[shape] = silhouette(np.asarray(canvas) >= 128)
@@ -77,7 +78,8 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(ndimage.sum(mask, labels, range(1, count + 1))))
 
 
-def read(image: Image.Image | np.ndarray) -> Reading:
+def read(image: Image.Image | np.ndarray, shapes: tuple[str, ...] = SHAPES) -> Reading:
+    """What `image` shows; its shape the best of `shapes` (SHAPES + NEW_SHAPES to read what fine-tuning taught)."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     h, w, _ = pixels.shape
     border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
@@ -102,7 +104,7 @@ def read(image: Image.Image | np.ndarray) -> Reading:
     width = (xs.max() - xs.min() + 1) / w
     size = min(SIZES, key=lambda s: abs(SIZES[s] - width))
     shape_mask = silhouette(region)
-    ious = {s: float((shape_mask & t).sum() / (shape_mask | t).sum()) for s, t in TEMPLATES.items()}
+    ious = {s: float((shape_mask & TEMPLATES[s]).sum() / (shape_mask | TEMPLATES[s]).sum()) for s in shapes}
     shape = max(ious, key=ious.get)
     return Reading(True, background, colour, shape, size, position, ious[shape])
 
@@ -127,21 +129,28 @@ def scenes(n: int, held_out: bool, seed: int = 0) -> list[Scene]:
     return out
 
 
-def adherence(pipe, scene_list: list[Scene], seed: int = 0, batch: int = 50, **options) -> dict[str, float]:
-    """Generate one image per scene (in batches of `batch`, seeded seed + first index) and return the share of
-    images whose colour, shape, position, colour and position, and all three match the prompt."""
+def generations(pipe, scene_list: list[Scene], seed: int = 0, batch: int = 50, prompt=prompt_of,
+                **options) -> list[Image.Image]:
+    """One image per scene from `prompt(scene)`, in batches of `batch` seeded seed + first index."""
     images = []
     for start in range(0, len(scene_list), batch):
         chunk = scene_list[start:start + batch]
-        images += pipe.text_to_image([prompt_of(s) for s in chunk], seed=seed + start, progress=False, **options)
-    return score(images, scene_list)
+        images += pipe.text_to_image([prompt(s) for s in chunk], seed=seed + start, progress=False, **options)
+    return images
 
 
-def score(images: list[Image.Image], scene_list: list[Scene]) -> dict[str, float]:
+def adherence(pipe, scene_list: list[Scene], seed: int = 0, batch: int = 50, shapes=SHAPES, prompt=prompt_of,
+              **options) -> dict[str, float]:
+    """The share of `generations` whose colour, shape (the best of `shapes`), position, colour and position, and
+    all three match their scene."""
+    return score(generations(pipe, scene_list, seed, batch, prompt, **options), scene_list, shapes)
+
+
+def score(images: list[Image.Image], scene_list: list[Scene], shapes=SHAPES) -> dict[str, float]:
     """The share of images whose colour, shape, position, colour and position, and all three match their scene."""
     hits = {"colour": 0, "shape": 0, "position": 0, "colour+position": 0, "all": 0}
     for image, scene in zip(images, scene_list):
-        match = read(image).matches(scene)
+        match = read(image, shapes).matches(scene)
         for part, ok in match.items():
             hits[part] += ok
         hits["colour+position"] += match["colour"] and match["position"]

@@ -4,7 +4,7 @@ tests of the trained model rely on it."""
 import pytest
 from PIL import ImageFilter
 
-from sd.datasets import COLOURS, POSITIONS, SHAPES, SIZES, CaptionedShapes, Scene, render
+from sd.datasets import COLOURS, NEW_SHAPES, POSITIONS, SHAPES, SIZES, CaptionedShapes, Scene, render
 pytest.importorskip("scipy")  # the image checker's tool
 from tests.shapes_checker import read  # noqa: E402
 
@@ -26,6 +26,16 @@ def test_reads_every_colour_shape_size_and_position_held_out_pairs_included():
                 for size in SIZES:
                     scene = Scene(shape, colour, size, position, "gray")
                     assert read(render(scene, 64)).matches(scene, PARTS[1:]) == dict.fromkeys(PARTS[1:], True), scene
+
+
+def test_with_the_new_shapes_among_the_choices_every_shape_of_every_colour_and_position_is_read():
+    for shape in SHAPES + NEW_SHAPES:
+        for colour in COLOURS:
+            for position in POSITIONS:
+                for size in SIZES:
+                    scene = Scene(shape, colour, size, position, "gray")
+                    reading = read(render(scene, 64), SHAPES + NEW_SHAPES)
+                    assert reading.matches(scene, PARTS[1:]) == dict.fromkeys(PARTS[1:], True), (scene, reading)
 
 
 def test_mild_blur_does_not_change_the_reading():
